@@ -1,0 +1,15 @@
+"""llmcompress: post-training compression of causal language models."""
+
+__version__ = "0.1.0"
+
+from . import evaluate  # noqa: E402  (after __version__, which checkpoint reads)
+from .api import compress  # noqa: E402
+from .checkpoint import load  # noqa: E402
+from .config import CalibConfig, CompressConfig, ModuleOverride, QuantFormat  # noqa: E402
+from .errors import CalibrationError, CheckpointError, ConfigError, LLMCompressError, ModelError  # noqa: E402
+from .nn import CompressedLinear  # noqa: E402
+
+__all__ = [
+    "CalibConfig", "CalibrationError", "CheckpointError", "CompressConfig", "CompressedLinear", "ConfigError",
+    "LLMCompressError", "ModelError", "ModuleOverride", "QuantFormat", "__version__", "compress", "evaluate", "load",
+]

@@ -1,0 +1,266 @@
+"""Native checkpoints: packed safetensors shards + config.json + tokenizer, written atomically.
+
+Layout of a checkpoint directory:
+
+- ``config.json``: the model's Hugging Face config plus ``quantization_config`` =
+  ``{"quant_method": "llmcompress", "format_version": 1, "config": <CompressConfig>,
+  "modules": {name: {"format": <QuantFormat>, "in_features", "out_features"}},
+  "tied": {dropped: kept}}``. It is written last: a directory without it is unfinished.
+- ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``:
+  every tensor in its stored dtype; quantized layers hold the packed tensors of ``packing``.
+- the tokenizer files, and ``compression_report.json`` (per-layer errors of the run).
+
+Everything is written into a hidden staging directory beside the target and renamed into place,
+so an interrupted or failed save never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from . import __version__
+from .config import CompressConfig, QuantFormat, _from_dict
+from .errors import CheckpointError
+from .fileio import staged_directory
+from .nn import CompressedLinear
+
+QUANT_METHOD = "llmcompress"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+REPORT_FILE = "compression_report.json"
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse to write over something unless asked; called before any expensive work."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"output path {out} is a file: choose a directory path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"output directory {out} already exists and is not empty: pass --overwrite (overwrite=True) or choose another --out")
+    return out
+
+
+def unique_state_dict(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The state dict without aliases (tied weights), and the aliases as {dropped: kept}."""
+    tensors: dict[str, Tensor] = {}
+    tied: dict[str, str] = {}
+    owner: dict[tuple, str] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if key in owner:
+            tied[name] = owner[key]
+            continue
+        owner[key] = name
+        tensors[name] = tensor.detach().to("cpu").contiguous()
+    return tensors, tied
+
+
+def save(model: nn.Module, out_dir: str | os.PathLike, config: CompressConfig, tokenizer: Any = None,
+         report: dict | None = None, overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write a compressed model as a native checkpoint; returns the directory."""
+    out = check_output_dir(out_dir, overwrite)
+    tensors, tied = unique_state_dict(model)
+    modules = {
+        name: {"format": dataclasses.asdict(m.fmt), "in_features": m.in_features, "out_features": m.out_features}
+        for name, m in model.named_modules() if isinstance(m, CompressedLinear)
+    }
+    hf_config = model.config.to_dict()
+    hf_config["quantization_config"] = {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "llmcompress_version": __version__,
+        "config": config.to_dict(),
+        "modules": modules,
+        "tied": tied,
+    }
+    with staged_directory(out) as staging:
+        _write_shards(tensors, staging, max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if report is not None:
+            (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        (staging / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True, default=str))
+    return out
+
+
+def _write_shards(tensors: dict[str, Tensor], directory: Path, max_shard_bytes: int) -> None:
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], directory / SINGLE_FILE, metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for number, shard in enumerate(shards, start=1):
+        filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / filename, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, filename))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def read_config(path: Path) -> dict:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist: check the path")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is not a directory")
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        if any(path.glob("*.safetensors")) or ".incomplete-" in path.name:
+            raise CheckpointError(f"{path} has weights but no {CONFIG_FILE}: it is an unfinished checkpoint; compress again")
+        raise CheckpointError(f"{path} has no {CONFIG_FILE}: it is not a model checkpoint")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{config_file} is not valid JSON ({err}): the checkpoint is corrupt") from err
+
+
+def is_native_checkpoint(path: str | os.PathLike) -> bool:
+    config_file = Path(path) / CONFIG_FILE
+    if not config_file.is_file():
+        return False
+    try:
+        quantization = json.loads(config_file.read_text()).get("quantization_config") or {}
+    except json.JSONDecodeError:
+        return False
+    return quantization.get("quant_method") == QUANT_METHOD
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):  # noqa: ANN201
+    """Load a checkpoint of ours as ``(model, tokenizer)`` with ``CompressedLinear`` layers.
+
+    A plain Hugging Face directory (no llmcompress ``quantization_config``) loads as a float model.
+    ``dtype`` converts the unquantized parameters only; packed tensors keep their stored dtype.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path).expanduser()
+    raw = read_config(path)
+    quantization = raw.get("quantization_config") or {}
+    if quantization.get("quant_method") != QUANT_METHOD:
+        from .models import load_model
+
+        model, tokenizer = load_model(path, device=str(device))
+        return (model.to(dtype) if dtype is not None else model), tokenizer
+    if quantization.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} uses checkpoint format {quantization.get('format_version')}; this llmcompress reads format {FORMAT_VERSION}: upgrade llmcompress")
+    compress_config = CompressConfig.from_dict(quantization["config"])
+    hf_config = AutoConfig.from_pretrained(path)
+    if hasattr(hf_config, "quantization_config"):
+        del hf_config.quantization_config
+    stored_dtype = getattr(hf_config, "dtype", None) or torch.float32
+    if isinstance(stored_dtype, str):
+        stored_dtype = getattr(torch, stored_dtype)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=stored_dtype)
+    for name, entry in quantization["modules"].items():
+        _install_compressed(model, name, entry, stored_dtype)
+    tensors = _read_tensors(path)
+    _check_tensors(model, tensors, quantization.get("tied", {}), path)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    for dropped, kept in quantization.get("tied", {}).items():
+        _alias(model, dropped, kept)
+    model.config.quantization_config = quantization
+    model.llmcompress_config = compress_config
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.to(device).eval(), _load_tokenizer(path)
+
+
+def _install_compressed(model: nn.Module, name: str, entry: dict, dtype: torch.dtype) -> None:
+    parent_name, _, child = name.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_name)
+        original = getattr(parent, child)
+    except AttributeError as err:
+        raise CheckpointError(f"config lists quantized module {name}, which this model architecture does not have: the checkpoint is corrupt") from err
+    fmt = _from_dict(QuantFormat, entry["format"])
+    if (original.in_features, original.out_features) != (entry["in_features"], entry["out_features"]):
+        raise CheckpointError(f"{name} is {entry['out_features']}x{entry['in_features']} in the checkpoint but {original.out_features}x{original.in_features} in the model config")
+    setattr(parent, child, CompressedLinear(entry["in_features"], entry["out_features"], fmt, bias=original.bias is not None, dtype=dtype))
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index} is corrupt ({err}): compress again") from err
+    elif (path / SINGLE_FILE).is_file():
+        files = [SINGLE_FILE]
+    else:
+        raise CheckpointError(f"{path} has no {SINGLE_FILE} or {INDEX_FILE}: the checkpoint is incomplete")
+    tensors = {}
+    for filename in files:
+        file = path / filename
+        if not file.is_file():
+            raise CheckpointError(f"shard {file} is missing: the checkpoint is incomplete")
+        try:
+            with safe_open(file, framework="pt") as handle:
+                for key in handle.keys():
+                    tensors[key] = handle.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise CheckpointError(f"cannot read {file}: {err}; the file is truncated or corrupt, compress again") from err
+    return tensors
+
+
+def _check_tensors(model: nn.Module, tensors: dict[str, Tensor], tied: dict[str, str], path: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors) - set(tied))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        detail = (f"missing {', '.join(missing[:5])}" if missing else "") + (f" unexpected {', '.join(unexpected[:5])}" if unexpected else "")
+        raise CheckpointError(f"{path} does not match its config ({detail.strip()}): the checkpoint is corrupt")
+    for name, tensor in tensors.items():
+        want = expected[name]
+        if tuple(tensor.shape) != tuple(want.shape) or tensor.dtype != want.dtype:
+            raise CheckpointError(f"{path}: tensor {name} is {tensor.dtype} {tuple(tensor.shape)}, expected {want.dtype} {tuple(want.shape)}: the checkpoint is corrupt")
+        if tensor.is_floating_point() and tensor.dtype.itemsize > 1 and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: tensor {name} contains NaN or Inf: the checkpoint is corrupt")
+
+
+def _alias(model: nn.Module, dropped: str, kept: str) -> None:
+    owner_name, _, attribute = dropped.rpartition(".")
+    kept_owner, _, kept_attribute = kept.rpartition(".")
+    source = model.get_submodule(kept_owner)
+    target = model.get_submodule(owner_name)
+    tensor = getattr(source, kept_attribute)
+    if attribute in target._parameters:
+        target._parameters[attribute] = tensor
+    else:
+        target._buffers[attribute] = tensor
+
+
+def _load_tokenizer(path: Path):  # noqa: ANN202
+    from transformers import AutoTokenizer
+
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"the tokenizer in {path} cannot be read ({err}): the checkpoint is corrupt") from err
+

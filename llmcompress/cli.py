@@ -1,0 +1,165 @@
+"""The ``compress`` command line: parse, build the config, call the API, print.
+
+``compress [MODEL] [OPTIONS]`` runs the main job; subcommands (added by later features) are
+reached as ``compress NAME ...``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from . import checkpoint
+from .api import compress as compress_model
+from .calib import DEFAULT_EVALUATION
+from .config import FORMAT_KINDS, METHODS, CalibConfig, CompressConfig, ModuleOverride, QuantFormat
+from .errors import ConfigError, LLMCompressError
+from .evaluate import PerplexityResult, perplexity
+from .models import DEFAULT_MODEL_NAME, load_model
+from .summary import SizeSummary, size_summary
+
+DEFAULT_COMMAND = "run"
+NO_QUANT_BITS = 16
+
+
+class DefaultCommandGroup(click.Group):
+    """A group whose first argument, when it is not a subcommand, goes to the default command."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or args[0] not in self.commands:
+            args = [DEFAULT_COMMAND, *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultCommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Compress a Hugging Face causal LM: `compress [MODEL] --bits 4 --out DIR`."""
+
+
+def _parse_override(text: str) -> ModuleOverride:
+    pattern, sep, fields = text.rpartition(":")
+    if not sep or not pattern:
+        raise click.BadParameter(f"{text!r}: expected REGEX:key=value[,key=value], e.g. 'down_proj:bits=8'")
+    values: dict = {}
+    for item in fields.split(","):
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in ("bits", "group_size", "symmetric", "kind"):
+            raise click.BadParameter(f"{item!r} in {text!r}: keys are bits, group_size, symmetric, kind")
+        values[key] = value.strip() if key == "kind" else (value.strip().lower() in ("1", "true", "yes") if key == "symmetric" else int(value))
+    return ModuleOverride(pattern=pattern, **values)
+
+
+@main.command(name=DEFAULT_COMMAND)
+@click.argument("model", required=False)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output directory [default: out/<model>-<format>].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--format", "kind", type=click.Choice(FORMAT_KINDS), default="int", show_default=True, help="Weight number format.")
+@click.option("--bits", type=int, default=4, show_default=True, help="Bits per weight: 2-8 (int), 4 (fp4), 16 = no quantization.")
+@click.option("--group-size", type=int, default=None, help="Inputs per scale; -1 per channel [default: 128 int, 16 nvfp4, 32 mxfp4].")
+@click.option("--sym/--asym", "symmetric", default=None, help="Symmetric (no zero points) or asymmetric [default: asym int].")
+@click.option("--method", type=click.Choice(METHODS), default="rtn", show_default=True, help="Quantization method.")
+@click.option("--skip", "skips", multiple=True, metavar="REGEX", help="Leave matching modules unquantized (repeatable).")
+@click.option("--override", "overrides", multiple=True, metavar="REGEX:k=v,...", help="Other bits/group_size/symmetric/kind for matching modules (repeatable).")
+@click.option("--calib", default=None, metavar="SOURCE", help="Calibration text: austen:train, FILE.txt, FILE.jsonl, hf:NAME, none [default: austen:train when the method needs data, else none].")
+@click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration windows.")
+@click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per calibration window.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing calibration windows.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Calibration windows per forward pass.")
+@click.option("--eval/--no-eval", "run_eval", default=True, show_default=True, help="Measure perplexity before and after.")
+@click.option("--eval-text", default=DEFAULT_EVALUATION, show_default=True, metavar="SOURCE", help="Evaluation text source.")
+@click.option("--eval-seqlen", type=int, default=1024, show_default=True, help="Tokens per evaluation window.")
+@click.option("--eval-windows", type=int, default=40, show_default=True, help="Evaluation windows to score; 0 = the whole text.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where blocks are compressed and evaluated.")
+def run(model: str | None, out_dir: str | None, overwrite: bool, kind: str, bits: int, group_size: int | None,
+        symmetric: bool | None, method: str, skips: tuple[str, ...], overrides: tuple[str, ...], calib: str | None,
+        nsamples: int, seqlen: int, seed: int, batch_size: int, run_eval: bool, eval_text: str, eval_seqlen: int,
+        eval_windows: int, device: str) -> None:
+    """Compress MODEL (a Hugging Face directory, a .gguf file or a hub id; default: the bundled
+    SmolLM2-135M-Instruct) and write a packed checkpoint that `llmcompress.load` reads."""
+    started = time.perf_counter()
+    try:
+        quant = None if bits == NO_QUANT_BITS else QuantFormat(kind=kind, bits=bits, group_size=group_size, symmetric=symmetric)
+        config = CompressConfig(
+            quant=quant,
+            method=method,
+            calib=CalibConfig(source=calib or CalibConfig.source, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size),
+            overrides=tuple(ModuleOverride(pattern=p, skip=True) for p in skips) + tuple(_parse_override(o) for o in overrides),
+        )
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda, but PyTorch sees no CUDA GPU: use --device cpu")
+        out = Path(out_dir or _default_out_dir(model, config))
+        checkpoint.check_output_dir(out, overwrite)
+        click.echo(f"loading {model or DEFAULT_MODEL_NAME + ' (bundled default)'}")
+        float_model, tokenizer = load_model(model, device=device)
+        eval_limit = eval_windows or None
+        before_ppl = _evaluate(float_model, tokenizer, "float model", eval_text, eval_seqlen, eval_limit) if run_eval else None
+        layer_names = _target_names(float_model, config)
+        before = size_summary(float_model, layer_names)
+        data = "data-free" if calib is None and not config.needs_calibration else f"calibration {calib or config.calib.source}"
+        click.echo(f"compressing: {quant.describe() if quant else '16-bit'}, method {method}, {data}")
+        compressed = compress_model(float_model, config, calibration=calib, tokenizer=tokenizer, device=device)
+        after_ppl = _evaluate(compressed, tokenizer, "compressed model", eval_text, eval_seqlen, eval_limit) if run_eval else None
+        after = size_summary(compressed)
+        report = {
+            **compressed.compression_report.to_dict(),
+            "size_before": before.to_dict(),
+            "size_after": after.to_dict(),
+            "perplexity_before": before_ppl.to_dict() if before_ppl else None,
+            "perplexity_after": after_ppl.to_dict() if after_ppl else None,
+        }
+        click.echo(f"writing {out}")
+        checkpoint.save(compressed, out, compressed.llmcompress_config, tokenizer=tokenizer, report=report, overwrite=overwrite)
+    except LLMCompressError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(_summary_table(before, after, before_ppl, after_ppl, time.perf_counter() - started, out))
+
+
+def _default_out_dir(model: str | None, config: CompressConfig) -> str:
+    name = Path(model).stem if model else "smollm2-135m-instruct"
+    tag = re.sub(r"[^a-z0-9]+", "-", (config.quant.describe() if config.quant else "16bit").lower()).strip("-")
+    return str(Path("out") / f"{name}-{tag}-{config.method}")
+
+
+def _target_names(model: torch.nn.Module, config: CompressConfig) -> list[str]:
+    from .pipeline import find_decoder_blocks, plan_targets
+
+    path, blocks = find_decoder_blocks(model)
+    return [target.name for target in plan_targets(blocks, path, config)]
+
+
+def _evaluate(model, tokenizer, label: str, text: str, seqlen: int, windows: int | None) -> PerplexityResult:  # noqa: ANN001
+    if tokenizer is None:
+        raise ConfigError("the model has no tokenizer, so perplexity cannot be measured: pass --no-eval")
+    click.echo(f"evaluating the {label}")
+    return perplexity(model, tokenizer, text, seqlen=seqlen, max_windows=windows)
+
+
+def _summary_table(before: SizeSummary, after: SizeSummary, before_ppl: PerplexityResult | None,
+                   after_ppl: PerplexityResult | None, seconds: float, out: Path) -> str:
+    rows = [
+        ("quantized layers: weights", f"{before.layer_parameters:,}", f"{after.layer_parameters:,}"),
+        ("quantized layers: bytes", _mb(before.layer_bytes), _mb(after.layer_bytes)),
+        ("quantized layers: bits/weight", f"{before.layer_bits_per_weight:.3f}", f"{after.layer_bits_per_weight:.3f}"),
+        ("whole model: parameters", f"{before.parameters:,}", f"{after.parameters:,}"),
+        ("whole model: bytes", _mb(before.bytes), _mb(after.bytes)),
+        ("whole model: bits/weight", f"{before.bits_per_weight:.3f}", f"{after.bits_per_weight:.3f}"),
+    ]
+    if before_ppl and after_ppl:
+        rows.append(("perplexity", f"{before_ppl.perplexity:.3f}", f"{after_ppl.perplexity:.3f}"))
+    width = max(len(r[0]) for r in rows)
+    lines = ["", f"{'':{width}}  {'before':>14}  {'after':>14}"]
+    lines += [f"{name:{width}}  {b:>14}  {a:>14}" for name, b, a in rows]
+    if after_ppl:
+        lines.append(f"perplexity protocol: {after_ppl.protocol}")
+    lines.append(f"wall time: {seconds:.1f} s")
+    lines.append(f"wrote: {out}")
+    return "\n".join(lines)
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 1e6:,.2f} MB"

@@ -1,0 +1,226 @@
+"""Typed, frozen configuration, validated on construction and serialised into every checkpoint.
+
+Every error names the field, the bad value and what is allowed, so that a typo on the command
+line or in a JSON file is caught before any model is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+FormatKind = Literal["int", "nvfp4", "mxfp4"]
+FORMAT_KINDS: tuple[str, ...] = typing.get_args(FormatKind)
+INT_BITS = (2, 3, 4, 5, 6, 7, 8)
+# FP4 formats fix their group: the scale layout is part of the format's definition.
+FP4_GROUP_SIZE = {"nvfp4": 16, "mxfp4": 32}
+PER_CHANNEL = -1
+
+Method = Literal["rtn"]
+METHODS: tuple[str, ...] = typing.get_args(Method)
+
+
+def _fail(owner: str, name: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{owner}.{name}={value!r} is not allowed: {allowed}")
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """How one weight matrix is stored: the number format, its bit width and its scale grouping.
+
+    ``group_size`` counts input features per scale; ``-1`` means one scale per output channel.
+    ``symmetric`` defaults to False (asymmetric, with zero points) for INT and is always True
+    for the FP4 formats, whose codes are sign-magnitude.
+    """
+
+    kind: FormatKind = "int"
+    bits: int = 4
+    group_size: int | None = None
+    symmetric: bool | None = None
+
+    def __post_init__(self) -> None:
+        owner = "QuantFormat"
+        if self.kind not in FORMAT_KINDS:
+            _fail(owner, "kind", self.kind, f"one of {', '.join(FORMAT_KINDS)}")
+        if self.kind == "int":
+            if self.bits not in INT_BITS:
+                _fail(owner, "bits", self.bits, "integer formats take 2 to 8 bits")
+            group = 128 if self.group_size is None else self.group_size
+            if not isinstance(group, int) or not (group == PER_CHANNEL or (group >= 8 and group % 8 == 0)):
+                _fail(owner, "group_size", group, "-1 (per channel) or a positive multiple of 8 such as 32, 64, 128")
+            symmetric = False if self.symmetric is None else self.symmetric
+        else:
+            if self.bits != 4:
+                _fail(owner, "bits", self.bits, f"{self.kind} is a 4-bit format; use bits=4")
+            group = FP4_GROUP_SIZE[self.kind] if self.group_size is None else self.group_size
+            if group != FP4_GROUP_SIZE[self.kind]:
+                _fail(owner, "group_size", group, f"{self.kind} fixes group_size={FP4_GROUP_SIZE[self.kind]}")
+            if self.symmetric is False:
+                _fail(owner, "symmetric", False, f"{self.kind} codes are sign-magnitude, so it is always symmetric")
+            symmetric = True
+        object.__setattr__(self, "group_size", group)
+        object.__setattr__(self, "symmetric", symmetric)
+
+    @property
+    def is_fp4(self) -> bool:
+        return self.kind != "int"
+
+    def describe(self) -> str:
+        if self.is_fp4:
+            return self.kind.upper()
+        group = "per-channel" if self.group_size == PER_CHANNEL else f"g{self.group_size}"
+        return f"INT{self.bits} {group} {'sym' if self.symmetric else 'asym'}"
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Which text calibrates the model and how it is cut into token windows.
+
+    ``source`` is ``austen:train`` (bundled, the default), another bundled split, a path to a
+    ``.txt`` or ``.jsonl`` file, ``hf:NAME[:CONFIG][:SPLIT]`` for a ``datasets`` dataset, or
+    ``none`` for data-free methods.
+    """
+
+    source: str = "austen:train"
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        owner = "CalibConfig"
+        if not isinstance(self.source, str) or not self.source.strip():
+            _fail(owner, "source", self.source, "a bundled name, a file path, hf:NAME, or none")
+        for name, low in (("nsamples", 1), ("seqlen", 8), ("batch_size", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                _fail(owner, name, value, f"an integer >= {low}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            _fail(owner, "seed", self.seed, "an integer")
+
+    @property
+    def is_none(self) -> bool:
+        return self.source.strip().lower() == "none"
+
+
+@dataclass(frozen=True)
+class ModuleOverride:
+    """Per-module exception, matched with ``re.search`` on the full module name.
+
+    ``skip`` keeps the module in its original precision; otherwise any field given replaces
+    the global format's field for the matching modules. The first matching override wins.
+    """
+
+    pattern: str
+    skip: bool = False
+    bits: int | None = None
+    group_size: int | None = None
+    symmetric: bool | None = None
+    kind: FormatKind | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            re.compile(self.pattern)
+        except re.error as err:
+            _fail("ModuleOverride", "pattern", self.pattern, f"a valid regular expression ({err})")
+
+    def matches(self, module_name: str) -> bool:
+        return re.search(self.pattern, module_name) is not None
+
+    def apply(self, base: QuantFormat) -> QuantFormat | None:
+        if self.skip:
+            return None
+        changes = {
+            name: getattr(self, name)
+            for name in ("kind", "bits", "group_size", "symmetric")
+            if getattr(self, name) is not None
+        }
+        if "kind" in changes and changes["kind"] != base.kind:
+            # A different format family keeps its own defaults instead of inheriting ours.
+            changes.setdefault("group_size", None)
+            changes.setdefault("symmetric", None)
+        return dataclasses.replace(base, **changes)
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """One compression job. ``quant=None`` keeps weights in 16 bits (for passes that only prune)."""
+
+    quant: QuantFormat | None = field(default_factory=QuantFormat)
+    method: Method = "rtn"
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    overrides: tuple[ModuleOverride, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            _fail("CompressConfig", "method", self.method, f"one of {', '.join(METHODS)}")
+        object.__setattr__(self, "overrides", tuple(self.overrides))
+        if self.quant is not None:
+            for override in self.overrides:
+                # Builds the merged format now, so a bad combination fails before any work.
+                override.apply(self.quant)
+
+    def format_for(self, module_name: str) -> QuantFormat | None:
+        """The format a module gets, or None where it stays in its original precision."""
+        if self.quant is None:
+            return None
+        for override in self.overrides:
+            if override.matches(module_name):
+                return override.apply(self.quant)
+        return self.quant
+
+    @property
+    def needs_calibration(self) -> bool:
+        # RTN is data-free; later methods (GPTQ, AWQ, EoRA, Wanda) change this.
+        return False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressConfig:
+        return _from_dict(cls, data)
+
+    @classmethod
+    def from_json(cls, text: str) -> CompressConfig:
+        return cls.from_dict(json.loads(text))
+
+
+def _from_dict(cls: type, data: Any) -> Any:
+    """Rebuild a (nested) config dataclass from plain JSON data, rejecting unknown keys."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cls.__name__} expects a JSON object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{cls.__name__} has no field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    kwargs = {name: _convert(hints[name], value) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _from_dict(hint, value)
+    if origin is tuple:
+        return tuple(_convert(args[0], item) for item in value)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            if dataclasses.is_dataclass(arg):
+                return _from_dict(arg, value)
+        return value
+    return value

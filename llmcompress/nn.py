@@ -1,0 +1,65 @@
+"""``CompressedLinear``: a drop-in replacement for ``nn.Linear`` holding a packed weight."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .config import QuantFormat
+from .formats import QuantizedWeight
+from .ops import dequantize_packed, quantized_linear
+from .packing import pack_weight, packed_spec
+
+
+class CompressedLinear(nn.Module):
+    """A linear layer whose weight is stored packed (codes, scales, zero points).
+
+    The packed tensors are buffers, so they travel with ``state_dict`` and ``.to(device)``;
+    ``.to(dtype)`` / ``.half()`` leave them untouched (a dtype cast of a packed scale would
+    silently change the weight), and convert only the bias.
+    """
+
+    def __init__(self, in_features: int, out_features: int, fmt: QuantFormat, bias: bool = False,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.fmt = fmt
+        self.packed_names = tuple(packed_spec(fmt, out_features, in_features))
+        for name, (shape, tensor_dtype) in packed_spec(fmt, out_features, in_features).items():
+            self.register_buffer(name, torch.empty(shape, dtype=tensor_dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_quantized(cls, q: QuantizedWeight, fmt: QuantFormat, bias: Tensor | None) -> CompressedLinear:
+        out_features, in_features = q.shape
+        layer = cls(in_features, out_features, fmt, bias=bias is not None,
+                    dtype=bias.dtype if bias is not None else torch.float32, device="meta")
+        for name, tensor in pack_weight(q, fmt).items():
+            layer._buffers[name] = tensor.contiguous()
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return layer
+
+    def packed(self) -> dict[str, Tensor]:
+        return {name: self._buffers[name] for name in self.packed_names}
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize_packed(self.packed(), self.fmt, self.in_features, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return quantized_linear(x, self.packed(), self.fmt, self.in_features, self.bias)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - signature of nn.Module._apply
+        packed = {name: self._buffers.pop(name) for name in self.packed_names}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, tensor in packed.items():
+                # An integer probe reveals where fn moves tensors without letting it cast them.
+                target = fn(torch.empty(0, dtype=torch.uint8, device=tensor.device)).device
+                self._buffers[name] = tensor.to(target)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.describe()}, bias={self.bias is not None}"

@@ -1,0 +1,81 @@
+"""Per-layer activation statistics and the error measures built on them, as pure tensor code.
+
+The pipeline feeds a ``LayerStats`` the inputs a Linear layer sees; it accumulates in float32
+over micro-batches so that the result does not depend on how the tokens were batched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+HESSIAN = "hessian"
+ABS_MEAN = "abs_mean"
+ABS_MAX = "abs_max"
+ALL_STATISTICS = frozenset({HESSIAN, ABS_MEAN, ABS_MAX})
+
+
+@dataclass
+class LayerStats:
+    """Running statistics of a layer's inputs over tokens: X^T X, sum |x|, max |x| per channel."""
+
+    in_features: int
+    wanted: frozenset[str] = ALL_STATISTICS
+    tokens: int = 0
+    xtx: Tensor | None = field(default=None, repr=False)
+    abs_sum: Tensor | None = field(default=None, repr=False)
+    abs_max: Tensor | None = field(default=None, repr=False)
+
+    def update(self, inputs: Tensor) -> None:
+        x = inputs.reshape(-1, inputs.shape[-1]).float()
+        if x.shape[1] != self.in_features:
+            raise ValueError(f"expected inputs with {self.in_features} features, got {x.shape[1]}")
+        self.tokens += x.shape[0]
+        if HESSIAN in self.wanted:
+            xtx = x.T @ x
+            self.xtx = xtx if self.xtx is None else self.xtx + xtx
+        if ABS_MEAN in self.wanted or ABS_MAX in self.wanted:
+            magnitude = x.abs()
+            if ABS_MEAN in self.wanted:
+                total = magnitude.sum(dim=0)
+                self.abs_sum = total if self.abs_sum is None else self.abs_sum + total
+            if ABS_MAX in self.wanted:
+                peak = magnitude.amax(dim=0)
+                self.abs_max = peak if self.abs_max is None else torch.maximum(self.abs_max, peak)
+
+    @property
+    def hessian(self) -> Tensor:
+        """The mean of x x^T over tokens, [K, K] float32."""
+        self._require(self.xtx, HESSIAN)
+        return self.xtx / self.tokens
+
+    @property
+    def act_abs_mean(self) -> Tensor:
+        self._require(self.abs_sum, ABS_MEAN)
+        return self.abs_sum / self.tokens
+
+    @property
+    def act_abs_max(self) -> Tensor:
+        self._require(self.abs_max, ABS_MAX)
+        return self.abs_max
+
+    def _require(self, value: Tensor | None, name: str) -> None:
+        if value is None:
+            detail = "no inputs were seen" if self.tokens == 0 else f"'{name}' was not gathered"
+            raise RuntimeError(f"statistic '{name}' is unavailable: {detail}")
+
+
+def weight_error(weight: Tensor, approx: Tensor) -> float:
+    """Relative Frobenius error ||W - W'|| / ||W||."""
+    reference = weight.float().norm()
+    return float((weight.float() - approx.float()).norm() / reference) if reference > 0 else 0.0
+
+
+def output_error(weight: Tensor, approx: Tensor, hessian: Tensor) -> float:
+    """Relative output error ||(W - W') X|| / ||W X|| over the calibration tokens, from H = mean x x^T."""
+    weight, delta = weight.float(), weight.float() - approx.float()
+    reference = ((weight @ hessian) * weight).sum()
+    error = ((delta @ hessian) * delta).sum()
+    return float((error.clamp(min=0) / reference).sqrt()) if reference > 0 else 0.0

@@ -1,0 +1,52 @@
+"""Size accounting: parameters, bytes and bits per weight, before and after compression."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from .checkpoint import unique_state_dict
+from .nn import CompressedLinear
+
+
+@dataclass(frozen=True)
+class SizeSummary:
+    """Logical weights and stored bytes, for the whole model and for its compressed layers alone."""
+
+    parameters: int
+    bytes: int
+    layer_parameters: int
+    layer_bytes: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.bytes / self.parameters
+
+    @property
+    def layer_bits_per_weight(self) -> float:
+        return 8 * self.layer_bytes / self.layer_parameters if self.layer_parameters else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "bits_per_weight": self.bits_per_weight, "layer_bits_per_weight": self.layer_bits_per_weight}
+
+
+def size_summary(model: nn.Module, layer_names: Collection[str] | None = None) -> SizeSummary:
+    """Sizes as stored (tied tensors once). The "layer" figures cover the weights of the modules
+    named in ``layer_names`` (default: every ``CompressedLinear``), biases excluded."""
+    tensors, _ = unique_state_dict(model)
+    modules = dict(model.named_modules())
+    if layer_names is None:
+        layer_names = [name for name, module in modules.items() if isinstance(module, CompressedLinear)]
+    layer_tensors: set[str] = set()
+    layer_parameters = 0
+    for name in layer_names:
+        module = modules[name]
+        layer_parameters += module.in_features * module.out_features
+        owned = module.packed_names if isinstance(module, CompressedLinear) else ("weight",)
+        layer_tensors.update(f"{name}.{tensor}" for tensor in owned)
+    parameters = layer_parameters + sum(t.numel() for n, t in tensors.items() if n not in layer_tensors)
+    nbytes = {n: t.numel() * t.element_size() for n, t in tensors.items()}
+    layer_bytes = sum(nbytes[n] for n in layer_tensors)
+    return SizeSummary(parameters=parameters, bytes=sum(nbytes.values()), layer_parameters=layer_parameters, layer_bytes=layer_bytes)
