@@ -134,7 +134,7 @@ def sample_windows(tokens: Tensor, nsamples: int, seqlen: int, seed: int) -> Ten
     available = tokens.numel() // seqlen
     if available < nsamples:
         raise CalibrationError(
-            f"the text has {tokens.numel()} tokens, which gives {available} windows of {seqlen}; "
+            f"the text has {tokens.numel()} tokens, which gives {available} window{'' if available == 1 else 's'} of {seqlen}; "
             f"{nsamples} x {seqlen} = {nsamples * seqlen} tokens were asked for: use more text, "
             "fewer samples (--nsamples) or shorter windows (--seqlen)"
         )

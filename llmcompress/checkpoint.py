@@ -77,6 +77,8 @@ def save(model: nn.Module, out_dir: str | os.PathLike, config: CompressConfig, t
         for name, m in model.named_modules() if isinstance(m, CompressedLinear)
     }
     hf_config = model.config.to_dict()
+    # The config's dtype can be stale after a .to(dtype); record what the tensors really are.
+    hf_config["dtype"] = str(model.get_input_embeddings().weight.dtype).replace("torch.", "")
     hf_config["quantization_config"] = {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
@@ -234,9 +236,12 @@ def _check_tensors(model: nn.Module, tensors: dict[str, Tensor], tied: dict[str,
     if missing or unexpected:
         detail = (f"missing {', '.join(missing[:5])}" if missing else "") + (f" unexpected {', '.join(unexpected[:5])}" if unexpected else "")
         raise CheckpointError(f"{path} does not match its config ({detail.strip()}): the checkpoint is corrupt")
+    packed = {f"{name}.{tensor}" for name, module in model.named_modules() if isinstance(module, CompressedLinear) for tensor in module.packed_names}
     for name, tensor in tensors.items():
         want = expected[name]
-        if tuple(tensor.shape) != tuple(want.shape) or tensor.dtype != want.dtype:
+        # Packed tensors must match exactly; float tensors may be stored in any float dtype.
+        dtype_ok = tensor.dtype == want.dtype if name in packed else tensor.is_floating_point() == want.is_floating_point()
+        if tuple(tensor.shape) != tuple(want.shape) or not dtype_ok:
             raise CheckpointError(f"{path}: tensor {name} is {tensor.dtype} {tuple(tensor.shape)}, expected {want.dtype} {tuple(want.shape)}: the checkpoint is corrupt")
         if tensor.is_floating_point() and tensor.dtype.itemsize > 1 and not torch.isfinite(tensor).all():
             raise CheckpointError(f"{path}: tensor {name} contains NaN or Inf: the checkpoint is corrupt")

@@ -90,13 +90,20 @@ def int_qparams(weight: Tensor, fmt: QuantFormat) -> tuple[Tensor, Tensor | None
     levels = 2**fmt.bits - 1
     if fmt.symmetric:
         amax = grouped.abs().amax(dim=-1)
-        scales = (amax / (levels / 2)).clamp(FP16_MIN_SUBNORMAL, FP16_MAX).half()
-        return scales, None
+        return _half_rounded_up(amax / (levels / 2)), None
     low = grouped.amin(dim=-1).clamp(max=0)
     high = grouped.amax(dim=-1).clamp(min=0)
-    scales = ((high - low) / levels).clamp(FP16_MIN_SUBNORMAL, FP16_MAX).half()
+    scales = _half_rounded_up((high - low) / levels)
     zeros = torch.round(-low / scales.float()).clamp(0, levels).to(torch.uint8)
     return scales, zeros
+
+
+def _half_rounded_up(scales: Tensor) -> Tensor:
+    """Cast scales to float16 rounding up, so the group's extremes never fall outside the code range."""
+    clamped = scales.clamp(FP16_MIN_SUBNORMAL, FP16_MAX)
+    half = clamped.half()
+    larger = torch.nextafter(half, torch.full_like(half, float("inf")))
+    return torch.where(half.float() < clamped, larger, half)
 
 
 def int_codes(weight: Tensor, scales: Tensor, zeros: Tensor | None, fmt: QuantFormat) -> Tensor:

@@ -77,11 +77,12 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         kinds = {type(child) for child in module}
-        has_linear = all(any(isinstance(m, nn.Linear) for m in child.modules()) for child in module)
+        has_linear = all(any(isinstance(m, (nn.Linear, CompressedLinear)) for m in child.modules()) for child in module)
         if len(kinds) == 1 and has_linear:
             candidates.append((len(module) == expected, len(module), name, module))
     if not candidates:
-        layer_kinds = sorted({type(m).__name__ for m in model.modules() if "linear" in type(m).__name__.lower() or "conv1d" in type(m).__name__.lower()})
+        layer_kinds = sorted({type(m).__name__ for m in model.modules()
+                              if "conv1d" in type(m).__name__.lower() or ("linear" in type(m).__name__.lower() and not isinstance(m, nn.Linear))})
         found = f" (its projection layers are {', '.join(layer_kinds)}, not torch.nn.Linear)" if layer_kinds else ""
         raise ModelError(
             f"cannot map {type(model).__name__} onto the block-wise pipeline: looked for a torch.nn.ModuleList of "
@@ -124,8 +125,11 @@ class _BlockInputsCaught(Exception):
 
 
 def catch_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: Tensor, batch_size: int, device: torch.device) -> BlockInputs:
-    """Run the model up to block 0 on each micro-batch and keep what block 0 was called with."""
+    """Run the model up to block 0 on each micro-batch and keep what block 0 was called with.
+
+    Everything outside the blocks visits ``device`` for this and returns where it was."""
     caught: BlockInputs = []
+    home = _device_of(model)
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         kwargs = dict(kwargs)
@@ -149,8 +153,8 @@ def catch_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: Tensor,
                 raise ModelError(f"{type(model).__name__}'s forward never called its first decoder block: the model cannot be compressed block by block")
     finally:
         handle.remove()
-        blocks[0].to("cpu")
-        _move_outside_blocks(model, blocks, torch.device("cpu"))
+        blocks[0].to(home)
+        _move_outside_blocks(model, blocks, home)
     return caught
 
 
@@ -206,6 +210,10 @@ def gather_statistics(block: nn.Module, targets: Iterable[Target], inputs: Block
     return stats
 
 
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
 def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
     """Move every parameter and buffer not inside ``blocks`` (embeddings, norms, rotary tables)."""
     inside = {id(t) for t in (*blocks.parameters(), *blocks.buffers())}
@@ -247,6 +255,7 @@ def compress_blocks(model: nn.Module, config: CompressConfig, windows: Tensor | 
     wanted = statistics_wanted(config, windows is not None)
     bar = tqdm(blocks, desc="compressing blocks", unit="block", disable=not progress)
     for index, block in enumerate(bar):
+        home = _device_of(block)
         block.to(device)
         block_targets = [t for t in targets if t.block == index]
         stats = gather_statistics(block, block_targets, inputs, wanted) if inputs is not None and wanted else {}
@@ -254,7 +263,7 @@ def compress_blocks(model: nn.Module, config: CompressConfig, windows: Tensor | 
             report.layers.append(_compress_target(block, target, config, stats.get(target.name)))
         if inputs is not None and index + 1 < len(blocks):
             inputs = run_block(block, inputs)
-        block.to("cpu")
+        block.to(home)
         errors = [r.output_error if r.output_error is not None else r.weight_error for r in report.layers[-len(block_targets):]]
         bar.set_postfix(mean_rel_error=f"{sum(errors) / max(len(errors), 1):.4f}")
     report.seconds = time.perf_counter() - started

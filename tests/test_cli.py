@@ -1,0 +1,68 @@
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import llmcompress
+from llmcompress.cli import main
+from llmcompress.nn import CompressedLinear
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_compress_tiny_model_end_to_end(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    result = _run(tiny_model_dir, "--out", out, "--bits", 4, "--group-size", 32, "--sym", "--calib", "austen:train",
+                  "--nsamples", 4, "--seqlen", 64, "--eval-seqlen", 64, "--eval-windows", 3, "--override", "down_proj:bits=8")
+    assert result.exit_code == 0, result.output
+    for text in ("compressing: INT4 g32 sym, method rtn, calibration austen:train", "quantized layers: bits/weight", "perplexity", f"wrote: {out}"):
+        assert text in result.output
+    report = json.loads((out / "compression_report.json").read_text())
+    assert report["calibration_tokens"] == 256 and report["perplexity_after"]["windows"] == 3
+    assert report["size_after"]["layer_bits_per_weight"] < report["size_before"]["layer_bits_per_weight"]
+    model, tokenizer = llmcompress.load(out)
+    assert model.model.layers[0].mlp.down_proj.fmt.bits == 8 and model.model.layers[0].mlp.up_proj.fmt.bits == 4
+    assert tokenizer is not None
+
+
+def test_bad_inputs_fail_with_a_message_and_no_traceback(tiny_model_dir, tmp_path):
+    result = _run(tiny_model_dir, "--out", tmp_path / "o", "--bits", 5, "--format", "nvfp4")
+    assert result.exit_code == 1 and "QuantFormat.bits=5 is not allowed: nvfp4 is a 4-bit format" in result.output
+    result = _run(tmp_path / "missing", "--out", tmp_path / "o")
+    assert result.exit_code == 1 and "does not exist" in result.output
+    result = _run(tiny_model_dir, "--out", tmp_path / "o", "--no-eval")
+    assert result.exit_code == 1 and "group_size=128 is larger than" in result.output
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("x")
+    result = _run(tiny_model_dir, "--out", tmp_path / "taken", "--group-size", 32)
+    assert result.exit_code == 1 and "--overwrite" in result.output
+    assert not list(tmp_path.glob(".o.incomplete*")) and not (tmp_path / "o").exists()
+
+
+def test_help_lists_the_options():
+    result = _run("--help")
+    assert result.exit_code == 0
+    for option in ("--bits", "--group-size", "--sym", "--format", "--method", "--calib", "--nsamples", "--seqlen", "--seed", "--eval", "--device", "--out"):
+        assert option in result.output
+
+
+def test_compress_bundled_smollm2(tmp_path, smollm2_dir):
+    """Issue 2's acceptance run, shortened: RTN W4 g128 asym on the bundled default."""
+    out = tmp_path / "smol"
+    result = _run("--bits", 4, "--group-size", 128, "--method", "rtn", "--out", out, "--eval-windows", 4)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "compression_report.json").read_text())
+    assert report["size_after"]["layer_bits_per_weight"] <= 4.3
+    float_ppl, rtn_ppl = report["perplexity_before"]["perplexity"], report["perplexity_after"]["perplexity"]
+    assert 20 < float_ppl < 40 and float_ppl < rtn_ppl < 1.5 * float_ppl
+    on_disk = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert on_disk < 0.45 * report["size_before"]["bytes"]
+    model, tokenizer = llmcompress.load(out)
+    assert sum(isinstance(m, CompressedLinear) for m in model.modules()) == 30 * 7
+    ids = tokenizer("It is a truth universally acknowledged", return_tensors="pt")["input_ids"]
+    fresh = llmcompress.compress(str(smollm2_dir), llmcompress.CompressConfig(), progress=False)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, fresh(ids).logits)

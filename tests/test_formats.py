@@ -1,0 +1,131 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmcompress.config import QuantFormat
+from llmcompress.formats import (
+    E2M1_VALUES,
+    dequantize,
+    e2m1_decode,
+    e2m1_encode,
+    expand_groups,
+    fp4_group_scales,
+    int_codes,
+    num_groups,
+    quantize,
+)
+from llmcompress.methods.rtn import rtn
+
+INT_FORMATS = [QuantFormat(bits=b, group_size=g, symmetric=s) for b in (2, 3, 4, 8) for g in (32, 128, -1) for s in (False, True)]
+shapes = st.tuples(st.integers(1, 7), st.integers(1, 300))
+
+
+def _weight(shape, seed, scale=1.0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator) * scale
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=shapes, seed=st.integers(0, 2**16), fmt=st.sampled_from(INT_FORMATS), scale=st.sampled_from([1e-3, 0.05, 3.0]))
+def test_int_error_is_at_most_half_a_step(shape, seed, fmt, scale):
+    weight = _weight(shape, seed, scale)
+    q = quantize(weight, fmt)
+    assert q.codes.shape == weight.shape and q.codes.dtype == torch.uint8
+    assert int(q.codes.max()) < 2**fmt.bits
+    assert q.scales.shape == (shape[0], num_groups(fmt, shape[1]))
+    step = expand_groups(q.scales.float(), shape[1] if fmt.group_size == -1 else fmt.group_size, shape[1])
+    error = (dequantize(q, fmt) - weight).abs()
+    # Half a step plus the float16 rounding of the scale itself.
+    assert bool((error <= step * 0.5 * (1 + 2e-3) + 1e-7).all())
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes, seed=st.integers(0, 2**16), fmt=st.sampled_from(INT_FORMATS + [QuantFormat(kind="nvfp4"), QuantFormat(kind="mxfp4")]))
+def test_dequantized_weight_lies_exactly_on_the_grid(shape, seed, fmt):
+    q = quantize(_weight(shape, seed), fmt)
+    rounded_again = dequantize(q, fmt)
+    if fmt.is_fp4:
+        width = fmt.group_size
+        codes = e2m1_encode(rounded_again / expand_groups(fp4_group_scales(q, fmt), width, shape[1]))
+        assert torch.equal(e2m1_decode(codes), e2m1_decode(q.codes))
+    else:
+        assert torch.equal(int_codes(rounded_again, q.scales, q.zeros, fmt), q.codes)
+
+
+def test_symmetric_int4_uses_all_sixteen_levels_and_maps_zero_exactly():
+    # amax 0.9375 makes the scale 0.125, exact in float16, so -amax lands on code -8.
+    weight = torch.cat([torch.tensor([-0.9375]), torch.arange(-7, 8) * 0.125]).reshape(1, 16)
+    fmt = QuantFormat(bits=4, group_size=16, symmetric=True)
+    q = quantize(weight, fmt)
+    assert q.zeros is None
+    assert float(q.scales[0, 0]) == 0.125
+    assert set(q.codes.unique().tolist()) == set(range(16))
+    assert float(dequantize(quantize(torch.zeros(1, 16), fmt), fmt).abs().max()) == 0.0
+
+
+def test_asymmetric_range_includes_zero_and_hits_both_ends():
+    weight = torch.tensor([[0.5, 1.0, 2.0, 3.0]])
+    fmt = QuantFormat(bits=2, group_size=-1)
+    q = quantize(weight, fmt)
+    assert int(q.zeros[0, 0]) == 0  # min clamped to 0 -> zero point 0
+    assert torch.allclose(dequantize(q, fmt), torch.tensor([[0.0, 1.0, 2.0, 3.0]]), atol=1e-3)
+
+
+def test_ragged_last_group_gets_its_own_scale():
+    # SmolLM2's 576 inputs with group 128: four full groups and one of 64.
+    weight = torch.ones(2, 576) * 0.01
+    weight[:, 512:] = 5.0
+    fmt = QuantFormat(bits=4, group_size=128)
+    q = quantize(weight, fmt)
+    assert q.scales.shape == (2, 5)
+    assert float(q.scales[0, 0]) < 1e-3 < float(q.scales[0, 4])
+    assert torch.allclose(dequantize(q, fmt), weight, rtol=1e-2)
+
+
+def test_all_zero_groups_stay_zero():
+    for fmt in (QuantFormat(), QuantFormat(symmetric=True), QuantFormat(kind="nvfp4"), QuantFormat(kind="mxfp4")):
+        assert torch.equal(dequantize(quantize(torch.zeros(3, 64), fmt), fmt), torch.zeros(3, 64))
+
+
+def test_e2m1_table_is_exact_and_ties_round_to_even():
+    values = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES[1:]))
+    assert torch.equal(e2m1_decode(e2m1_encode(values)), values)
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    assert e2m1_decode(e2m1_encode(ties)).tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]
+    assert e2m1_decode(e2m1_encode(torch.tensor([7.0, -100.0]))).tolist() == [6.0, -6.0]
+    assert int(e2m1_encode(torch.tensor([-0.1]))) == 0  # negative values that round to zero carry no sign
+
+
+def test_nvfp4_follows_the_global_and_block_scale_rule():
+    weight = _weight((4, 64), 1)
+    q = quantize(weight, QuantFormat(kind="nvfp4"))
+    amax = weight.abs().max()
+    assert torch.allclose(q.global_scale, 448 * 6 / amax)
+    assert q.scales.dtype == torch.float8_e4m3fn and q.scales.shape == (4, 4)
+    block_amax = weight.reshape(4, 4, 16).abs().amax(-1)
+    expected = (block_amax / 6 * q.global_scale).to(torch.float8_e4m3fn)
+    assert torch.equal(q.scales.float(), expected.float())
+    relative = (dequantize(q, QuantFormat(kind="nvfp4")) - weight).norm() / weight.norm()
+    assert relative < 0.15
+
+
+def test_mxfp4_scales_are_powers_of_two_from_the_shared_exponent():
+    weight = _weight((3, 96), 2)
+    fmt = QuantFormat(kind="mxfp4")
+    q = quantize(weight, fmt)
+    assert q.scales.dtype == torch.uint8 and q.scales.shape == (3, 3)
+    block_amax = weight.reshape(3, 3, 32).abs().amax(-1)
+    assert torch.equal(fp4_group_scales(q, fmt), torch.exp2(torch.floor(torch.log2(block_amax)) - 2))
+    assert (dequantize(q, fmt) - weight).norm() / weight.norm() < 0.2
+
+
+def test_rtn_is_quantize_in_float32():
+    weight = _weight((5, 40), 3).half()
+    fmt = QuantFormat(bits=3, group_size=8)
+    assert torch.equal(rtn(weight, fmt).codes, quantize(weight.float(), fmt).codes)
+
+
+def test_non_matrix_is_refused():
+    with pytest.raises(ValueError, match="2-D"):
+        quantize(torch.zeros(4), QuantFormat())

@@ -1,0 +1,33 @@
+import pytest
+
+from llmcompress.errors import ModelError
+from llmcompress.models import cache_root, load_model, resolve_model_dir
+
+
+def test_bad_model_paths_are_explained(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        resolve_model_dir(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no config.json"):
+        resolve_model_dir(tmp_path / "empty")
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ModelError, match="not a .gguf"):
+        resolve_model_dir(tmp_path / "weights.bin")
+
+
+def test_hub_id_offline_gives_a_clear_error():
+    with pytest.raises(ModelError, match="not a local path.*hub"):
+        load_model("nobody-here/no-such-model")
+
+
+def test_local_directory_loads_in_its_stored_dtype(tiny_model_dir):
+    model, tokenizer = load_model(tiny_model_dir)
+    assert tokenizer is not None and next(model.parameters()).dtype.is_floating_point
+
+
+def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLMCOMPRESS_CACHE", str(tmp_path / "c"))
+    assert cache_root() == tmp_path / "c"
+    monkeypatch.delenv("LLMCOMPRESS_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert cache_root() == tmp_path / "x" / "llmcompress"
