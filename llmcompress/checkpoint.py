@@ -73,7 +73,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, config: CompressConfig, t
     out = check_output_dir(out_dir, overwrite)
     tensors, tied = unique_state_dict(model)
     modules = {
-        name: {"format": dataclasses.asdict(m.fmt), "in_features": m.in_features, "out_features": m.out_features}
+        name: {"format": dataclasses.asdict(m.fmt), "in_features": m.in_features, "out_features": m.out_features, "g_idx": m.has_g_idx}
         for name, m in model.named_modules() if isinstance(m, CompressedLinear)
     }
     hf_config = model.config.to_dict()
@@ -201,7 +201,8 @@ def _install_compressed(model: nn.Module, name: str, entry: dict, dtype: torch.d
     fmt = _from_dict(QuantFormat, entry["format"])
     if (original.in_features, original.out_features) != (entry["in_features"], entry["out_features"]):
         raise CheckpointError(f"{name} is {entry['out_features']}x{entry['in_features']} in the checkpoint but {original.out_features}x{original.in_features} in the model config")
-    setattr(parent, child, CompressedLinear(entry["in_features"], entry["out_features"], fmt, bias=original.bias is not None, dtype=dtype))
+    setattr(parent, child, CompressedLinear(entry["in_features"], entry["out_features"], fmt, bias=original.bias is not None,
+                                            dtype=dtype, has_g_idx=bool(entry.get("g_idx", False))))
 
 
 def _read_tensors(path: Path) -> dict[str, Tensor]:

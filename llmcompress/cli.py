@@ -16,7 +16,7 @@ import torch
 from . import checkpoint
 from .api import compress as compress_model
 from .calib import DEFAULT_EVALUATION
-from .config import FORMAT_KINDS, METHODS, CalibConfig, CompressConfig, ModuleOverride, QuantFormat
+from .config import FORMAT_KINDS, METHODS, AWQConfig, CalibConfig, CompressConfig, GPTQConfig, ModuleOverride, QuantFormat
 from .errors import ConfigError, LLMCompressError
 from .evaluate import PerplexityResult, perplexity
 from .models import DEFAULT_MODEL_NAME, load_model
@@ -63,6 +63,11 @@ def _parse_override(text: str) -> ModuleOverride:
 @click.option("--group-size", type=int, default=None, help="Inputs per scale; -1 per channel [default: 128 int, 16 nvfp4, 32 mxfp4].")
 @click.option("--sym/--asym", "symmetric", default=None, help="Symmetric (no zero points) or asymmetric [default: asym int].")
 @click.option("--method", type=click.Choice(METHODS), default="rtn", show_default=True, help="Quantization method.")
+@click.option("--act-order/--no-act-order", default=GPTQConfig.act_order, show_default=True, help="GPTQ: columns by descending Hessian diagonal.")
+@click.option("--static-groups", is_flag=True, help="GPTQ: fix group parameters before reordering (contiguous groups, no g_idx).")
+@click.option("--damp", type=float, default=GPTQConfig.damp, show_default=True, help="GPTQ: dampening, a fraction of the mean Hessian diagonal.")
+@click.option("--awq-grid", type=int, default=AWQConfig.grid, show_default=True, help="AWQ: grid points for the scale exponent.")
+@click.option("--no-awq-clip", is_flag=True, help="AWQ: skip the clipping search.")
 @click.option("--skip", "skips", multiple=True, metavar="REGEX", help="Leave matching modules unquantized (repeatable).")
 @click.option("--override", "overrides", multiple=True, metavar="REGEX:k=v,...", help="Other bits/group_size/symmetric/kind for matching modules (repeatable).")
 @click.option("--calib", default=None, metavar="SOURCE", help="Calibration text: austen:train, FILE.txt, FILE.jsonl, hf:NAME, none [default: austen:train when the method needs data, else none].")
@@ -76,7 +81,7 @@ def _parse_override(text: str) -> ModuleOverride:
 @click.option("--eval-windows", type=int, default=40, show_default=True, help="Evaluation windows to score; 0 = the whole text.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where blocks are compressed and evaluated.")
 def run(model: str | None, out_dir: str | None, overwrite: bool, kind: str, bits: int, group_size: int | None,
-        symmetric: bool | None, method: str, skips: tuple[str, ...], overrides: tuple[str, ...], calib: str | None,
+        symmetric: bool | None, method: str, act_order: bool, static_groups: bool, damp: float, awq_grid: int, no_awq_clip: bool, skips: tuple[str, ...], overrides: tuple[str, ...], calib: str | None,
         nsamples: int, seqlen: int, seed: int, batch_size: int, run_eval: bool, eval_text: str, eval_seqlen: int,
         eval_windows: int, device: str) -> None:
     """Compress MODEL (a Hugging Face directory, a .gguf file or a hub id; default: the bundled
@@ -89,6 +94,8 @@ def run(model: str | None, out_dir: str | None, overwrite: bool, kind: str, bits
             method=method,
             calib=CalibConfig(source=calib or CalibConfig.source, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size),
             overrides=tuple(ModuleOverride(pattern=p, skip=True) for p in skips) + tuple(_parse_override(o) for o in overrides),
+            gptq=GPTQConfig(damp=damp, act_order=act_order, static_groups=static_groups),
+            awq=AWQConfig(grid=awq_grid, clip=not no_awq_clip),
         )
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda, but PyTorch sees no CUDA GPU: use --device cpu")

@@ -23,7 +23,7 @@ INT_BITS = (2, 3, 4, 5, 6, 7, 8)
 FP4_GROUP_SIZE = {"nvfp4": 16, "mxfp4": 32}
 PER_CHANNEL = -1
 
-Method = Literal["rtn"]
+Method = Literal["rtn", "gptq", "awq", "awq+gptq"]
 METHODS: tuple[str, ...] = typing.get_args(Method)
 
 
@@ -150,6 +150,45 @@ class ModuleOverride:
 
 
 @dataclass(frozen=True)
+class GPTQConfig:
+    """GPTQ options: dampening (fraction of the mean Hessian diagonal), lazy-update block size,
+    act-order (columns by descending Hessian diagonal), static groups (group parameters fixed
+    before act-order permutes columns, so groups stay contiguous), true-sequential order."""
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+    static_groups: bool = False
+    true_sequential: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.damp <= 1:
+            _fail("GPTQConfig", "damp", self.damp, "a fraction in (0, 1], typically 0.01")
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            _fail("GPTQConfig", "block_size", self.block_size, "a positive integer, typically 128")
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    """AWQ options: points on the grid of the scale exponent a in s = mean|x|^a (/ mean|w|^(1-a)
+    with duo scaling), and the clipping search (range shrunk by up to ``max_shrink``)."""
+
+    grid: int = 20
+    duo_scaling: bool = True
+    clip: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("grid", "clip_grid"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                _fail("AWQConfig", name, value, "a positive integer, typically 20")
+        if not 0 <= self.max_shrink < 1:
+            _fail("AWQConfig", "max_shrink", self.max_shrink, "a fraction in [0, 1), typically 0.5")
+
+
+@dataclass(frozen=True)
 class CompressConfig:
     """One compression job. ``quant=None`` keeps weights in 16 bits (for passes that only prune)."""
 
@@ -157,10 +196,14 @@ class CompressConfig:
     method: Method = "rtn"
     calib: CalibConfig = field(default_factory=CalibConfig)
     overrides: tuple[ModuleOverride, ...] = ()
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    awq: AWQConfig = field(default_factory=AWQConfig)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             _fail("CompressConfig", "method", self.method, f"one of {', '.join(METHODS)}")
+        if self.quant is None and self.method != "rtn":
+            _fail("CompressConfig", "method", self.method, "a quantization method needs a format; with quant=None use method='rtn'")
         object.__setattr__(self, "overrides", tuple(self.overrides))
         if self.quant is not None:
             for override in self.overrides:
@@ -178,8 +221,15 @@ class CompressConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        # RTN is data-free; later methods (GPTQ, AWQ, EoRA, Wanda) change this.
-        return False
+        return self.method != "rtn"
+
+    @property
+    def uses_gptq(self) -> bool:
+        return self.method in ("gptq", "awq+gptq")
+
+    @property
+    def uses_awq(self) -> bool:
+        return self.method in ("awq", "awq+gptq")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -20,13 +20,15 @@ class CompressedLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, fmt: QuantFormat, bias: bool = False,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, has_g_idx: bool = False) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.fmt = fmt
-        self.packed_names = tuple(packed_spec(fmt, out_features, in_features))
-        for name, (shape, tensor_dtype) in packed_spec(fmt, out_features, in_features).items():
+        self.has_g_idx = has_g_idx
+        spec = packed_spec(fmt, out_features, in_features, has_g_idx)
+        self.packed_names = tuple(spec)
+        for name, (shape, tensor_dtype) in spec.items():
             self.register_buffer(name, torch.empty(shape, dtype=tensor_dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
 
@@ -34,7 +36,7 @@ class CompressedLinear(nn.Module):
     def from_quantized(cls, q: QuantizedWeight, fmt: QuantFormat, bias: Tensor | None) -> CompressedLinear:
         out_features, in_features = q.shape
         layer = cls(in_features, out_features, fmt, bias=bias is not None,
-                    dtype=bias.dtype if bias is not None else torch.float32, device="meta")
+                    dtype=bias.dtype if bias is not None else torch.float32, device="meta", has_g_idx=q.g_idx is not None)
         for name, tensor in pack_weight(q, fmt).items():
             layer._buffers[name] = tensor.contiguous()
         if bias is not None:
@@ -62,4 +64,4 @@ class CompressedLinear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.describe()}, bias={self.bias is not None}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.describe()}{', act-order' if self.has_g_idx else ''}, bias={self.bias is not None}"

@@ -12,6 +12,7 @@ Packed tensors of one layer (names follow compressed-tensors, layout is canonica
 - ``weight_scale``: [N, G] float16 / float8_e4m3fn / uint8 (see ``formats``)
 - ``weight_zero_point``: int32 [N, ceil(G*b/32)], the zero points packed like the codes (asym INT)
 - ``weight_global_scale``: float32 [1] (NVFP4)
+- ``weight_g_idx``: int32 [K], the group of each input column, when GPTQ's act-order set it
 """
 
 from __future__ import annotations
@@ -80,9 +81,16 @@ def unpack_nibbles(packed: Tensor, count: int) -> Tensor:
     return torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], -1)[..., :count].contiguous()
 
 
-def packed_spec(fmt: QuantFormat, out_features: int, in_features: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def packed_spec(fmt: QuantFormat, out_features: int, in_features: int, has_g_idx: bool = False) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Names, shapes and dtypes of the tensors one layer stores: used to allocate before loading
     and to check a checkpoint before trusting it."""
+    spec = _value_spec(fmt, out_features, in_features)
+    if has_g_idx:
+        spec["weight_g_idx"] = ((in_features,), torch.int32)
+    return spec
+
+
+def _value_spec(fmt: QuantFormat, out_features: int, in_features: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     groups = num_groups(fmt, in_features)
     if fmt.kind == "nvfp4":
         return {
@@ -109,24 +117,29 @@ def pack_weight(q: QuantizedWeight, fmt: QuantFormat) -> dict[str, Tensor]:
         tensors = {"weight_packed": pack_nibbles(q.codes), "weight_scale": q.scales}
         if q.global_scale is not None:
             tensors["weight_global_scale"] = q.global_scale
-        return tensors
-    tensors = {"weight_packed": pack_int(q.codes, fmt.bits), "weight_scale": q.scales}
-    if q.zeros is not None:
-        tensors["weight_zero_point"] = pack_int(q.zeros, fmt.bits)
+    else:
+        tensors = {"weight_packed": pack_int(q.codes, fmt.bits), "weight_scale": q.scales}
+        if q.zeros is not None:
+            tensors["weight_zero_point"] = pack_int(q.zeros, fmt.bits)
+    if q.g_idx is not None:
+        tensors["weight_g_idx"] = q.g_idx.to(torch.int32)
     return tensors
 
 
 def unpack_weight(tensors: dict[str, Tensor], fmt: QuantFormat, in_features: int) -> QuantizedWeight:
     scales = tensors["weight_scale"]
+    g_idx = tensors.get("weight_g_idx")
     if fmt.is_fp4:
         return QuantizedWeight(
             codes=unpack_nibbles(tensors["weight_packed"], in_features),
             scales=scales,
             global_scale=tensors.get("weight_global_scale"),
+            g_idx=g_idx,
         )
     zeros = tensors.get("weight_zero_point")
     return QuantizedWeight(
         codes=unpack_int(tensors["weight_packed"], fmt.bits, in_features),
         scales=scales,
         zeros=None if zeros is None else unpack_int(zeros, fmt.bits, scales.shape[1]),
+        g_idx=g_idx,
     )

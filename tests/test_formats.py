@@ -6,12 +6,12 @@ from hypothesis import strategies as st
 from llmcompress.config import QuantFormat
 from llmcompress.formats import (
     E2M1_VALUES,
+    column_groups,
     dequantize,
     e2m1_decode,
     e2m1_encode,
-    expand_groups,
-    fp4_group_scales,
-    int_codes,
+    encode,
+    multipliers,
     num_groups,
     quantize,
 )
@@ -34,7 +34,7 @@ def test_int_error_is_at_most_half_a_step(shape, seed, fmt, scale):
     assert q.codes.shape == weight.shape and q.codes.dtype == torch.uint8
     assert int(q.codes.max()) < 2**fmt.bits
     assert q.scales.shape == (shape[0], num_groups(fmt, shape[1]))
-    step = expand_groups(q.scales.float(), shape[1] if fmt.group_size == -1 else fmt.group_size, shape[1])
+    step = multipliers(q.scales, fmt)[:, column_groups(q, fmt)]
     error = (dequantize(q, fmt) - weight).abs()
     # Half a step plus the float16 rounding of the scale itself.
     assert bool((error <= step * 0.5 * (1 + 2e-3) + 1e-7).all())
@@ -44,13 +44,10 @@ def test_int_error_is_at_most_half_a_step(shape, seed, fmt, scale):
 @given(shape=shapes, seed=st.integers(0, 2**16), fmt=st.sampled_from(INT_FORMATS + [QuantFormat(kind="nvfp4"), QuantFormat(kind="mxfp4")]))
 def test_dequantized_weight_lies_exactly_on_the_grid(shape, seed, fmt):
     q = quantize(_weight(shape, seed), fmt)
-    rounded_again = dequantize(q, fmt)
-    if fmt.is_fp4:
-        width = fmt.group_size
-        codes = e2m1_encode(rounded_again / expand_groups(fp4_group_scales(q, fmt), width, shape[1]))
-        assert torch.equal(e2m1_decode(codes), e2m1_decode(q.codes))
-    else:
-        assert torch.equal(int_codes(rounded_again, q.scales, q.zeros, fmt), q.codes)
+    columns = column_groups(q, fmt)
+    multiplier = multipliers(q.scales, fmt, q.global_scale)[:, columns]
+    zeros = None if q.zeros is None else q.zeros[:, columns]
+    assert torch.equal(encode(dequantize(q, fmt), multiplier, zeros, fmt), q.codes)
 
 
 def test_symmetric_int4_uses_all_sixteen_levels_and_maps_zero_exactly():
@@ -116,7 +113,7 @@ def test_mxfp4_scales_are_powers_of_two_from_the_shared_exponent():
     q = quantize(weight, fmt)
     assert q.scales.dtype == torch.uint8 and q.scales.shape == (3, 3)
     block_amax = weight.reshape(3, 3, 32).abs().amax(-1)
-    assert torch.equal(fp4_group_scales(q, fmt), torch.exp2(torch.floor(torch.log2(block_amax)) - 2))
+    assert torch.equal(multipliers(q.scales, fmt), torch.exp2(torch.floor(torch.log2(block_amax)) - 2))
     assert (dequantize(q, fmt) - weight).norm() / weight.norm() < 0.2
 
 

@@ -159,11 +159,11 @@ def test_calibration_text_through_a_tokenizer(tokenizer):
 
 
 def test_moving_the_rest_of_the_model_leaves_blocks_and_keeps_ties():
-    from llmcompress.pipeline import _move_outside_blocks
+    from llmcompress.pipeline import move_outside_blocks
 
     model = tiny_model("llama")
     _, blocks = find_decoder_blocks(model)
-    _move_outside_blocks(model, blocks, torch.device("meta"))
+    move_outside_blocks(model, blocks, torch.device("meta"))
     assert model.model.embed_tokens.weight.device.type == "meta" and model.model.norm.weight.device.type == "meta"
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert all(p.device.type == "cpu" for p in blocks.parameters())

@@ -1,0 +1,145 @@
+"""Our GPTQ / AWQ against vLLM's llm-compressor on the same model, windows and evaluation.
+
+    python eval/compare_llmcompressor.py --lc-python /path/to/venv/bin/python \
+        [--formats w4g64,w4g64s,w3g64] [--methods gptq,awq] [--nsamples 128] [--seqlen 512]
+
+llm-compressor lives in its own virtual environment (it pins its own transformers):
+    python3 -m venv lcvenv && lcvenv/bin/pip install torch==2.13.0 llmcompressor
+Without ``--lc-python`` (or when llmcompressor does not import there) the program says so and
+exits 0, so it can sit in any pipeline.
+
+Both toolkits get the very same token windows (drawn here with our seeded sampler), and
+perplexity is measured by this repository's ``llmcompress.evaluate`` in both environments,
+so the protocol is identical. llm-compressor's GPTQ runs with its defaults (static act-order,
+dampening 0.01, block 128); its AWQ is ``AWQModifier`` followed by ``QuantizationModifier``.
+Each run is a separate process; time is the compression call alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from llmcompress.calib import calibration_windows
+from llmcompress.models import default_model_dir
+
+REPO = Path(__file__).resolve().parent.parent
+
+DRIVER = r'''
+import json, resource, sys, time, torch
+args = json.loads(sys.argv[1])
+sys.path.insert(0, args["repo"])
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from llmcompressor import oneshot
+from llmcompressor.modifiers.gptq import GPTQModifier
+from llmcompressor.modifiers.quantization import QuantizationModifier
+from llmcompressor.modifiers.transform.awq import AWQModifier
+from llmcompress.evaluate import perplexity
+
+windows = torch.load(args["windows"])
+model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.float16)
+tokenizer = AutoTokenizer.from_pretrained(args["model"])
+dataset = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
+scheme = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": args["bits"], "type": "int", "symmetric": args["symmetric"],
+                                                         "strategy": "group", "group_size": args["group_size"]}}}
+if args["method"] == "gptq":
+    recipe = [GPTQModifier(config_groups=scheme, ignore=["lm_head"])]
+else:
+    recipe = [AWQModifier(duo_scaling=True), QuantizationModifier(config_groups=scheme, ignore=["lm_head"])]
+started = time.perf_counter()
+oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=windows.shape[0],
+        max_seq_length=windows.shape[1], shuffle_calibration_samples=False)
+seconds = time.perf_counter() - started
+result = perplexity(model, tokenizer, args["text"], seqlen=args["eval_seqlen"], max_windows=args["eval_windows"], progress=False)
+print("RESULT " + json.dumps({"perplexity": result.perplexity, "protocol": result.protocol, "compress_seconds": seconds,
+                              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+'''
+
+
+def _quant_methods():
+    spec = importlib.util.spec_from_file_location("quant_methods", Path(__file__).with_name("quant_methods.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _llmcompressor_available(python: str | None) -> str | None:
+    if not python:
+        return "no --lc-python given"
+    if not Path(python).exists():
+        return f"{python} does not exist"
+    check = subprocess.run([python, "-c", "import llmcompressor"], capture_output=True, text=True)
+    return None if check.returncode == 0 else f"llmcompressor does not import with {python}: {check.stderr.strip()[-300:]}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lc-python", default=None, help="python of a virtual environment with llmcompressor")
+    parser.add_argument("--methods", default="gptq,awq")
+    parser.add_argument("--formats", default="w4g64,w4g64s,w3g64")
+    parser.add_argument("--calib", default="austen:train")
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--text", default="austen:test")
+    parser.add_argument("--eval-seqlen", type=int, default=1024)
+    parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--json", default="eval/results/compare_llmcompressor.json")
+    args = parser.parse_args()
+    missing = _llmcompressor_available(args.lc_python)
+    if missing:
+        print(f"skipping the llm-compressor comparison: {missing}")
+        return
+
+    quant_methods = _quant_methods()
+    model_dir = str(default_model_dir())
+    from transformers import AutoTokenizer
+
+    windows = calibration_windows(args.calib, AutoTokenizer.from_pretrained(model_dir), args.nsamples, args.seqlen, seed=0)
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        windows_file = Path(scratch) / "windows.pt"
+        torch.save(windows, windows_file)
+        for spec in args.formats.split(","):
+            fmt = quant_methods.parse_format(spec)
+            for method in args.methods.split(","):
+                job = {"repo": str(REPO), "windows": str(windows_file), "model": model_dir, "method": method, "bits": fmt.bits,
+                       "symmetric": fmt.symmetric, "group_size": fmt.group_size, "text": args.text,
+                       "eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows or None}
+                started = time.perf_counter()
+                done = subprocess.run([args.lc_python, "-c", DRIVER, json.dumps(job)], capture_output=True, text=True)
+                lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+                if done.returncode != 0 or not lines:
+                    print(f"llm-compressor {method} {spec} failed after {time.perf_counter() - started:.0f} s:\n{done.stderr[-2000:]}")
+                    rows.append({"toolkit": "llm-compressor", "method": method, "format": spec, "error": done.stderr[-2000:]})
+                else:
+                    rows.append({"toolkit": "llm-compressor", "method": method, "format": spec, **json.loads(lines[-1][7:])})
+                ours = {"model": model_dir, "method": method, "format": spec, "calib": args.calib, "nsamples": args.nsamples,
+                        "seqlen": args.seqlen, "text": args.text, "eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows or None}
+                with __import__("multiprocessing").get_context("spawn").Pool(1) as pool:
+                    rows.append({"toolkit": "llmcompress", **pool.apply(quant_methods.run_one, (ours,))})
+                for row in rows[-2:]:
+                    print(f"{row['toolkit']:15s} {method:5s} {spec:8s} ppl {row.get('perplexity', float('nan')):8.3f}  "
+                          f"{row.get('compress_seconds', float('nan')):7.1f} s  {row.get('peak_rss_mb', float('nan')):6.0f} MB", flush=True)
+
+    print(f"\n{next((r['protocol'] for r in rows if 'protocol' in r), '')}; calibration {args.calib}, {args.nsamples} x {args.seqlen} tokens\n")
+    print("| method | format | llm-compressor ppl | llmcompress ppl | llm-compressor time (s) | llmcompress time (s) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for theirs, ours in zip(rows[0::2], rows[1::2]):
+        print(f"| {ours['method']} | {ours['format']} | {theirs.get('perplexity', float('nan')):.3f} | {ours['perplexity']:.3f} | "
+              f"{theirs.get('compress_seconds', float('nan')):.1f} | {ours['compress_seconds']:.1f} |")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"rows": rows, "python": sys.version}, indent=2))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

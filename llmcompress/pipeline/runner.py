@@ -1,0 +1,140 @@
+"""Running blocks: catching block 0's inputs, replaying blocks, and hooking statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ModelError
+from ..stats import LayerStats
+
+if TYPE_CHECKING:
+    from .structure import Target
+
+BlockInputs = list[tuple[Tensor, dict]]
+
+
+class _StopForward(Exception):
+    """Raised from a hook once a forward pass has produced everything that is wanted."""
+
+
+def catch_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: Tensor, batch_size: int, device: torch.device) -> BlockInputs:
+    """Run the model up to block 0 on each micro-batch and keep what block 0 was called with.
+
+    Everything outside the blocks visits ``device`` for this and returns where it was."""
+    caught: BlockInputs = []
+    home = device_of(model)
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs.pop("past_key_values", None)
+        kwargs.pop("past_key_value", None)
+        kwargs["use_cache"] = False
+        caught.append((hidden.detach(), kwargs))
+        raise _StopForward
+
+    move_outside_blocks(model, blocks, device)
+    blocks[0].to(device)
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in windows.split(batch_size):
+                try:
+                    model(input_ids=batch.to(device), use_cache=False)
+                except _StopForward:
+                    continue
+                raise ModelError(f"{type(model).__name__}'s forward never called its first decoder block: the model cannot be compressed block by block")
+    finally:
+        handle.remove()
+        blocks[0].to(home)
+        move_outside_blocks(model, blocks, home)
+    return caught
+
+
+def call_block(block: nn.Module, inputs: Sequence[tuple[Tensor, dict]]) -> None:
+    """Run the block on each micro-batch for its hooks' sake; a hook may stop a pass early."""
+    with torch.no_grad():
+        for hidden, kwargs in inputs:
+            try:
+                block(hidden, **kwargs)
+            except _StopForward:
+                continue
+
+
+def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
+    """The block's outputs for each micro-batch, paired with the same keywords."""
+    outputs = []
+    with torch.no_grad():
+        for hidden, kwargs in inputs:
+            out = block(hidden, **kwargs)
+            outputs.append((out[0] if isinstance(out, tuple) else out, kwargs))
+    return outputs
+
+
+def gather_statistics(block: nn.Module, targets: Sequence[Target], inputs: BlockInputs, wanted: frozenset[str],
+                      stop_after_last: bool = False) -> dict[str, LayerStats]:
+    """Run the block with hooks on its target Linears and accumulate their input statistics.
+
+    Layers fed the very same tensor (q/k/v, gate/up) share one accumulator, so X^T X is
+    computed once per distinct input. With ``stop_after_last`` (targets in call order), each
+    pass stops once the last target has been fed, skipping the rest of the block.
+    """
+    stats: dict[str, LayerStats] = {}
+    seen: list[tuple[Tensor, LayerStats]] = []  # holding the tensors also keeps their identity unique
+    updated: set[int] = set()
+    last = targets[-1].name if stop_after_last and targets else None
+
+    def make_hook(target: Target, in_features: int):  # noqa: ANN202
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            x = args[0]
+            if target.name not in stats:
+                shared = next((acc for tensor, acc in seen if tensor is x), None)
+                stats[target.name] = shared if shared is not None else LayerStats(in_features, wanted)
+            accumulator = stats[target.name]
+            if not any(tensor is x for tensor, _ in seen):
+                seen.append((x, accumulator))
+            if id(accumulator) not in updated:
+                accumulator.update(x)
+                updated.add(id(accumulator))
+            if target.name == last:
+                raise _StopForward
+
+        return hook
+
+    handles = []
+    for target in targets:
+        linear = block.get_submodule(target.local_name)
+        handles.append(linear.register_forward_hook(make_hook(target, linear.in_features)))
+    try:
+        for micro_batch in inputs:
+            seen.clear()
+            updated.clear()
+            call_block(block, [micro_batch])
+    finally:
+        for handle in handles:
+            handle.remove()
+        seen.clear()
+    return stats
+
+
+def device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+    """Move every parameter and buffer not inside ``blocks`` (embeddings, norms, rotary tables)."""
+    inside = {id(t) for t in (*blocks.parameters(), *blocks.buffers())}
+    moved: dict[int, Tensor] = {}  # keeps tied weights tied
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for key, tensor in store.items():
+                if tensor is None or id(tensor) in inside or tensor.device == device:
+                    continue
+                if id(tensor) not in moved:
+                    data = tensor.data.to(device)
+                    moved[id(tensor)] = nn.Parameter(data, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else data
+                store[key] = moved[id(tensor)]
