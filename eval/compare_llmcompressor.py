@@ -11,14 +11,16 @@ exits 0, so it can sit in any pipeline.
 Both toolkits get the very same token windows (drawn here with our seeded sampler), and
 perplexity is measured by this repository's ``llmcompress.evaluate`` in both environments,
 so the protocol is identical. llm-compressor's GPTQ runs with its defaults (static act-order,
-dampening 0.01, block 128); its AWQ is ``AWQModifier`` followed by ``QuantizationModifier``.
+dampening 0.01, block 128); its AWQ is ``AWQModifier`` followed by ``QuantizationModifier``. On a machine
+without a GPU its AWQ needs the activation cache's (speed-only) memory pinning turned off, and
+float32 calibration (float16 gives NaN losses on the CPU); both are evaluated in float16.
 Each run is a separate process; time is the compression call alone.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import multiprocessing
 import json
 import subprocess
 import sys
@@ -43,10 +45,17 @@ from llmcompressor import oneshot
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.quantization import QuantizationModifier
 from llmcompressor.modifiers.transform.awq import AWQModifier
+from llmcompressor.pipelines.cache import IntermediatesCache
 from llmcompress.evaluate import perplexity
 
+if not torch.cuda.is_available():
+    # llm-compressor 0.14's AWQ pins its activation cache unconditionally, which raises without a
+    # GPU. Pinning only speeds host-to-GPU copies; skipping it changes no number.
+    IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
 windows = torch.load(args["windows"])
-model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.float16)
+# float32 for calibration: llm-compressor 0.14's AWQ grid search yields NaN losses in float16 on
+# the CPU. The weights come from float16, so float32 holds them exactly.
+model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.float32)
 tokenizer = AutoTokenizer.from_pretrained(args["model"])
 dataset = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
 scheme = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": args["bits"], "type": "int", "symmetric": args["symmetric"],
@@ -59,17 +68,11 @@ started = time.perf_counter()
 oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=windows.shape[0],
         max_seq_length=windows.shape[1], shuffle_calibration_samples=False)
 seconds = time.perf_counter() - started
+model = model.to(torch.float16)  # evaluated in float16, as ours is
 result = perplexity(model, tokenizer, args["text"], seqlen=args["eval_seqlen"], max_windows=args["eval_windows"], progress=False)
 print("RESULT " + json.dumps({"perplexity": result.perplexity, "protocol": result.protocol, "compress_seconds": seconds,
                               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 '''
-
-
-def _quant_methods():
-    spec = importlib.util.spec_from_file_location("quant_methods", Path(__file__).with_name("quant_methods.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _llmcompressor_available(python: str | None) -> str | None:
@@ -99,7 +102,8 @@ def main() -> None:
         print(f"skipping the llm-compressor comparison: {missing}")
         return
 
-    quant_methods = _quant_methods()
+    sys.path.insert(0, str(Path(__file__).parent))  # spawned workers inherit sys.path
+    import quant_methods
     model_dir = str(default_model_dir())
     from transformers import AutoTokenizer
 
@@ -124,7 +128,7 @@ def main() -> None:
                     rows.append({"toolkit": "llm-compressor", "method": method, "format": spec, **json.loads(lines[-1][7:])})
                 ours = {"model": model_dir, "method": method, "format": spec, "calib": args.calib, "nsamples": args.nsamples,
                         "seqlen": args.seqlen, "text": args.text, "eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows or None}
-                with __import__("multiprocessing").get_context("spawn").Pool(1) as pool:
+                with multiprocessing.get_context("spawn").Pool(1) as pool:
                     rows.append({"toolkit": "llmcompress", **pool.apply(quant_methods.run_one, (ours,))})
                 for row in rows[-2:]:
                     print(f"{row['toolkit']:15s} {method:5s} {spec:8s} ppl {row.get('perplexity', float('nan')):8.3f}  "
