@@ -34,6 +34,8 @@ from llmcompress.calib import calibration_windows
 from llmcompress.models import default_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))  # spawned workers inherit sys.path, and so find quant_methods
+import quant_methods  # noqa: E402
 
 DRIVER = r'''
 import json, resource, sys, time, torch
@@ -89,12 +91,7 @@ def main() -> None:
     parser.add_argument("--lc-python", default=None, help="python of a virtual environment with llmcompressor")
     parser.add_argument("--methods", default="gptq,awq")
     parser.add_argument("--formats", default="w4g64,w4g64s,w3g64")
-    parser.add_argument("--calib", default="austen:train")
-    parser.add_argument("--nsamples", type=int, default=128)
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--text", default="austen:test")
-    parser.add_argument("--eval-seqlen", type=int, default=1024)
-    parser.add_argument("--eval-windows", type=int, default=40)
+    quant_methods.add_protocol_arguments(parser)
     parser.add_argument("--json", default="eval/results/compare_llmcompressor.json")
     args = parser.parse_args()
     missing = _llmcompressor_available(args.lc_python)
@@ -102,8 +99,6 @@ def main() -> None:
         print(f"skipping the llm-compressor comparison: {missing}")
         return
 
-    sys.path.insert(0, str(Path(__file__).parent))  # spawned workers inherit sys.path
-    import quant_methods
     model_dir = str(default_model_dir())
     from transformers import AutoTokenizer
 
@@ -126,8 +121,7 @@ def main() -> None:
                     rows.append({"toolkit": "llm-compressor", "method": method, "format": spec, "error": done.stderr[-2000:]})
                 else:
                     rows.append({"toolkit": "llm-compressor", "method": method, "format": spec, **json.loads(lines[-1][7:])})
-                ours = {"model": model_dir, "method": method, "format": spec, "calib": args.calib, "nsamples": args.nsamples,
-                        "seqlen": args.seqlen, "text": args.text, "eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows or None}
+                ours = {**quant_methods.protocol_job(args, model_dir), "method": method, "format": spec}
                 with multiprocessing.get_context("spawn").Pool(1) as pool:
                     rows.append({"toolkit": "llmcompress", **pool.apply(quant_methods.run_one, (ours,))})
                 for row in rows[-2:]:

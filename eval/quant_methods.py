@@ -58,22 +58,32 @@ def run_one(job: dict) -> dict:
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--methods", default="rtn,gptq,awq")
-    parser.add_argument("--formats", default="w4g128,w4g128s,w3g128")
+def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
+    """Calibration and evaluation settings, shared by every program that compares methods."""
     parser.add_argument("--calib", default="austen:train")
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--text", default="austen:test")
     parser.add_argument("--eval-seqlen", type=int, default=1024)
     parser.add_argument("--eval-windows", type=int, default=40)
+
+
+def protocol_job(args: argparse.Namespace, model: str | None) -> dict:
+    """The fields of a ``run_one`` job that the protocol arguments fix."""
+    return {"model": model, "calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "text": args.text,
+            "eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows or None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--methods", default="rtn,gptq,awq")
+    parser.add_argument("--formats", default="w4g128,w4g128s,w3g128")
+    add_protocol_arguments(parser)
     parser.add_argument("--json", default="eval/results/quant_methods.json")
     args = parser.parse_args()
 
-    common = {"model": args.model, "calib": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "text": args.text,
-              "eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows or None}
+    common = protocol_job(args, args.model)
     jobs = [{**common, "method": "float", "format": "float16"}]
     jobs += [{**common, "method": m, "format": f} for f in args.formats.split(",") for m in args.methods.split(",")]
     rows = []

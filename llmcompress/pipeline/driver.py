@@ -82,10 +82,20 @@ def compress_blocks(model: nn.Module, config: CompressConfig, windows: Tensor | 
         if inputs is not None and index + 1 < len(blocks):
             inputs = run_block(block, inputs)
         block.to(home)
-        errors = [r.output_error if r.output_error is not None else r.weight_error for r in records]
-        bar.set_postfix(mean_rel_error=f"{sum(errors) / max(len(errors), 1):.4f}")
+        if progress:
+            bar.write(_block_line(index, len(blocks), records))
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _block_line(index: int, count: int, records: list[LayerRecord]) -> str:
+    """One line per block: the mean and the worst relative error of its layers."""
+    kind = "output" if records and records[0].output_error is not None else "weight"
+    errors = {r.name.rsplit(".", 2)[-2] + "." + r.name.rsplit(".", 1)[-1]: (r.output_error if kind == "output" else r.weight_error)
+              for r in records}
+    worst = max(errors, key=errors.get)
+    return (f"block {index + 1}/{count}: mean relative {kind} error {sum(errors.values()) / len(errors):.4f}, "
+            f"worst {worst} {errors[worst]:.4f}")
 
 
 def _compress_block(block: nn.Module, targets: list[Target], inputs: BlockInputs | None, config: CompressConfig) -> list[LayerRecord]:
