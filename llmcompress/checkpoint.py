@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from .config import CompressConfig, QuantFormat, _from_dict
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .fileio import staged_directory
 from .nn import CompressedLinear
 
@@ -168,7 +168,13 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         return (model.to(dtype) if dtype is not None else model), tokenizer
     if quantization.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} uses checkpoint format {quantization.get('format_version')}; this llmcompress reads format {FORMAT_VERSION}: upgrade llmcompress")
-    compress_config = CompressConfig.from_dict(quantization["config"])
+    missing_keys = [key for key in ("config", "modules") if key not in quantization]
+    if missing_keys:
+        raise CheckpointError(f"{path / CONFIG_FILE}: quantization_config lacks {', '.join(missing_keys)}: the checkpoint is corrupt")
+    try:
+        compress_config = CompressConfig.from_dict(quantization["config"])
+    except ConfigError as err:
+        raise CheckpointError(f"{path / CONFIG_FILE}: its compression config is invalid ({err}): the checkpoint is corrupt") from err
     hf_config = AutoConfig.from_pretrained(path)
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config

@@ -20,6 +20,7 @@ from .config import FORMAT_KINDS, METHODS, AWQConfig, CalibConfig, CompressConfi
 from .errors import ConfigError, LLMCompressError
 from .evaluate import PerplexityResult, perplexity
 from .models import DEFAULT_MODEL_NAME, load_model
+from .pipeline import find_decoder_blocks, plan_targets
 from .summary import SizeSummary, size_summary
 
 DEFAULT_COMMAND = "run"
@@ -133,8 +134,6 @@ def _default_out_dir(model: str | None, config: CompressConfig) -> str:
 
 
 def _target_names(model: torch.nn.Module, config: CompressConfig) -> list[str]:
-    from .pipeline import find_decoder_blocks, plan_targets
-
     path, blocks = find_decoder_blocks(model)
     return [target.name for target in plan_targets(blocks, path, config)]
 

@@ -168,3 +168,18 @@ def test_tensor_that_does_not_match_the_config_is_refused(tmp_path):
 def test_plain_model_directory_loads_as_float(tiny_model_dir):
     model, tokenizer = llmcompress.load(tiny_model_dir)
     assert not any(isinstance(m, CompressedLinear) for m in model.modules()) and tokenizer is not None
+
+
+def test_damaged_quantization_config_is_refused(tmp_path):
+    model = _compressed()
+    checkpoint.save(model, tmp_path / "ckpt", model.llmcompress_config)
+    config_file = tmp_path / "ckpt" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["quantization_config"]["config"]["quant"]["bits"] = 11
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="QuantFormat.bits=11.*corrupt"):
+        llmcompress.load(tmp_path / "ckpt")
+    del config["quantization_config"]["modules"]
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="lacks modules"):
+        llmcompress.load(tmp_path / "ckpt")
