@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .calib import DEFAULT_EVALUATION, read_text, tokenize
 from .errors import CalibrationError
+from .nn import dequantized_weights
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def perplexity(model: nn.Module, tokenizer, text_or_source: str | Tensor = DEFAU
     parameter = next(model.parameters())
     started = time.perf_counter()
     total_nll, scored = 0.0, 0
-    with torch.no_grad():
+    with torch.no_grad(), dequantized_weights(model, parameter.dtype):
         for window in tqdm(windows, desc="perplexity", unit="window", disable=not progress):
             ids = window.unsqueeze(0).to(parameter.device)
             logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 
@@ -31,6 +34,7 @@ class CompressedLinear(nn.Module):
         for name, (shape, tensor_dtype) in spec.items():
             self.register_buffer(name, torch.empty(shape, dtype=tensor_dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self._dequantized: Tensor | None = None
 
     @classmethod
     def from_quantized(cls, q: QuantizedWeight, fmt: QuantFormat, bias: Tensor | None) -> CompressedLinear:
@@ -50,6 +54,8 @@ class CompressedLinear(nn.Module):
         return dequantize_packed(self.packed(), self.fmt, self.in_features, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._dequantized is not None and self._dequantized.dtype == x.dtype and self._dequantized.device == x.device:
+            return torch.nn.functional.linear(x, self._dequantized, None if self.bias is None else self.bias.to(x.dtype))
         return quantized_linear(x, self.packed(), self.fmt, self.in_features, self.bias)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - signature of nn.Module._apply
@@ -65,3 +71,19 @@ class CompressedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.describe()}{', act-order' if self.has_g_idx else ''}, bias={self.bias is not None}"
+
+
+@contextmanager
+def dequantized_weights(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """Keep every ``CompressedLinear``'s dequantized weight (in ``dtype``) for the duration of the
+    block, so that many forward passes (perplexity, replaying a block) unpack each weight once.
+    The reference path computes the very same tensor on every call, so results are identical;
+    the memory of a float copy is held only inside the block."""
+    layers = [m for m in model.modules() if isinstance(m, CompressedLinear)]
+    try:
+        for layer in layers:
+            layer._dequantized = layer.dequantized_weight(dtype)
+        yield
+    finally:
+        for layer in layers:
+            layer._dequantized = None

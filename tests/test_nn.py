@@ -34,3 +34,17 @@ def test_state_dict_holds_exactly_the_packed_tensors():
     layer, _, _ = _layer(QuantFormat(bits=4, group_size=32, symmetric=False), bias=False)
     assert set(layer.state_dict()) == {"weight_packed", "weight_scale", "weight_zero_point"}
     assert "INT4 g32 asym" in repr(layer)
+
+
+def test_dequantized_cache_gives_identical_outputs_and_is_released():
+    from llmcompress.nn import dequantized_weights
+
+    layer, _, _ = _layer(QuantFormat(bits=3, group_size=32))
+    model = torch.nn.Sequential(layer)
+    x = torch.randn(4, 96)
+    expected = layer(x)
+    with dequantized_weights(model, torch.float32):
+        assert layer._dequantized is not None
+        assert torch.equal(layer(x), expected)
+        assert layer(x.double()).dtype == torch.float64  # another dtype falls back to the reference path
+    assert layer._dequantized is None

@@ -29,7 +29,7 @@ from ..formats import QuantizedWeight, dequantize
 from ..methods.awq import search_clipping, search_scales
 from ..methods.gptq import gptq
 from ..methods.rtn import rtn
-from ..nn import CompressedLinear
+from ..nn import CompressedLinear, dequantized_weights
 from ..stats import ABS_MEAN, HESSIAN, LayerStats, output_error, weight_error
 from .folding import apply_fold, find_fold
 from .runner import BlockInputs, catch_block_inputs, device_of, gather_statistics, run_block
@@ -80,7 +80,8 @@ def compress_blocks(model: nn.Module, config: CompressConfig, windows: Tensor | 
         records = _compress_block(block, [t for t in targets if t.block == index], inputs, config)
         report.layers.extend(records)
         if inputs is not None and index + 1 < len(blocks):
-            inputs = run_block(block, inputs)
+            with dequantized_weights(block, inputs[0][0].dtype):
+                inputs = run_block(block, inputs)
         block.to(home)
         if progress:
             bar.write(_block_line(index, len(blocks), records))
