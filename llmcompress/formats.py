@@ -88,6 +88,15 @@ def nvfp4_global_scale(weight: Tensor) -> Tensor:
     return torch.where(amax > 0, FP8_E4M3_MAX * FP4_MAX / amax, torch.ones_like(amax)).reshape(1)
 
 
+def split_rows(q: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
+    """Split a quantized matrix into row blocks of the given sizes (per-row data is split;
+    the per-tensor global scale and the per-column g_idx are shared)."""
+    codes, scales = q.codes.split(sizes), q.scales.split(sizes)
+    zeros = q.zeros.split(sizes) if q.zeros is not None else [None] * len(sizes)
+    return [QuantizedWeight(codes=c.contiguous(), scales=s.contiguous(), zeros=None if z is None else z.contiguous(),
+                            global_scale=q.global_scale, g_idx=q.g_idx) for c, s, z in zip(codes, scales, zeros, strict=True)]
+
+
 # ----------------------------------------------------------------------------- group level
 
 

@@ -34,8 +34,10 @@ class LayerStats:
             raise ValueError(f"expected inputs with {self.in_features} features, got {x.shape[1]}")
         self.tokens += x.shape[0]
         if HESSIAN in self.wanted:
-            xtx = x.T @ x
-            self.xtx = xtx if self.xtx is None else self.xtx + xtx
+            if self.xtx is None:
+                self.xtx = x.T @ x
+            else:
+                self.xtx.addmm_(x.T, x)
         if ABS_MEAN in self.wanted or ABS_MAX in self.wanted:
             magnitude = x.abs()
             if ABS_MEAN in self.wanted:

@@ -178,3 +178,17 @@ def test_quantizing_methods_need_calibration():
                              calibration="none", progress=False)
     with pytest.raises(llmcompress.ConfigError, match="GPTQConfig.damp"):
         GPTQConfig(damp=0)
+
+
+@pytest.mark.parametrize("fmt", [QuantFormat(bits=4, group_size=64), QuantFormat(bits=3, group_size=64, symmetric=True), QuantFormat(kind="mxfp4")],
+                         ids=lambda f: f.describe())
+def test_stacked_gptq_equals_per_layer_gptq(fmt):
+    from llmcompress.formats import split_rows
+
+    first, hessian = _layer(rows=40, cols=128)
+    second, _ = _layer(rows=24, cols=128, seed=1)
+    separate = [gptq(w, hessian, fmt, act_order=True).quantized for w in (first, second)]
+    stacked = split_rows(gptq(torch.cat([first, second]), hessian, fmt, act_order=True).quantized, [40, 24])
+    for alone, together in zip(separate, stacked):
+        assert torch.equal(alone.codes, together.codes) and torch.equal(alone.scales.view(torch.uint8), together.scales.view(torch.uint8))
+        assert torch.equal(alone.g_idx, together.g_idx)
