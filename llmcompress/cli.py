@@ -65,7 +65,8 @@ def _parse_override(text: str) -> ModuleOverride:
 @click.option("--sym/--asym", "symmetric", default=None, help="Symmetric (no zero points) or asymmetric [default: asym int].")
 @click.option("--method", type=click.Choice(METHODS), default="rtn", show_default=True, help="Quantization method.")
 @click.option("--act-order/--no-act-order", default=GPTQConfig.act_order, show_default=True, help="GPTQ: columns by descending Hessian diagonal.")
-@click.option("--static-groups", is_flag=True, help="GPTQ: fix group parameters before reordering (contiguous groups, no g_idx).")
+@click.option("--static-groups/--dynamic-groups", default=GPTQConfig.static_groups, show_default=True,
+              help="GPTQ with act-order: fix group parameters up front (contiguous groups, no g_idx), or fit each group as reached (g_idx).")
 @click.option("--damp", type=float, default=GPTQConfig.damp, show_default=True, help="GPTQ: dampening, a fraction of the mean Hessian diagonal.")
 @click.option("--awq-grid", type=int, default=AWQConfig.grid, show_default=True, help="AWQ: grid points for the scale exponent.")
 @click.option("--no-awq-clip", is_flag=True, help="AWQ: skip the clipping search.")

@@ -158,7 +158,9 @@ class GPTQConfig:
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = True
-    static_groups: bool = False
+    # Static groups measured better on SmolLM2 (INT3 g64: 44.80 vs 48.73 with dynamic groups),
+    # and their contiguous groups need no g_idx at inference.
+    static_groups: bool = True
     true_sequential: bool = True
 
     def __post_init__(self) -> None:

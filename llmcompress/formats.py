@@ -89,12 +89,15 @@ def nvfp4_global_scale(weight: Tensor) -> Tensor:
 
 
 def split_rows(q: QuantizedWeight, sizes: list[int]) -> list[QuantizedWeight]:
-    """Split a quantized matrix into row blocks of the given sizes (per-row data is split;
-    the per-tensor global scale and the per-column g_idx are shared)."""
+    """Split a quantized matrix into row blocks of the given sizes. Per-row data is split; the
+    per-tensor global scale and the per-column g_idx are copied, so that each layer owns its
+    tensors (a shared one would look like a tied weight to the checkpoint)."""
     codes, scales = q.codes.split(sizes), q.scales.split(sizes)
     zeros = q.zeros.split(sizes) if q.zeros is not None else [None] * len(sizes)
     return [QuantizedWeight(codes=c.contiguous(), scales=s.contiguous(), zeros=None if z is None else z.contiguous(),
-                            global_scale=q.global_scale, g_idx=q.g_idx) for c, s, z in zip(codes, scales, zeros, strict=True)]
+                            global_scale=None if q.global_scale is None else q.global_scale.clone(),
+                            g_idx=None if q.g_idx is None else q.g_idx.clone())
+            for c, s, z in zip(codes, scales, zeros, strict=True)]
 
 
 # ----------------------------------------------------------------------------- group level

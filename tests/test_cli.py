@@ -72,8 +72,8 @@ def test_compress_bundled_smollm2(tmp_path, smollm2_dir):
 def test_calibrated_methods_from_the_command_line(tiny_model_dir, tmp_path, method):
     out = tmp_path / method
     result = _run(tiny_model_dir, "--out", out, "--bits", 3, "--group-size", 32, "--method", method, "--nsamples", 4,
-                  "--seqlen", 64, "--static-groups", "--damp", 0.05, "--awq-grid", 4, "--no-eval")
+                  "--seqlen", 64, "--dynamic-groups", "--damp", 0.05, "--awq-grid", 4, "--no-eval")
     assert result.exit_code == 0, result.output
     assert f"method {method}, calibration austen:train" in result.output
     config = llmcompress.load(out)[0].llmcompress_config
-    assert config.gptq.static_groups and config.gptq.damp == 0.05 and config.awq.grid == 4 and config.calib.nsamples == 4
+    assert not config.gptq.static_groups and config.gptq.damp == 0.05 and config.awq.grid == 4 and config.calib.nsamples == 4

@@ -80,10 +80,12 @@ def test_cholesky_failure_raises_the_dampening():
 def test_act_order_round_trips_through_packing_and_save_load(tmp_path):
     model = tiny_model("llama")
     calibration = torch.randint(0, TINY_VOCAB, (8, 48), generator=torch.Generator().manual_seed(2))
-    config = CompressConfig(quant=QuantFormat(bits=4, group_size=32), method="gptq", gptq=GPTQConfig(act_order=True))
+    config = CompressConfig(quant=QuantFormat(bits=4, group_size=32), method="gptq", gptq=GPTQConfig(act_order=True, static_groups=False))
     llmcompress.compress(model, config, calibration=calibration, progress=False)
     layer = model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, CompressedLinear) and layer.has_g_idx
+    sibling = model.model.layers[0].self_attn.k_proj.weight_g_idx
+    assert torch.equal(sibling, layer.weight_g_idx) and sibling.data_ptr() != layer.weight_g_idx.data_ptr()
     assert "act-order" in repr(layer)
     checkpoint.save(model, tmp_path / "ckpt", model.llmcompress_config)
     loaded, _ = llmcompress.load(tmp_path / "ckpt")
