@@ -27,7 +27,6 @@ AUSTEN_SPLITS = {
     "train": ("emma", "mansfieldpark", "prideprejudice", "sensesensibility"),
     "test": ("persuasion", "northangerabbey"),
 }
-DEFAULT_CALIBRATION = "austen:train"
 DEFAULT_EVALUATION = "austen:test"
 # Tokenising a few MB in one call is slow and triggers length warnings; line-aligned chunks
 # tokenise identically because pre-tokenisation already splits at whitespace.

@@ -138,17 +138,6 @@ def read_config(path: Path) -> dict:
         raise CheckpointError(f"{config_file} is not valid JSON ({err}): the checkpoint is corrupt") from err
 
 
-def is_native_checkpoint(path: str | os.PathLike) -> bool:
-    config_file = Path(path) / CONFIG_FILE
-    if not config_file.is_file():
-        return False
-    try:
-        quantization = json.loads(config_file.read_text()).get("quantization_config") or {}
-    except json.JSONDecodeError:
-        return False
-    return quantization.get("quant_method") == QUANT_METHOD
-
-
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):  # noqa: ANN201
     """Load a checkpoint of ours as ``(model, tokenizer)`` with ``CompressedLinear`` layers.
 
