@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .config import QuantFormat
 from .formats import QuantizedWeight
-from .ops import dequantize_packed, quantized_linear
+from .ops import dense_linear, dequantize_packed, quantized_linear
 from .packing import pack_weight, packed_spec
 
 
@@ -55,7 +55,7 @@ class CompressedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self._dequantized is not None and self._dequantized.dtype == x.dtype and self._dequantized.device == x.device:
-            return torch.nn.functional.linear(x, self._dequantized, None if self.bias is None else self.bias.to(x.dtype))
+            return dense_linear(x, self._dequantized, self.bias)
         return quantized_linear(x, self.packed(), self.fmt, self.in_features, self.bias)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - signature of nn.Module._apply

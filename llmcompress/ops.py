@@ -19,11 +19,15 @@ def dequantize_packed(tensors: dict[str, Tensor], fmt: QuantFormat, in_features:
     return dequantize(unpack_weight(tensors, fmt, in_features), fmt, dtype)
 
 
+def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """y = x W^T + b with an already dequantized W, the bias cast to the input's dtype."""
+    return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
 def quantized_linear_reference(
     x: Tensor, tensors: dict[str, Tensor], fmt: QuantFormat, in_features: int, bias: Tensor | None
 ) -> Tensor:
-    weight = dequantize_packed(tensors, fmt, in_features, x.dtype)
-    return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
+    return dense_linear(x, dequantize_packed(tensors, fmt, in_features, x.dtype), bias)
 
 
 def quantized_linear(x: Tensor, tensors: dict[str, Tensor], fmt: QuantFormat, in_features: int, bias: Tensor | None) -> Tensor:

@@ -93,8 +93,7 @@ def compress_blocks(model: nn.Module, config: CompressConfig, windows: Tensor | 
 def _block_line(index: int, count: int, records: list[LayerRecord]) -> str:
     """One line per block: the mean and the worst relative error of its layers."""
     kind = "output" if records and records[0].output_error is not None else "weight"
-    errors = {r.name.rsplit(".", 2)[-2] + "." + r.name.rsplit(".", 1)[-1]: (r.output_error if kind == "output" else r.weight_error)
-              for r in records}
+    errors = {".".join(r.name.rsplit(".", 2)[-2:]): (r.output_error if kind == "output" else r.weight_error) for r in records}
     worst = max(errors, key=errors.get)
     return (f"block {index + 1}/{count}: mean relative {kind} error {sum(errors.values()) / len(errors):.4f}, "
             f"worst {worst} {errors[worst]:.4f}")
