@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 import llmcompress
-from llmcompress import CalibConfig, CompressConfig, QuantFormat
+from llmcompress import CalibConfig, CompressConfig, LowRankConfig, QuantFormat
 from llmcompress.evaluate import perplexity
 from llmcompress.models import load_model
+from llmcompress.summary import size_summary
 
 
 def parse_format(spec: str) -> QuantFormat:
@@ -45,10 +46,13 @@ def run_one(job: dict) -> dict:
     row = {"method": job["method"], "format": job["format"]}
     if job["method"] != "float":
         config = CompressConfig(quant=parse_format(job["format"]), method=job["method"],
-                                calib=CalibConfig(source=job["calib"], nsamples=job["nsamples"], seqlen=job["seqlen"]))
+                                calib=CalibConfig(source=job["calib"], nsamples=job["nsamples"], seqlen=job["seqlen"]),
+                                lowrank=LowRankConfig(**job.get("lowrank", {})), act_bits=job.get("act_bits"))
         started = time.perf_counter()
-        llmcompress.compress(model, config, calibration=job["calib"], tokenizer=tokenizer, progress=False)
+        llmcompress.compress(model, config, calibration=job["calib"] if config.needs_calibration else None, tokenizer=tokenizer, progress=False)
         row["compress_seconds"] = time.perf_counter() - started
+        size = size_summary(model)
+        row.update(bits_per_weight=size.layer_bits_per_weight, branch_bits_per_weight=size.branch_bits_per_weight)
         layers = model.compression_report.layers
         errors = [r.output_error for r in layers if r.output_error is not None]
         row["mean_layer_output_error"] = sum(errors) / len(errors) if errors else None

@@ -57,7 +57,8 @@ def _calibration_windows(config: CompressConfig, calibration: str | Tensor | Non
     source = calibration if calibration is not None else (config.calib.source if config.needs_calibration else None)
     if source is None or source.strip().lower() == "none":
         if config.needs_calibration:
-            raise CalibrationError(f"method {config.method!r} needs calibration data: give a text source, not 'none'")
+            needs = f"method {config.method!r}" if config.method != "rtn" else f"low-rank method {config.lowrank.method!r}"
+            raise CalibrationError(f"{needs} needs calibration data: give a text source, not 'none'")
         return None
     if tokenizer is None:
         raise CalibrationError("calibration text needs the model's tokenizer: pass tokenizer=..., or token windows as calibration=")

@@ -4,7 +4,8 @@ Layout of a checkpoint directory:
 
 - ``config.json``: the model's Hugging Face config plus ``quantization_config`` =
   ``{"quant_method": "llmcompress", "format_version": 1, "config": <CompressConfig>,
-  "modules": {name: {"format": <QuantFormat>, "in_features", "out_features"}},
+  "modules": {name: {"format": <QuantFormat>, "in_features", "out_features", "g_idx",
+  "layout": <LayerLayout: low-rank rank and dtype, smoothing, activation format>}},
   "tied": {dropped: kept}}``. It is written last: a directory without it is unfinished.
 - ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``:
   every tensor in its stored dtype; quantized layers hold the packed tensors of ``packing``.
@@ -32,6 +33,7 @@ from .config import CompressConfig, QuantFormat, _from_dict
 from .errors import CheckpointError, ConfigError
 from .fileio import staged_directory
 from .nn import CompressedLinear
+from .packing import LayerLayout
 
 QUANT_METHOD = "llmcompress"
 FORMAT_VERSION = 1
@@ -73,7 +75,8 @@ def save(model: nn.Module, out_dir: str | os.PathLike, config: CompressConfig, t
     out = check_output_dir(out_dir, overwrite)
     tensors, tied = unique_state_dict(model)
     modules = {
-        name: {"format": dataclasses.asdict(m.fmt), "in_features": m.in_features, "out_features": m.out_features, "g_idx": m.has_g_idx}
+        name: {"format": dataclasses.asdict(m.fmt), "in_features": m.in_features, "out_features": m.out_features, "g_idx": m.has_g_idx,
+               "layout": dataclasses.asdict(m.layout)}
         for name, m in model.named_modules() if isinstance(m, CompressedLinear)
     }
     hf_config = model.config.to_dict()
@@ -193,11 +196,15 @@ def _install_compressed(model: nn.Module, name: str, entry: dict, dtype: torch.d
         original = getattr(parent, child)
     except AttributeError as err:
         raise CheckpointError(f"config lists quantized module {name}, which this model architecture does not have: the checkpoint is corrupt") from err
-    fmt = _from_dict(QuantFormat, entry["format"])
+    try:
+        fmt = _from_dict(QuantFormat, entry["format"])
+        layout = _from_dict(LayerLayout, entry.get("layout", {}))
+    except (ConfigError, KeyError, TypeError) as err:
+        raise CheckpointError(f"config entry of quantized module {name} is invalid ({err}): the checkpoint is corrupt") from err
     if (original.in_features, original.out_features) != (entry["in_features"], entry["out_features"]):
         raise CheckpointError(f"{name} is {entry['out_features']}x{entry['in_features']} in the checkpoint but {original.out_features}x{original.in_features} in the model config")
     setattr(parent, child, CompressedLinear(entry["in_features"], entry["out_features"], fmt, bias=original.bias is not None,
-                                            dtype=dtype, has_g_idx=bool(entry.get("g_idx", False))))
+                                            dtype=dtype, has_g_idx=bool(entry.get("g_idx", False)), layout=layout))
 
 
 def _read_tensors(path: Path) -> dict[str, Tensor]:

@@ -16,7 +16,19 @@ import torch
 from . import checkpoint
 from .api import compress as compress_model
 from .calib import DEFAULT_EVALUATION
-from .config import FORMAT_KINDS, METHODS, AWQConfig, CalibConfig, CompressConfig, GPTQConfig, ModuleOverride, QuantFormat
+from .config import (
+    ACT_BITS,
+    FORMAT_KINDS,
+    LOWRANK_METHODS,
+    METHODS,
+    AWQConfig,
+    CalibConfig,
+    CompressConfig,
+    GPTQConfig,
+    LowRankConfig,
+    ModuleOverride,
+    QuantFormat,
+)
 from .errors import ConfigError, LLMCompressError
 from .evaluate import PerplexityResult, perplexity
 from .models import DEFAULT_MODEL_NAME, load_model
@@ -49,8 +61,8 @@ def _parse_override(text: str) -> ModuleOverride:
     for item in fields.split(","):
         key, eq, value = item.partition("=")
         key = key.strip().replace("-", "_")
-        if not eq or key not in ("bits", "group_size", "symmetric", "kind"):
-            raise click.BadParameter(f"{item!r} in {text!r}: keys are bits, group_size, symmetric, kind")
+        if not eq or key not in ("bits", "group_size", "symmetric", "kind", "rank"):
+            raise click.BadParameter(f"{item!r} in {text!r}: keys are bits, group_size, symmetric, kind, rank")
         values[key] = value.strip() if key == "kind" else (value.strip().lower() in ("1", "true", "yes") if key == "symmetric" else int(value))
     return ModuleOverride(pattern=pattern, **values)
 
@@ -70,6 +82,14 @@ def _parse_override(text: str) -> ModuleOverride:
 @click.option("--damp", type=float, default=GPTQConfig.damp, show_default=True, help="GPTQ: dampening, a fraction of the mean Hessian diagonal.")
 @click.option("--awq-grid", type=int, default=AWQConfig.grid, show_default=True, help="AWQ: grid points for the scale exponent.")
 @click.option("--no-awq-clip", is_flag=True, help="AWQ: skip the clipping search.")
+@click.option("--lowrank", "rank", type=int, default=0, show_default=True, help="Rank of the 16-bit error branch beside each layer; 0 = none.")
+@click.option("--lowrank-method", type=click.Choice(LOWRANK_METHODS), default=None,
+              help="How the branch is fitted [default: eora with calibration text, lorc with --calib none].")
+@click.option("--lowrank-alloc", type=click.Choice(["uniform", "energy"]), default="uniform", show_default=True,
+              help="One rank everywhere, or the same budget spread by how much error each rank removes.")
+@click.option("--lowrank-dtype", type=click.Choice(["float16", "int8"]), default="float16", show_default=True, help="Storage of the branch factors.")
+@click.option("--act-bits", type=click.Choice([str(b) for b in ACT_BITS]), default=None,
+              help="Quantize the activations entering the low-bit matmul (W4A4 with 4; FP4 weights use FP4 activations).")
 @click.option("--skip", "skips", multiple=True, metavar="REGEX", help="Leave matching modules unquantized (repeatable).")
 @click.option("--override", "overrides", multiple=True, metavar="REGEX:k=v,...", help="Other bits/group_size/symmetric/kind for matching modules (repeatable).")
 @click.option("--calib", default=None, metavar="SOURCE", help="Calibration text: austen:train, FILE.txt, FILE.jsonl, hf:NAME, none [default: austen:train when the method needs data, else none].")
@@ -83,7 +103,9 @@ def _parse_override(text: str) -> ModuleOverride:
 @click.option("--eval-windows", type=int, default=40, show_default=True, help="Evaluation windows to score; 0 = the whole text.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where blocks are compressed and evaluated.")
 def run(model: str | None, out_dir: str | None, overwrite: bool, kind: str, bits: int, group_size: int | None,
-        symmetric: bool | None, method: str, act_order: bool, static_groups: bool, damp: float, awq_grid: int, no_awq_clip: bool, skips: tuple[str, ...], overrides: tuple[str, ...], calib: str | None,
+        symmetric: bool | None, method: str, act_order: bool, static_groups: bool, damp: float, awq_grid: int, no_awq_clip: bool,
+        rank: int, lowrank_method: str | None, lowrank_alloc: str, lowrank_dtype: str, act_bits: str | None,
+        skips: tuple[str, ...], overrides: tuple[str, ...], calib: str | None,
         nsamples: int, seqlen: int, seed: int, batch_size: int, run_eval: bool, eval_text: str, eval_seqlen: int,
         eval_windows: int, device: str) -> None:
     """Compress MODEL (a Hugging Face directory, a .gguf file or a hub id; default: the bundled
@@ -98,6 +120,8 @@ def run(model: str | None, out_dir: str | None, overwrite: bool, kind: str, bits
             overrides=tuple(ModuleOverride(pattern=p, skip=True) for p in skips) + tuple(_parse_override(o) for o in overrides),
             gptq=GPTQConfig(damp=damp, act_order=act_order, static_groups=static_groups),
             awq=AWQConfig(grid=awq_grid, clip=not no_awq_clip),
+            lowrank=LowRankConfig(rank=rank, method=lowrank_method, alloc=lowrank_alloc, dtype=lowrank_dtype),
+            act_bits=None if act_bits is None else int(act_bits),
         )
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda, but PyTorch sees no CUDA GPU: use --device cpu")
@@ -110,7 +134,9 @@ def run(model: str | None, out_dir: str | None, overwrite: bool, kind: str, bits
         layer_names = _target_names(float_model, config)
         before = size_summary(float_model, layer_names)
         data = "data-free" if calib is None and not config.needs_calibration else f"calibration {calib or config.calib.source}"
-        click.echo(f"compressing: {quant.describe() if quant else '16-bit'}, method {method}, {data}")
+        branch = f", {config.lowrank.method} rank {rank} ({lowrank_alloc})" if config.wants_lowrank else ""
+        activations = f", activations {config.act_format(quant).describe()}" if quant and config.act_bits else ""
+        click.echo(f"compressing: {quant.describe() if quant else '16-bit'}, method {method}{branch}{activations}, {data}")
         compressed = compress_model(float_model, config, calibration=calib, tokenizer=tokenizer, device=device)
         after_ppl = _evaluate(compressed, tokenizer, "compressed model", eval_text, eval_seqlen, eval_limit) if run_eval else None
         after = size_summary(compressed)
@@ -131,7 +157,9 @@ def run(model: str | None, out_dir: str | None, overwrite: bool, kind: str, bits
 def _default_out_dir(model: str | None, config: CompressConfig) -> str:
     name = Path(model).stem if model else "smollm2-135m-instruct"
     tag = re.sub(r"[^a-z0-9]+", "-", (config.quant.describe() if config.quant else "16bit").lower()).strip("-")
-    return str(Path("out") / f"{name}-{tag}-{config.method}")
+    branch = f"-{config.lowrank.method}{config.lowrank.rank}" if config.wants_lowrank else ""
+    activations = f"-a{config.act_bits}" if config.act_bits else ""
+    return str(Path("out") / f"{name}-{tag}-{config.method}{branch}{activations}")
 
 
 def _target_names(model: torch.nn.Module, config: CompressConfig) -> list[str]:
@@ -152,6 +180,7 @@ def _summary_table(before: SizeSummary, after: SizeSummary, before_ppl: Perplexi
         ("quantized layers: weights", f"{before.layer_parameters:,}", f"{after.layer_parameters:,}"),
         ("quantized layers: bytes", _mb(before.layer_bytes), _mb(after.layer_bytes)),
         ("quantized layers: bits/weight", f"{before.layer_bits_per_weight:.3f}", f"{after.layer_bits_per_weight:.3f}"),
+        ("  of which low-rank branch", "", f"{after.branch_bits_per_weight:.3f}"),
         ("whole model: parameters", f"{before.parameters:,}", f"{after.parameters:,}"),
         ("whole model: bytes", _mb(before.bytes), _mb(after.bytes)),
         ("whole model: bits/weight", f"{before.bits_per_weight:.3f}", f"{after.bits_per_weight:.3f}"),

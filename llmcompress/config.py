@@ -25,6 +25,14 @@ PER_CHANNEL = -1
 
 Method = Literal["rtn", "gptq", "awq", "awq+gptq"]
 METHODS: tuple[str, ...] = typing.get_args(Method)
+LowRankMethod = Literal["eora", "lorc", "svdquant"]
+LOWRANK_METHODS: tuple[str, ...] = typing.get_args(LowRankMethod)
+RankAllocation = Literal["uniform", "energy"]
+LowRankDtype = Literal["float16", "int8"]
+ACT_BITS = (4, 8)
+# SVDQuant's W4A4 groups INT4 activations by 64 along the input; FP4 activations use the
+# weight's own FP4 format.
+ACT_GROUP_SIZE = 64
 
 
 def _fail(owner: str, name: str, value: Any, allowed: str) -> None:
@@ -124,12 +132,15 @@ class ModuleOverride:
     group_size: int | None = None
     symmetric: bool | None = None
     kind: FormatKind | None = None
+    rank: int | None = None
 
     def __post_init__(self) -> None:
         try:
             re.compile(self.pattern)
         except re.error as err:
             _fail("ModuleOverride", "pattern", self.pattern, f"a valid regular expression ({err})")
+        if self.rank is not None and (not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0):
+            _fail("ModuleOverride", "rank", self.rank, "a non-negative integer (0: no low-rank branch)")
 
     def matches(self, module_name: str) -> bool:
         return re.search(self.pattern, module_name) is not None
@@ -191,6 +202,42 @@ class AWQConfig:
 
 
 @dataclass(frozen=True)
+class LowRankConfig:
+    """The 16-bit branch ``B A`` beside each quantized weight.
+
+    ``method``: ``eora`` (error fitted in the activations' eigenspace; needs calibration),
+    ``lorc`` (plain SVD of the error; data-free) or ``svdquant`` (smoothing, then the smoothed
+    weight's top singular directions, the residual quantized). ``None`` picks eora when there is
+    calibration text and lorc when there is none. ``alloc="energy"`` spreads the same parameter
+    budget over the layers of each quantization stage by how much error each rank removes.
+    ``dtype="int8"`` stores A and B with one float16 scale per row."""
+
+    rank: int = 0
+    method: LowRankMethod | None = None
+    alloc: RankAllocation = "uniform"
+    dtype: LowRankDtype = "float16"
+    eora_damp: float = 0.01
+    smooth_grid: int = 20
+
+    def __post_init__(self) -> None:
+        owner = "LowRankConfig"
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0:
+            _fail(owner, "rank", self.rank, "a non-negative integer (0: no low-rank branch)")
+        if self.method is not None and self.method not in LOWRANK_METHODS:
+            _fail(owner, "method", self.method, f"one of {', '.join(LOWRANK_METHODS)}")
+        if self.alloc not in typing.get_args(RankAllocation):
+            _fail(owner, "alloc", self.alloc, "uniform or energy")
+        if self.alloc == "energy" and self.method == "svdquant":
+            _fail(owner, "alloc", self.alloc, "svdquant fixes its rank before quantizing, so it has no error spectrum to allocate by; use uniform")
+        if self.dtype not in typing.get_args(LowRankDtype):
+            _fail(owner, "dtype", self.dtype, "float16 or int8")
+        if not 0 < self.eora_damp <= 1:
+            _fail(owner, "eora_damp", self.eora_damp, "a fraction in (0, 1], typically 0.01")
+        if not isinstance(self.smooth_grid, int) or self.smooth_grid < 1:
+            _fail(owner, "smooth_grid", self.smooth_grid, "a positive integer, typically 20")
+
+
+@dataclass(frozen=True)
 class CompressConfig:
     """One compression job. ``quant=None`` keeps weights in 16 bits (for passes that only prune)."""
 
@@ -200,12 +247,28 @@ class CompressConfig:
     overrides: tuple[ModuleOverride, ...] = ()
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     awq: AWQConfig = field(default_factory=AWQConfig)
+    lowrank: LowRankConfig = field(default_factory=LowRankConfig)
+    act_bits: int | None = None
 
     def __post_init__(self) -> None:
+        owner = "CompressConfig"
         if self.method not in METHODS:
-            _fail("CompressConfig", "method", self.method, f"one of {', '.join(METHODS)}")
+            _fail(owner, "method", self.method, f"one of {', '.join(METHODS)}")
         if self.quant is None and self.method != "rtn":
-            _fail("CompressConfig", "method", self.method, "a quantization method needs a format; with quant=None use method='rtn'")
+            _fail(owner, "method", self.method, "a quantization method needs a format; with quant=None use method='rtn'")
+        if self.lowrank.method is None:
+            object.__setattr__(self, "lowrank", dataclasses.replace(self.lowrank, method="lorc" if self.calib.is_none else "eora"))
+        if self.wants_lowrank and self.quant is None:
+            _fail(owner, "lowrank", self.lowrank, "a low-rank branch corrects quantization error, so it needs a format (--bits)")
+        if self.wants_lowrank and self.lowrank.method != "lorc" and self.calib.is_none:
+            _fail(owner, "lowrank", self.lowrank, f"{self.lowrank.method} fits the branch on calibration activations: give calibration text, or use method lorc")
+        if self.uses_svdquant and self.uses_awq:
+            _fail(owner, "method", self.method, "SVDQuant's smoothing replaces AWQ's scaling: use rtn or gptq under svdquant")
+        if self.act_bits is not None:
+            if self.act_bits not in ACT_BITS:
+                _fail(owner, "act_bits", self.act_bits, "4 or 8 (None keeps 16-bit activations)")
+            if self.quant is None:
+                _fail(owner, "act_bits", self.act_bits, "quantized activations need a weight format (--bits)")
         object.__setattr__(self, "overrides", tuple(self.overrides))
         if self.quant is not None:
             for override in self.overrides:
@@ -221,9 +284,32 @@ class CompressConfig:
                 return override.apply(self.quant)
         return self.quant
 
+    def rank_for(self, module_name: str) -> int:
+        """The low-rank branch's rank for a module (0: none); the first matching override wins."""
+        for override in self.overrides:
+            if override.matches(module_name):
+                return self.lowrank.rank if override.rank is None else override.rank
+        return self.lowrank.rank
+
+    def act_format(self, weight_format: QuantFormat) -> QuantFormat | None:
+        """How a layer's activations are quantized on the way into its low-bit matmul, if at all."""
+        if self.act_bits is None:
+            return None
+        if weight_format.is_fp4:
+            return QuantFormat(kind=weight_format.kind)
+        return QuantFormat(bits=self.act_bits, group_size=ACT_GROUP_SIZE, symmetric=True)
+
+    @property
+    def wants_lowrank(self) -> bool:
+        return self.lowrank.rank > 0 or any(o.rank for o in self.overrides) or self.lowrank.method == "svdquant"
+
+    @property
+    def uses_svdquant(self) -> bool:
+        return self.lowrank.method == "svdquant"
+
     @property
     def needs_calibration(self) -> bool:
-        return self.method != "rtn"
+        return self.method != "rtn" or (self.wants_lowrank and self.lowrank.method != "lorc")
 
     @property
     def uses_gptq(self) -> bool:

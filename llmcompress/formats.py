@@ -210,3 +210,10 @@ def dequantize(q: QuantizedWeight, fmt: QuantFormat, dtype: torch.dtype = torch.
     multiplier = multipliers(q.scales, fmt, q.global_scale)[:, columns]
     zeros = None if q.zeros is None else q.zeros[:, columns]
     return decode(q.codes, multiplier, zeros, fmt).to(dtype)
+
+
+def fake_quantize(values: Tensor, fmt: QuantFormat) -> Tensor:
+    """``values`` [..., K] rounded to ``fmt`` row by row along the last dimension (per token, for
+    activations) and returned in their own dtype: what a low-bit activation path computes with."""
+    flat = values.reshape(-1, values.shape[-1]).float()
+    return dequantize(quantize(flat, fmt), fmt).reshape(values.shape).to(values.dtype)

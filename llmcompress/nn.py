@@ -10,12 +10,14 @@ from torch import Tensor, nn
 
 from .config import QuantFormat
 from .formats import QuantizedWeight
-from .ops import dense_linear, dequantize_packed, quantized_linear
-from .packing import pack_weight, packed_spec
+from .methods.lowrank import LowRank
+from .ops import compressed_linear_reference, dequantize_packed, quantized_linear
+from .packing import LayerLayout, pack_branch, pack_weight, packed_spec
 
 
 class CompressedLinear(nn.Module):
-    """A linear layer whose weight is stored packed (codes, scales, zero points).
+    """A linear layer whose weight is stored packed (codes, scales, zero points), optionally with
+    a 16-bit low-rank branch, a smoothing vector and quantized activations (``LayerLayout``).
 
     The packed tensors are buffers, so they travel with ``state_dict`` and ``.to(device)``;
     ``.to(dtype)`` / ``.half()`` leave them untouched (a dtype cast of a packed scale would
@@ -23,13 +25,15 @@ class CompressedLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, fmt: QuantFormat, bias: bool = False,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, has_g_idx: bool = False) -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, has_g_idx: bool = False,
+                 layout: LayerLayout = LayerLayout()) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.fmt = fmt
         self.has_g_idx = has_g_idx
-        spec = packed_spec(fmt, out_features, in_features, has_g_idx)
+        self.layout = layout
+        spec = packed_spec(fmt, out_features, in_features, has_g_idx, layout)
         self.packed_names = tuple(spec)
         for name, (shape, tensor_dtype) in spec.items():
             self.register_buffer(name, torch.empty(shape, dtype=tensor_dtype, device=device))
@@ -37,11 +41,20 @@ class CompressedLinear(nn.Module):
         self._dequantized: Tensor | None = None
 
     @classmethod
-    def from_quantized(cls, q: QuantizedWeight, fmt: QuantFormat, bias: Tensor | None) -> CompressedLinear:
+    def from_quantized(cls, q: QuantizedWeight, fmt: QuantFormat, bias: Tensor | None, branch: LowRank | None = None,
+                       lowrank_dtype: str = "float16", smooth: Tensor | None = None, act_format: QuantFormat | None = None) -> CompressedLinear:
+        """The layer for a quantized weight, plus a branch ``b @ a`` on its (smoothed) inputs."""
         out_features, in_features = q.shape
+        rank = 0 if branch is None else branch.rank
+        layout = LayerLayout(rank=rank, lowrank_dtype=lowrank_dtype, smoothed=smooth is not None, act_format=act_format)
         layer = cls(in_features, out_features, fmt, bias=bias is not None,
-                    dtype=bias.dtype if bias is not None else torch.float32, device="meta", has_g_idx=q.g_idx is not None)
-        for name, tensor in pack_weight(q, fmt).items():
+                    dtype=bias.dtype if bias is not None else torch.float32, device="meta", has_g_idx=q.g_idx is not None, layout=layout)
+        tensors = pack_weight(q, fmt)
+        if rank:
+            tensors.update(pack_branch(branch.a, branch.b, lowrank_dtype))
+        if smooth is not None:
+            tensors["smooth_scale"] = smooth.float()
+        for name, tensor in tensors.items():
             layer._buffers[name] = tensor.contiguous()
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -55,8 +68,8 @@ class CompressedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self._dequantized is not None and self._dequantized.dtype == x.dtype and self._dequantized.device == x.device:
-            return dense_linear(x, self._dequantized, self.bias)
-        return quantized_linear(x, self.packed(), self.fmt, self.in_features, self.bias)
+            return compressed_linear_reference(x, self._dequantized, self.packed(), self.layout, self.bias)
+        return quantized_linear(x, self.packed(), self.fmt, self.in_features, self.bias, self.layout)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - signature of nn.Module._apply
         packed = {name: self._buffers.pop(name) for name in self.packed_names}
@@ -70,7 +83,8 @@ class CompressedLinear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.describe()}{', act-order' if self.has_g_idx else ''}, bias={self.bias is not None}"
+        extras = "".join(f", {part}" for part in ("act-order" if self.has_g_idx else "", self.layout.describe()) if part)
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.describe()}{extras}, bias={self.bias is not None}"
 
 
 @contextmanager

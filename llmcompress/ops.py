@@ -1,7 +1,9 @@
 """The ops ``CompressedLinear`` calls. Dispatch lives here and only here.
 
 The reference path dequantizes in PyTorch and runs anywhere; it is the definition every
-accelerated kernel must reproduce.
+accelerated kernel must reproduce: ``y = Q(W) q_a(x') + B (A x') + b`` with ``x' = x / smooth``
+where the layer keeps a smoothing vector, and ``q_a`` the activation quantization of W4A4
+layers (identity otherwise).
 """
 
 from __future__ import annotations
@@ -10,8 +12,8 @@ import torch
 from torch import Tensor
 
 from .config import QuantFormat
-from .formats import dequantize
-from .packing import unpack_weight
+from .formats import dequantize, fake_quantize
+from .packing import LayerLayout, unpack_branch, unpack_weight
 
 
 def dequantize_packed(tensors: dict[str, Tensor], fmt: QuantFormat, in_features: int, dtype: torch.dtype) -> Tensor:
@@ -24,12 +26,19 @@ def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
 
 
-def quantized_linear_reference(
-    x: Tensor, tensors: dict[str, Tensor], fmt: QuantFormat, in_features: int, bias: Tensor | None
-) -> Tensor:
-    return dense_linear(x, dequantize_packed(tensors, fmt, in_features, x.dtype), bias)
+def compressed_linear_reference(x: Tensor, weight: Tensor, tensors: dict[str, Tensor], layout: LayerLayout, bias: Tensor | None) -> Tensor:
+    """The whole layer given its dequantized low-bit weight (in x's dtype)."""
+    if layout.smoothed:
+        x = x / tensors["smooth_scale"].to(x.dtype)
+    main_input = x if layout.act_format is None else fake_quantize(x, layout.act_format)
+    y = dense_linear(main_input, weight, bias)
+    if layout.rank:
+        a, b = unpack_branch(tensors, x.dtype)
+        y = y + (x @ a.T) @ b.T
+    return y
 
 
-def quantized_linear(x: Tensor, tensors: dict[str, Tensor], fmt: QuantFormat, in_features: int, bias: Tensor | None) -> Tensor:
-    """y = x W^T + b for a packed W. CUDA kernels plug in here (see kernels/)."""
-    return quantized_linear_reference(x, tensors, fmt, in_features, bias)
+def quantized_linear(x: Tensor, tensors: dict[str, Tensor], fmt: QuantFormat, in_features: int, bias: Tensor | None,
+                     layout: LayerLayout = LayerLayout()) -> Tensor:
+    """The layer's output for a packed W. CUDA kernels plug in here (see kernels/)."""
+    return compressed_linear_reference(x, dequantize_packed(tensors, fmt, in_features, x.dtype), tensors, layout, bias)

@@ -13,9 +13,18 @@ Packed tensors of one layer (names follow compressed-tensors, layout is canonica
 - ``weight_zero_point``: int32 [N, ceil(G*b/32)], the zero points packed like the codes (asym INT)
 - ``weight_global_scale``: float32 [1] (NVFP4)
 - ``weight_g_idx``: int32 [K], the group of each input column, when GPTQ's act-order set it
+
+and, as the layer's ``LayerLayout`` says:
+
+- ``lowrank_a`` [r, K], ``lowrank_b`` [N, r]: the 16-bit branch ``B A``, float16, or int8 with
+  one float16 scale per row in ``lowrank_a_scale`` [r] and ``lowrank_b_scale`` [N]
+- ``smooth_scale``: float32 [K], SVDQuant's smoothing where it could not be folded away: the
+  layer computes on ``x / smooth_scale``
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -81,13 +90,66 @@ def unpack_nibbles(packed: Tensor, count: int) -> Tensor:
     return torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], -1)[..., :count].contiguous()
 
 
-def packed_spec(fmt: QuantFormat, out_features: int, in_features: int, has_g_idx: bool = False) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+BRANCH_TENSOR_PREFIXES = ("lowrank_", "smooth_")
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """What a compressed layer holds beyond its low-bit weight: a low-rank branch of ``rank``
+    stored as ``lowrank_dtype``, an in-layer smoothing vector, and the format its activations
+    are quantized to on the way into the low-bit matmul (W4A4)."""
+
+    rank: int = 0
+    lowrank_dtype: str = "float16"
+    smoothed: bool = False
+    act_format: QuantFormat | None = None
+
+    def describe(self) -> str:
+        parts = [f"rank {self.rank} ({self.lowrank_dtype})" if self.rank else "",
+                 "smoothed" if self.smoothed else "",
+                 f"activations {self.act_format.describe()}" if self.act_format else ""]
+        return ", ".join(p for p in parts if p)
+
+
+def packed_spec(fmt: QuantFormat, out_features: int, in_features: int, has_g_idx: bool = False,
+                layout: LayerLayout = LayerLayout()) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Names, shapes and dtypes of the tensors one layer stores: used to allocate before loading
     and to check a checkpoint before trusting it."""
     spec = _value_spec(fmt, out_features, in_features)
     if has_g_idx:
         spec["weight_g_idx"] = ((in_features,), torch.int32)
+    if layout.rank:
+        factor_dtype = torch.int8 if layout.lowrank_dtype == "int8" else torch.float16
+        spec["lowrank_a"] = ((layout.rank, in_features), factor_dtype)
+        spec["lowrank_b"] = ((out_features, layout.rank), factor_dtype)
+        if layout.lowrank_dtype == "int8":
+            spec["lowrank_a_scale"] = ((layout.rank,), torch.float16)
+            spec["lowrank_b_scale"] = ((out_features,), torch.float16)
+    if layout.smoothed:
+        spec["smooth_scale"] = ((in_features,), torch.float32)
     return spec
+
+
+def pack_branch(a: Tensor, b: Tensor, lowrank_dtype: str) -> dict[str, Tensor]:
+    """The stored tensors of a branch ``b @ a`` (float32 in)."""
+    if lowrank_dtype == "float16":
+        return {"lowrank_a": a.to(torch.float16).contiguous(), "lowrank_b": b.to(torch.float16).contiguous()}
+    tensors = {}
+    for name, factor in (("lowrank_a", a), ("lowrank_b", b)):
+        scale = (factor.float().abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float16).tiny).to(torch.float16)
+        tensors[name] = torch.round(factor.float() / scale.float().unsqueeze(1)).clamp(-127, 127).to(torch.int8).contiguous()
+        tensors[f"{name}_scale"] = scale
+    return tensors
+
+
+def unpack_branch(tensors: dict[str, Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(A [r, K], B [N, r]) in ``dtype``."""
+    factors = []
+    for name in ("lowrank_a", "lowrank_b"):
+        factor = tensors[name]
+        scale = tensors.get(f"{name}_scale")
+        factors.append(factor.to(dtype) if scale is None else (factor.float() * scale.float().unsqueeze(1)).to(dtype))
+    return factors[0], factors[1]
 
 
 def _value_spec(fmt: QuantFormat, out_features: int, in_features: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

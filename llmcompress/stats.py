@@ -14,7 +14,11 @@ from torch import Tensor
 HESSIAN = "hessian"
 ABS_MEAN = "abs_mean"
 ABS_MAX = "abs_max"
+SAMPLES = "samples"
 ALL_STATISTICS = frozenset({HESSIAN, ABS_MEAN, ABS_MAX})
+# Every 16th token is enough to measure an error that H cannot express (quantized
+# activations), at 1/16 of the memory of keeping them all.
+SAMPLE_EVERY = 16
 
 
 @dataclass
@@ -27,6 +31,7 @@ class LayerStats:
     xtx: Tensor | None = field(default=None, repr=False)
     abs_sum: Tensor | None = field(default=None, repr=False)
     abs_max: Tensor | None = field(default=None, repr=False)
+    sampled: list[Tensor] = field(default_factory=list, repr=False)
 
     def update(self, inputs: Tensor) -> None:
         x = inputs.reshape(-1, inputs.shape[-1]).float()
@@ -46,6 +51,8 @@ class LayerStats:
             if ABS_MAX in self.wanted:
                 peak = magnitude.amax(dim=0)
                 self.abs_max = peak if self.abs_max is None else torch.maximum(self.abs_max, peak)
+        if SAMPLES in self.wanted:
+            self.sampled.append(x[::SAMPLE_EVERY].clone())
 
     @property
     def hessian(self) -> Tensor:
@@ -62,6 +69,12 @@ class LayerStats:
     def act_abs_max(self) -> Tensor:
         self._require(self.abs_max, ABS_MAX)
         return self.abs_max
+
+    @property
+    def samples(self) -> Tensor:
+        """Every ``SAMPLE_EVERY``-th input token, [T, K] float32."""
+        self._require(self.sampled or None, SAMPLES)
+        return torch.cat(self.sampled)
 
     def _require(self, value: Tensor | None, name: str) -> None:
         if value is None:

@@ -9,6 +9,7 @@ from torch import nn
 
 from .checkpoint import unique_state_dict
 from .nn import CompressedLinear
+from .packing import BRANCH_TENSOR_PREFIXES
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class SizeSummary:
     bytes: int
     layer_parameters: int
     layer_bytes: int
+    branch_bytes: int = 0  # of layer_bytes: the low-rank branches and smoothing vectors
 
     @property
     def bits_per_weight(self) -> float:
@@ -28,8 +30,13 @@ class SizeSummary:
     def layer_bits_per_weight(self) -> float:
         return 8 * self.layer_bytes / self.layer_parameters if self.layer_parameters else 0.0
 
+    @property
+    def branch_bits_per_weight(self) -> float:
+        return 8 * self.branch_bytes / self.layer_parameters if self.layer_parameters else 0.0
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "bits_per_weight": self.bits_per_weight, "layer_bits_per_weight": self.layer_bits_per_weight}
+        return {**asdict(self), "bits_per_weight": self.bits_per_weight, "layer_bits_per_weight": self.layer_bits_per_weight,
+                "branch_bits_per_weight": self.branch_bits_per_weight}
 
 
 def size_summary(model: nn.Module, layer_names: Collection[str] | None = None) -> SizeSummary:
@@ -49,4 +56,6 @@ def size_summary(model: nn.Module, layer_names: Collection[str] | None = None) -
     parameters = layer_parameters + sum(t.numel() for n, t in tensors.items() if n not in layer_tensors)
     nbytes = {n: t.numel() * t.element_size() for n, t in tensors.items()}
     layer_bytes = sum(nbytes[n] for n in layer_tensors)
-    return SizeSummary(parameters=parameters, bytes=sum(nbytes.values()), layer_parameters=layer_parameters, layer_bytes=layer_bytes)
+    branch_bytes = sum(nbytes[n] for n in layer_tensors if n.rpartition(".")[2].startswith(BRANCH_TENSOR_PREFIXES))
+    return SizeSummary(parameters=parameters, bytes=sum(nbytes.values()), layer_parameters=layer_parameters, layer_bytes=layer_bytes,
+                       branch_bytes=branch_bytes)

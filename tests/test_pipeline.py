@@ -85,6 +85,40 @@ def test_statistics_equal_a_direct_computation_and_are_shared_by_siblings():
     assert stats[f"{path}.0.self_attn.o_proj"] is not stats[f"{path}.0.self_attn.q_proj"]
 
 
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_one_input_statistics_skip_the_matmuls_without_changing_the_hessian(family, monkeypatch):
+    from llmcompress.pipeline import input_groups
+    from llmcompress.stats import HESSIAN
+
+    model = tiny_model(family)
+    path, blocks = find_decoder_blocks(model)
+    targets = [t for t in plan_targets(blocks, path, G32) if t.block == 0]
+    inputs = catch_block_inputs(model, blocks, _windows(3, 32), batch_size=2, device=torch.device("cpu"))
+    calls = []
+    real_forward = nn.Linear.forward
+    monkeypatch.setattr(nn.Linear, "forward", lambda self, x: calls.append(self) or real_forward(self, x))
+    for group in input_groups(blocks[0], targets, inputs):
+        calls.clear()
+        full = gather_statistics(blocks[0], group, inputs, frozenset({HESSIAN}), stop_after_last=True)
+        full_calls = len(calls)
+        calls.clear()
+        skipped = gather_statistics(blocks[0], group, inputs, frozenset({HESSIAN}), stop_after_last=True, one_input=True)
+        assert full_calls - len(calls) == (len(group) - 1) * len(inputs)  # the last target never ran anyway
+        for target in group:
+            assert torch.equal(full[target.name].hessian, skipped[target.name].hessian)
+    assert all("forward" not in vars(m) for m in blocks[0].modules())  # the real forwards are back
+
+
+def test_one_input_refuses_layers_that_read_different_tensors():
+    model = tiny_model("llama")
+    path, blocks = find_decoder_blocks(model)
+    targets = [t for t in plan_targets(blocks, path, G32) if t.block == 0]
+    inputs = catch_block_inputs(model, blocks, _windows(2, 16), batch_size=2, device=torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="reads a different tensor"):
+        gather_statistics(blocks[0], targets, inputs, ALL_STATISTICS, stop_after_last=True, one_input=True)
+    assert all("forward" not in vars(m) for m in blocks[0].modules())
+
+
 def test_each_block_sees_the_outputs_of_the_compressed_block_before_it():
     model = tiny_model("llama")
     windows = _windows(4, 32)

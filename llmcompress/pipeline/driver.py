@@ -4,34 +4,36 @@
 2. Run the model on the calibration windows once, catching block 0's inputs (hidden states
    plus every keyword the block is called with: masks, position embeddings, position ids).
 3. For each block, in order:
-   a. AWQ (if asked): statistics on the float block, a scale search per group of layers that
-      share an input, the scale folded into the group's producer;
+   a. AWQ or SVDQuant (if asked): statistics on the float block, a scale (AWQ) or smoothing
+      (SVDQuant) search per group of layers that share an input, folded into the group's
+      producer (SVDQuant keeps it inside the layers where no producer takes it);
    b. quantization stages: with GPTQ's true-sequential order, one stage per input group
       (q/k/v, then o, then gate/up, then down), each seeing the inputs produced by the layers
-      already quantized; otherwise one stage. Each stage gathers its layers' Hessian, clips
-      (AWQ) and quantizes (RTN or GPTQ), replacing each Linear by a ``CompressedLinear``;
+      already compressed; otherwise one stage. Each stage gathers its layers' Hessian and
+      hands the tensors to ``layers.compress_stage`` (split, clip, quantize, fit the low-rank
+      branch), then replaces each Linear by a ``CompressedLinear``;
    c. the block is run again on the compressed weights; its outputs are the next block's inputs.
 
-Without calibration windows (data-free RTN), step 2 and the re-runs are skipped.
+Without calibration windows (data-free RTN, LoRC), step 2 and the re-runs are skipped.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..config import CompressConfig, QuantFormat
-from ..formats import QuantizedWeight, dequantize, split_rows
-from ..methods.awq import search_clipping, search_scales
-from ..methods.gptq import gptq
-from ..methods.rtn import rtn
+from ..config import CompressConfig
+from ..methods.awq import search_scales
+from ..methods.lowrank import hessian_error, sampled_error, search_smoothing
 from ..nn import CompressedLinear, dequantized_weights
-from ..stats import ABS_MEAN, HESSIAN, LayerStats, output_error, weight_error
+from ..stats import ABS_MAX, ABS_MEAN, HESSIAN, SAMPLES, LayerStats, output_error, weight_error
 from .folding import Fold, apply_fold, find_fold
+from .layers import LayerJob, compress_stage
 from .runner import BlockInputs, catch_block_inputs, device_of, gather_statistics, run_block
 from .structure import Target, find_decoder_blocks, input_groups, plan_targets
 
@@ -46,6 +48,7 @@ class LayerRecord:
     weight_error: float
     output_error: float | None
     seconds: float
+    rank: int = 0
     notes: str = ""
 
 
@@ -102,40 +105,41 @@ def _block_line(index: int, count: int, records: list[LayerRecord]) -> str:
 def _compress_block(block: nn.Module, targets: list[Target], inputs: BlockInputs | None, config: CompressConfig,
                     folds: dict[tuple[str, ...], Fold | None]) -> list[LayerRecord]:
     if inputs is None:
-        return [record for target in targets for record in _quantize_batch(block, [target], config, None, {})]
+        return _compress_stage(block, targets, {}, config, {}, {})
     groups = input_groups(block, targets, inputs)
-    notes = _apply_awq_scales(block, targets, groups, inputs, config, folds) if config.uses_awq else {}
+    smooths: dict[str, Tensor] = {}
+    notes: dict[str, str] = {}
+    if config.uses_awq:
+        notes = _apply_awq_scales(block, targets, groups, inputs, config, folds)
+    elif config.uses_svdquant:
+        notes, smooths = _apply_smoothing(block, targets, groups, inputs, config, folds)
     sequential = config.uses_gptq and config.gptq.true_sequential
     stages = groups if sequential else [[t for group in groups for t in group]]
     records = []
     for stage in stages:
-        stats = gather_statistics(block, stage, inputs, frozenset({HESSIAN}), stop_after_last=True)
-        for batch in _batches(stage, stats, config):
-            records += _quantize_batch(block, batch, config, stats.get(batch[0].name), notes)
+        with dequantized_weights(block, inputs[0][0].dtype):
+            stats = gather_statistics(block, stage, inputs, frozenset({HESSIAN}), stop_after_last=True, one_input=sequential)
+        records += _compress_stage(block, stage, stats, config, notes, smooths)
     return records
 
 
-def _batches(stage: list[Target], stats: dict[str, LayerStats], config: CompressConfig) -> list[list[Target]]:
-    """Consecutive layers GPTQ can quantize as one stacked matrix: same inputs (hence the same H,
-    inverse and act-order permutation), same format, and no per-tensor global scale to keep apart.
-    GPTQ treats rows independently, so stacking changes nothing but the number of column steps."""
-    batches: list[list[Target]] = []
-    for target in stage:
-        previous = batches[-1][-1] if batches else None
-        joinable = (config.uses_gptq and previous is not None and target.fmt == previous.fmt and target.fmt.kind != "nvfp4"
-                    and stats.get(target.name) is not None and stats.get(target.name) is stats.get(previous.name))
-        if joinable:
-            batches[-1].append(target)
-        else:
-            batches.append([target])
-    return batches
+def _group_fold(block: nn.Module, group: list[Target], inputs: BlockInputs, folds: dict[tuple[str, ...], Fold | None]) -> Fold | None:
+    """Where a per-channel scale of the group's input folds (found once, blocks are identical)."""
+    key = tuple(t.local_name for t in group)
+    if key not in folds:
+        folds[key] = find_fold(block, group, inputs)
+    return folds[key]
+
+
+def _scale_weights(linears: list[nn.Module], scales: Tensor) -> None:
+    with torch.no_grad():
+        for linear in linears:
+            linear.weight.copy_((linear.weight.float() * scales.to(linear.weight.device)).to(linear.weight.dtype))
 
 
 def _apply_awq_scales(block: nn.Module, targets: list[Target], groups: list[list[Target]], inputs: BlockInputs,
                       config: CompressConfig, folds: dict[tuple[str, ...], Fold | None]) -> dict[str, str]:
-    """AWQ's scale search for each input group on the float block, folded where it can be.
-
-    Blocks are identical modules, so the fold found for a group in the first block is reused."""
+    """AWQ's scale search for each input group on the float block, folded where it can be."""
     stats = gather_statistics(block, targets, inputs, frozenset({HESSIAN, ABS_MEAN}))
     notes: dict[str, str] = {}
     for group in groups:
@@ -143,10 +147,7 @@ def _apply_awq_scales(block: nn.Module, targets: list[Target], groups: list[list
         if layer_stats is None:
             notes.update(dict.fromkeys((t.name for t in group), "awq: no calibration input reached it"))
             continue
-        key = tuple(t.local_name for t in group)
-        if key not in folds:
-            folds[key] = find_fold(block, group, inputs)
-        fold = folds[key]
+        fold = _group_fold(block, group, inputs, folds)
         if fold is None:
             notes.update(dict.fromkeys((t.name for t in group), "awq: input has no foldable producer, not scaled"))
             continue
@@ -157,53 +158,74 @@ def _apply_awq_scales(block: nn.Module, targets: list[Target], groups: list[list
             notes.update(dict.fromkeys((t.name for t in group), "awq: s=1 was best"))
             continue
         apply_fold(block, fold, search.scales)
-        with torch.no_grad():
-            for linear in linears:
-                linear.weight.copy_((linear.weight.float() * search.scales.to(linear.weight.device)).to(linear.weight.dtype))
+        _scale_weights(linears, search.scales)
         gain = search.error / search.error_unscaled if search.error_unscaled > 0 else 1.0
         notes.update(dict.fromkeys((t.name for t in group), f"awq: a={search.alpha:.2f} into {fold.module} ({fold.kind}), error x{gain:.3f}"))
     return notes
 
 
-def _quantize_batch(block: nn.Module, batch: list[Target], config: CompressConfig, stats: LayerStats | None,
-                    notes: dict[str, str]) -> list[LayerRecord]:
-    """Quantize layers that share their statistics, replace them with ``CompressedLinear``s, record them."""
+def _apply_smoothing(block: nn.Module, targets: list[Target], groups: list[list[Target]], inputs: BlockInputs,
+                     config: CompressConfig, folds: dict[tuple[str, ...], Fold | None]) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """SVDQuant's smoothing search for each input group on the float block. The smoothing is
+    folded into the group's producer where it can be; otherwise it stays inside the layers
+    (returned per layer name) and they compute on x / smooth."""
+    act_formats = {config.act_format(t.fmt) for t in targets}
+    wanted = {HESSIAN, ABS_MAX} | ({SAMPLES} if act_formats != {None} else set())
+    stats = gather_statistics(block, targets, inputs, frozenset(wanted))
+    notes: dict[str, str] = {}
+    smooths: dict[str, Tensor] = {}
+    for group in groups:
+        layer_stats = stats.get(group[0].name)
+        if layer_stats is None:
+            notes.update(dict.fromkeys((t.name for t in group), "svdquant: no calibration input reached it, not smoothed"))
+            continue
+        linears = [block.get_submodule(t.local_name) for t in group]
+        act_format = config.act_format(group[0].fmt)
+        if act_format is None:
+            error = partial(hessian_error, hessian=layer_stats.hessian)
+        else:
+            error = partial(sampled_error, samples=layer_stats.samples, act_format=act_format)
+        search = search_smoothing([m.weight.detach().float() for m in linears], [t.fmt for t in group], [t.rank for t in group],
+                                  layer_stats.act_abs_max, error, grid=config.lowrank.smooth_grid)
+        if search.alpha is None:
+            notes.update(dict.fromkeys((t.name for t in group), "svdquant: lambda=1 was best"))
+            continue
+        gain = search.error / search.error_unsmoothed if search.error_unsmoothed > 0 else 1.0
+        fold = _group_fold(block, group, inputs, folds)
+        if fold is None:
+            smooths.update(dict.fromkeys((t.name for t in group), search.smooth))
+            where = "kept in the layer (no foldable producer)"
+        else:
+            apply_fold(block, fold, search.smooth)
+            _scale_weights(linears, search.smooth)
+            where = f"into {fold.module} ({fold.kind})"
+        notes.update(dict.fromkeys((t.name for t in group), f"svdquant: a={search.alpha:.2f} {where}, error x{gain:.3f}"))
+    return notes, smooths
+
+
+def _compress_stage(block: nn.Module, stage: list[Target], stats: dict[str, LayerStats], config: CompressConfig,
+                    notes: dict[str, str], smooths: dict[str, Tensor]) -> list[LayerRecord]:
+    """Compress layers whose statistics are gathered, replace them with ``CompressedLinear``s, record them."""
     started = time.perf_counter()
-    fmt = batch[0].fmt
-    linears: list[nn.Linear] = [block.get_submodule(t.local_name) for t in batch]
-    weights = [linear.weight.detach().float() for linear in linears]
-    hessian = None if stats is None else stats.hessian
-    quantized, method, extra = _quantize_weights(weights, fmt, config, hessian)
-    seconds = (time.perf_counter() - started) / len(batch)
+    linears: list[nn.Linear] = [block.get_submodule(t.local_name) for t in stage]
+    originals = [linear.weight.detach().float() for linear in linears]
+    jobs = [LayerJob(target=t, weight=w, hessian=None if stats.get(t.name) is None else stats[t.name].hessian, smooth=smooths.get(t.name))
+            for t, w in zip(stage, originals, strict=True)]
+    results = compress_stage(jobs, config)
+    seconds = (time.perf_counter() - started) / len(stage)
     records = []
-    for target, linear, weight, q in zip(batch, linears, weights, quantized, strict=True):
-        approx = dequantize(q, fmt)
+    for job, linear, weight, result in zip(jobs, linears, originals, results, strict=True):
+        target = job.target
         parent_name, _, child_name = target.local_name.rpartition(".")
-        setattr(block.get_submodule(parent_name) if parent_name else block, child_name, CompressedLinear.from_quantized(q, fmt, linear.bias))
+        layer = CompressedLinear.from_quantized(result.quantized, target.fmt, linear.bias, branch=result.branch,
+                                                lowrank_dtype=config.lowrank.dtype, smooth=job.smooth, act_format=config.act_format(target.fmt))
+        setattr(block.get_submodule(parent_name) if parent_name else block, child_name, layer)
         records.append(LayerRecord(
-            name=target.name, format=fmt.describe(), method=method,
+            name=target.name, format=target.fmt.describe(), method=result.method,
             out_features=linear.out_features, in_features=linear.in_features,
-            weight_error=weight_error(weight, approx),
-            output_error=None if hessian is None else output_error(weight, approx, hessian),
-            seconds=seconds, notes="; ".join(n for n in (notes.get(target.name, ""), extra) if n),
+            weight_error=weight_error(weight, result.effective),
+            output_error=None if job.hessian is None else output_error(weight, result.effective, job.hessian),
+            seconds=seconds, rank=0 if result.branch is None else result.branch.rank,
+            notes="; ".join(n for n in (notes.get(target.name, ""), *result.notes) if n),
         ))
     return records
-
-
-def _quantize_weights(weights: list[Tensor], fmt: QuantFormat, config: CompressConfig,
-                      hessian: Tensor | None) -> tuple[list[QuantizedWeight], str, str]:
-    """The quantizer for weights sharing one H: (AWQ clipping), then GPTQ or RTN.
-    Returns (one result per weight, method, notes)."""
-    if hessian is None:
-        fallback = "no calibration input reached this layer: RTN" if config.needs_calibration else ""
-        return [rtn(w, fmt) for w in weights], "rtn", fallback
-    if config.uses_awq and config.awq.clip:
-        weights = [search_clipping(w, hessian, fmt, grid=config.awq.clip_grid, max_shrink=config.awq.max_shrink) for w in weights]
-    if not config.uses_gptq:
-        return [rtn(w, fmt) for w in weights], config.method, ""
-    options = config.gptq
-    result = gptq(torch.cat(weights), hessian, fmt, damp=options.damp, block_size=options.block_size,
-                  act_order=options.act_order, static_groups=options.static_groups)
-    notes = [f"damp raised to {result.damp:g}" if result.damp > options.damp else "",
-             f"{result.dead_columns} dead input channels" if result.dead_columns else ""]
-    return split_rows(result.quantized, [w.shape[0] for w in weights]), config.method, "; ".join(n for n in notes if n)

@@ -76,21 +76,31 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
 
 
 def gather_statistics(block: nn.Module, targets: Sequence[Target], inputs: BlockInputs, wanted: frozenset[str],
-                      stop_after_last: bool = False) -> dict[str, LayerStats]:
+                      stop_after_last: bool = False, one_input: bool = False) -> dict[str, LayerStats]:
     """Run the block with hooks on its target Linears and accumulate their input statistics.
 
     Layers fed the very same tensor (q/k/v, gate/up) share one accumulator, so X^T X is
     computed once per distinct input. With ``stop_after_last`` (targets in call order), each
     pass stops once the last target has been fed, skipping the rest of the block.
+
+    ``one_input`` says that every target reads the same tensor (one of ``input_groups``), so no
+    target's output can reach another target's input before the pass stops: the targets then
+    return zeros instead of multiplying, which saves their matmuls (a third of a block's work
+    over a true-sequential block). A target fed a different tensor raises, since its statistics
+    would be wrong.
     """
+    if one_input and not stop_after_last:
+        raise ValueError("one_input skips the targets' matmuls, so it needs stop_after_last")
     stats: dict[str, LayerStats] = {}
     seen: list[tuple[Tensor, LayerStats]] = []  # holding the tensors also keeps their identity unique
     updated: set[int] = set()
     last = targets[-1].name if stop_after_last and targets else None
 
     def make_hook(target: Target, in_features: int):  # noqa: ANN202
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+        def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
+            if one_input and seen and x is not seen[0][0]:
+                raise RuntimeError(f"{target.name} reads a different tensor from the other layers of its group")
             if target.name not in stats:
                 shared = next((acc for tensor, acc in seen if tensor is x), None)
                 stats[target.name] = shared if shared is not None else LayerStats(in_features, wanted)
@@ -106,10 +116,14 @@ def gather_statistics(block: nn.Module, targets: Sequence[Target], inputs: Block
         return hook
 
     handles = []
-    for target in targets:
-        linear = block.get_submodule(target.local_name)
-        handles.append(linear.register_forward_hook(make_hook(target, linear.in_features)))
+    skipped: list[nn.Module] = []
     try:
+        for target in targets:
+            linear = block.get_submodule(target.local_name)
+            handles.append(linear.register_forward_pre_hook(make_hook(target, linear.in_features)))
+            if one_input:
+                linear.forward = _zeros_like_output(linear.out_features)
+                skipped.append(linear)
         for micro_batch in inputs:
             seen.clear()
             updated.clear()
@@ -117,8 +131,17 @@ def gather_statistics(block: nn.Module, targets: Sequence[Target], inputs: Block
     finally:
         for handle in handles:
             handle.remove()
+        for linear in skipped:
+            del linear.forward
         seen.clear()
     return stats
+
+
+def _zeros_like_output(out_features: int):  # noqa: ANN202
+    def forward(x: Tensor) -> Tensor:
+        return x.new_zeros(*x.shape[:-1], out_features)
+
+    return forward
 
 
 def device_of(module: nn.Module) -> torch.device:

@@ -21,6 +21,7 @@ class Target:
     block: int
     local_name: str
     fmt: QuantFormat
+    rank: int = 0
 
 
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -67,7 +68,14 @@ def plan_targets(blocks: nn.ModuleList, blocks_path: str, config: CompressConfig
                     f"group_size={fmt.group_size} is larger than {name}'s {module.in_features} input features: "
                     f"use a smaller group, -1 (per channel), or an override for this module"
                 )
-            targets.append(Target(name=name, block=index, local_name=local_name, fmt=fmt))
+            rank = config.rank_for(name)
+            if rank > min(module.in_features, module.out_features):
+                raise ConfigError(
+                    f"low-rank rank {rank} is larger than {name}'s smaller side "
+                    f"({module.out_features}x{module.in_features}, so at most {min(module.in_features, module.out_features)}): "
+                    f"use a smaller --lowrank, or an override with a smaller rank for this module"
+                )
+            targets.append(Target(name=name, block=index, local_name=local_name, fmt=fmt, rank=rank))
     if not targets:
         raise ConfigError("the configuration leaves no Linear layer to compress: check the overrides' patterns")
     return targets
