@@ -133,7 +133,7 @@ def run(model: str | None, out_dir: str | None, overwrite: bool, kind: str, bits
         before_ppl = _evaluate(float_model, tokenizer, "float model", eval_text, eval_seqlen, eval_limit) if run_eval else None
         layer_names = _target_names(float_model, config)
         before = size_summary(float_model, layer_names)
-        data = "data-free" if calib is None and not config.needs_calibration else f"calibration {calib or config.calib.source}"
+        data = "data-free" if not config.needs_calibration and (calib is None or config.calib.is_none) else f"calibration {calib or config.calib.source}"
         branch = f", {config.lowrank.method} rank {rank} ({lowrank_alloc})" if config.wants_lowrank else ""
         activations = f", activations {config.act_format(quant).describe()}" if quant and config.act_bits else ""
         click.echo(f"compressing: {quant.describe() if quant else '16-bit'}, method {method}{branch}{activations}, {data}")

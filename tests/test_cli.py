@@ -42,10 +42,29 @@ def test_bad_inputs_fail_with_a_message_and_no_traceback(tiny_model_dir, tmp_pat
     assert not list(tmp_path.glob(".o.incomplete*")) and not (tmp_path / "o").exists()
 
 
+def test_lowrank_options_reach_the_checkpoint(tiny_model_dir, tmp_path):
+    out = tmp_path / "lorc"
+    result = _run(tiny_model_dir, "--out", out, "--bits", 3, "--group-size", 32, "--lowrank", 4, "--calib", "none", "--no-eval",
+                  "--lowrank-dtype", "int8", "--override", "down_proj:rank=2")
+    assert result.exit_code == 0, result.output
+    assert "method rtn, lorc rank 4 (uniform), data-free" in result.output and "of which low-rank branch" in result.output
+    model, _ = llmcompress.load(out)
+    assert model.model.layers[0].mlp.down_proj.layout.rank == 2 and model.model.layers[0].mlp.up_proj.layout.rank == 4
+    assert model.model.layers[0].mlp.up_proj.lowrank_a.dtype == torch.int8
+    out = tmp_path / "svdquant"
+    result = _run(tiny_model_dir, "--out", out, "--bits", 4, "--group-size", 32, "--lowrank", 4, "--lowrank-method", "svdquant",
+                  "--act-bits", 4, "--nsamples", 4, "--seqlen", 32, "--no-eval")
+    assert result.exit_code == 0, result.output
+    assert "svdquant rank 4 (uniform), activations INT4 g64 sym, calibration austen:train" in result.output
+    result = _run(tiny_model_dir, "--out", tmp_path / "big", "--group-size", 32, "--lowrank", 1000, "--calib", "none", "--no-eval")
+    assert result.exit_code == 1 and "larger than" in result.output and "smaller --lowrank" in result.output
+
+
 def test_help_lists_the_options():
     result = _run("--help")
     assert result.exit_code == 0
-    for option in ("--bits", "--group-size", "--sym", "--format", "--method", "--calib", "--nsamples", "--seqlen", "--seed", "--eval", "--device", "--out"):
+    for option in ("--bits", "--group-size", "--sym", "--format", "--method", "--calib", "--nsamples", "--seqlen", "--seed", "--eval", "--device", "--out",
+                   "--lowrank", "--lowrank-method", "--lowrank-alloc", "--lowrank-dtype", "--act-bits"):
         assert option in result.output
 
 

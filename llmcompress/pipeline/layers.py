@@ -60,20 +60,21 @@ def compress_stage(jobs: list[LayerJob], config: CompressConfig) -> list[LayerRe
     """Quantize the stage's layers and fit their branches; results in the jobs' order."""
     working = [_working(job, config) for job in jobs]
     quantized: list[QuantizedWeight | None] = [None] * len(jobs)
+    methods = [""] * len(jobs)
     notes: list[list[str]] = [[] for _ in jobs]
-    method = "rtn"
     for batch in _batches(jobs, working, config):
         first = working[batch[0]]
         results, method, note = _quantize(jobs[batch[0]].fmt, [working[i].to_quantize for i in batch], first.hessian, config)
         for index, result in zip(batch, results, strict=True):
             quantized[index] = result
+            methods[index] = method
             if note:
                 notes[index].append(note)
     approximations = [dequantize(q, job.fmt) for q, job in zip(quantized, jobs, strict=True)]
     if config.wants_lowrank and not config.uses_svdquant:
         _fit_error_branches(jobs, working, approximations, config)
     results = []
-    for job, work, q, approx, note in zip(jobs, working, quantized, approximations, notes, strict=True):
+    for job, work, q, approx, method, note in zip(jobs, working, quantized, approximations, methods, notes, strict=True):
         computed = approx + work.branch.matrix() if work.branch is not None and work.branch.rank else approx
         effective = computed / job.smooth if job.smooth is not None else computed
         results.append(LayerResult(quantized=q, branch=work.branch, effective=effective, method=method, notes=note))
