@@ -93,9 +93,8 @@ def eora(error: Tensor, hessian: Tensor | Eigenbasis, rank: int, damp: float = 0
     _check_rank(error, rank)
     if rank == 0:
         return empty_branch(*error.shape, device=error.device)
-    basis = hessian if isinstance(hessian, Eigenbasis) else eigenbasis(hessian, damp)
-    projected = (error.double() @ basis.vectors) * basis.root
-    u, s, vh = truncated_svd(projected, rank)
+    basis = _as_basis(hessian, damp)
+    u, s, vh = truncated_svd(_in_scaled_basis(error, basis), rank)
     # Vh lives in the scaled eigenbasis; undo the scaling and the rotation to act on x.
     vh = (vh / basis.root) @ basis.vectors.T
     return _balanced(u, s, vh)
@@ -106,8 +105,16 @@ def error_spectrum(error: Tensor, hessian: Tensor | Eigenbasis | None, damp: flo
     entry i is what the i-th rank removes from ``||E X||^2`` (EoRA) or ``||E||^2`` (LoRC)."""
     if hessian is None:
         return torch.linalg.svdvals(error.float()).double().square()
-    basis = hessian if isinstance(hessian, Eigenbasis) else eigenbasis(hessian, damp)
-    return torch.linalg.svdvals((error.double() @ basis.vectors) * basis.root).square()
+    return torch.linalg.svdvals(_in_scaled_basis(error, _as_basis(hessian, damp))).square()
+
+
+def _as_basis(hessian: Tensor | Eigenbasis, damp: float) -> Eigenbasis:
+    return hessian if isinstance(hessian, Eigenbasis) else eigenbasis(hessian, damp)
+
+
+def _in_scaled_basis(error: Tensor, basis: Eigenbasis) -> Tensor:
+    """``E Q diag(sqrt l)``: the error whose Frobenius norm is ``||E X||``."""
+    return (error.double() @ basis.vectors) * basis.root
 
 
 def allocate_ranks(spectra: dict[str, Tensor], costs: dict[str, int], budget: int, limits: dict[str, int]) -> dict[str, int]:

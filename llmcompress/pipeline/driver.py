@@ -131,7 +131,14 @@ def _group_fold(block: nn.Module, group: list[Target], inputs: BlockInputs, fold
     return folds[key]
 
 
-def _scale_weights(linears: list[nn.Module], scales: Tensor) -> None:
+def _note_group(notes: dict[str, str], group: list[Target], text: str) -> None:
+    notes.update(dict.fromkeys((t.name for t in group), text))
+
+
+def _fold_into_producer(block: nn.Module, fold: Fold, linears: list[nn.Module], scales: Tensor) -> None:
+    """Divide the producer's output by ``scales`` and multiply the layers' input columns by it:
+    the float block computes the same function."""
+    apply_fold(block, fold, scales)
     with torch.no_grad():
         for linear in linears:
             linear.weight.copy_((linear.weight.float() * scales.to(linear.weight.device)).to(linear.weight.dtype))
@@ -145,22 +152,21 @@ def _apply_awq_scales(block: nn.Module, targets: list[Target], groups: list[list
     for group in groups:
         layer_stats = stats.get(group[0].name)
         if layer_stats is None:
-            notes.update(dict.fromkeys((t.name for t in group), "awq: no calibration input reached it"))
+            _note_group(notes, group, "awq: no calibration input reached it")
             continue
         fold = _group_fold(block, group, inputs, folds)
         if fold is None:
-            notes.update(dict.fromkeys((t.name for t in group), "awq: input has no foldable producer, not scaled"))
+            _note_group(notes, group, "awq: input has no foldable producer, not scaled")
             continue
         linears = [block.get_submodule(t.local_name) for t in group]
         search = search_scales([m.weight for m in linears], [t.fmt for t in group], layer_stats.hessian,
                                layer_stats.act_abs_mean, grid=config.awq.grid, duo_scaling=config.awq.duo_scaling)
         if search.alpha is None:
-            notes.update(dict.fromkeys((t.name for t in group), "awq: s=1 was best"))
+            _note_group(notes, group, "awq: s=1 was best")
             continue
-        apply_fold(block, fold, search.scales)
-        _scale_weights(linears, search.scales)
+        _fold_into_producer(block, fold, linears, search.scales)
         gain = search.error / search.error_unscaled if search.error_unscaled > 0 else 1.0
-        notes.update(dict.fromkeys((t.name for t in group), f"awq: a={search.alpha:.2f} into {fold.module} ({fold.kind}), error x{gain:.3f}"))
+        _note_group(notes, group, f"awq: a={search.alpha:.2f} into {fold.module} ({fold.kind}), error x{gain:.3f}")
     return notes
 
 
@@ -177,7 +183,7 @@ def _apply_smoothing(block: nn.Module, targets: list[Target], groups: list[list[
     for group in groups:
         layer_stats = stats.get(group[0].name)
         if layer_stats is None:
-            notes.update(dict.fromkeys((t.name for t in group), "svdquant: no calibration input reached it, not smoothed"))
+            _note_group(notes, group, "svdquant: no calibration input reached it, not smoothed")
             continue
         linears = [block.get_submodule(t.local_name) for t in group]
         act_format = config.act_format(group[0].fmt)
@@ -188,7 +194,7 @@ def _apply_smoothing(block: nn.Module, targets: list[Target], groups: list[list[
         search = search_smoothing([m.weight.detach().float() for m in linears], [t.fmt for t in group], [t.rank for t in group],
                                   layer_stats.act_abs_max, error, grid=config.lowrank.smooth_grid)
         if search.alpha is None:
-            notes.update(dict.fromkeys((t.name for t in group), "svdquant: lambda=1 was best"))
+            _note_group(notes, group, "svdquant: lambda=1 was best")
             continue
         gain = search.error / search.error_unsmoothed if search.error_unsmoothed > 0 else 1.0
         fold = _group_fold(block, group, inputs, folds)
@@ -196,10 +202,9 @@ def _apply_smoothing(block: nn.Module, targets: list[Target], groups: list[list[
             smooths.update(dict.fromkeys((t.name for t in group), search.smooth))
             where = "kept in the layer (no foldable producer)"
         else:
-            apply_fold(block, fold, search.smooth)
-            _scale_weights(linears, search.smooth)
+            _fold_into_producer(block, fold, linears, search.smooth)
             where = f"into {fold.module} ({fold.kind})"
-        notes.update(dict.fromkeys((t.name for t in group), f"svdquant: a={search.alpha:.2f} {where}, error x{gain:.3f}"))
+        _note_group(notes, group, f"svdquant: a={search.alpha:.2f} {where}, error x{gain:.3f}")
     return notes, smooths
 
 
@@ -209,7 +214,13 @@ def _compress_stage(block: nn.Module, stage: list[Target], stats: dict[str, Laye
     started = time.perf_counter()
     linears: list[nn.Linear] = [block.get_submodule(t.local_name) for t in stage]
     originals = [linear.weight.detach().float() for linear in linears]
-    jobs = [LayerJob(target=t, weight=w, hessian=None if stats.get(t.name) is None else stats[t.name].hessian, smooth=smooths.get(t.name))
+    # One H tensor per shared accumulator: layers reading one input (q/k/v) then share it by
+    # identity, which is how the stage stacks them for GPTQ and decomposes H once for EoRA.
+    hessians: dict[int, Tensor] = {}
+    for layer_stats in stats.values():
+        if id(layer_stats) not in hessians:
+            hessians[id(layer_stats)] = layer_stats.hessian
+    jobs = [LayerJob(target=t, weight=w, hessian=hessians[id(stats[t.name])] if t.name in stats else None, smooth=smooths.get(t.name))
             for t, w in zip(stage, originals, strict=True)]
     results = compress_stage(jobs, config)
     seconds = (time.perf_counter() - started) / len(stage)

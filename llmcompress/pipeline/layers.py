@@ -58,7 +58,8 @@ class _Working:
 
 def compress_stage(jobs: list[LayerJob], config: CompressConfig) -> list[LayerResult]:
     """Quantize the stage's layers and fit their branches; results in the jobs' order."""
-    working = [_working(job, config) for job in jobs]
+    smoothed_hessians: dict[tuple[int, int], Tensor] = {}
+    working = [_working(job, config, smoothed_hessians) for job in jobs]
     quantized: list[QuantizedWeight | None] = [None] * len(jobs)
     methods = [""] * len(jobs)
     notes: list[list[str]] = [[] for _ in jobs]
@@ -81,11 +82,17 @@ def compress_stage(jobs: list[LayerJob], config: CompressConfig) -> list[LayerRe
     return results
 
 
-def _working(job: LayerJob, config: CompressConfig) -> _Working:
+def _working(job: LayerJob, config: CompressConfig, smoothed_hessians: dict[tuple[int, int], Tensor]) -> _Working:
+    """``smoothed_hessians`` keeps one smoothed H per (H, smoothing) pair, so that layers that
+    share both also share the result by identity."""
     weight, hessian = job.weight.float(), job.hessian
     if job.smooth is not None:
         weight = weight * job.smooth
-        hessian = None if hessian is None else hessian / torch.outer(job.smooth, job.smooth)
+        if hessian is not None:
+            key = (id(hessian), id(job.smooth))
+            if key not in smoothed_hessians:
+                smoothed_hessians[key] = hessian / torch.outer(job.smooth, job.smooth)
+            hessian = smoothed_hessians[key]
     if not config.uses_svdquant:
         return _Working(target_weight=weight, to_quantize=weight, hessian=hessian)
     branch, residual = svdquant_split(weight, job.target.rank)
@@ -100,16 +107,12 @@ def _batches(jobs: list[LayerJob], working: list[_Working], config: CompressConf
     for index, job in enumerate(jobs):
         previous = batches[-1][-1] if batches else None
         joinable = (config.uses_gptq and previous is not None and job.fmt == jobs[previous].fmt and job.fmt.kind != "nvfp4"
-                    and working[index].hessian is not None and _same(working[index].hessian, working[previous].hessian))
+                    and working[index].hessian is not None and working[index].hessian is working[previous].hessian)
         if joinable:
             batches[-1].append(index)
         else:
             batches.append([index])
     return batches
-
-
-def _same(a: Tensor, b: Tensor) -> bool:
-    return a is b or (a.shape == b.shape and torch.equal(a, b))
 
 
 def _quantize(fmt: QuantFormat, weights: list[Tensor], hessian: Tensor | None, config: CompressConfig) -> tuple[list[QuantizedWeight], str, str]:
