@@ -39,6 +39,8 @@ class CompressedLinear(nn.Module):
             self.register_buffer(name, torch.empty(shape, dtype=tensor_dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         self._dequantized: Tensor | None = None
+        # The fused kernel's layout of the packed tensors, per (device, dtype), built on first use.
+        self._kernel_cache: dict = {}
 
     @classmethod
     def from_quantized(cls, q: QuantizedWeight, fmt: QuantFormat, bias: Tensor | None, branch: LowRank | None = None,
@@ -69,10 +71,11 @@ class CompressedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self._dequantized is not None and self._dequantized.dtype == x.dtype and self._dequantized.device == x.device:
             return compressed_linear_reference(x, self._dequantized, self.packed(), self.layout, self.bias)
-        return quantized_linear(x, self.packed(), self.fmt, self.in_features, self.bias, self.layout)
+        return quantized_linear(x, self.packed(), self.fmt, self.in_features, self.bias, self.layout, self._kernel_cache)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - signature of nn.Module._apply
         packed = {name: self._buffers.pop(name) for name in self.packed_names}
+        self._kernel_cache = {}
         try:
             super()._apply(fn, recurse)
         finally:

@@ -4,9 +4,15 @@ The reference path dequantizes in PyTorch and runs anywhere; it is the definitio
 accelerated kernel must reproduce: ``y = Q(W) q_a(x') + B (A x') + b`` with ``x' = x / smooth``
 where the layer keeps a smoothing vector, and ``q_a`` the activation quantization of W4A4
 layers (identity otherwise).
+
+On CUDA tensors, 4-bit layers run the fused kernels of ``kernels/`` (``llmcompress.cuda``)
+when CuPy is installed and the layer is one they cover; anything else runs the reference, with
+a one-line notice the first time each reason comes up.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import Tensor
@@ -38,7 +44,43 @@ def compressed_linear_reference(x: Tensor, weight: Tensor, tensors: dict[str, Te
     return y
 
 
+_NOTICES: set[str] = set()
+
+
+def _notice(reason: str) -> None:
+    if reason not in _NOTICES:
+        _NOTICES.add(reason)
+        warnings.warn(f"llmcompress: fused CUDA kernel not used ({reason}); running the PyTorch reference", stacklevel=3)
+
+
+def _prepacked(tensors: dict[str, Tensor], fmt: QuantFormat, in_features: int, layout: LayerLayout, x: Tensor,
+               cache: dict) -> object | None:
+    """The layer in kernel layout for x's device and dtype (cached), or None with a notice."""
+    from .cuda import launch, prepack
+
+    key = (x.device, x.dtype)
+    if key not in cache:
+        try:
+            launch.check_device(x.device)
+            launch.check_cupy()
+            cache[key] = prepack.prepack(tensors, fmt, in_features, layout, x.dtype)
+        except (prepack.Unsupported, launch.KernelUnavailable) as reason:
+            cache[key] = str(reason)
+    entry = cache[key]
+    if isinstance(entry, str):
+        _notice(entry)
+        return None
+    return entry
+
+
 def quantized_linear(x: Tensor, tensors: dict[str, Tensor], fmt: QuantFormat, in_features: int, bias: Tensor | None,
-                     layout: LayerLayout = LayerLayout()) -> Tensor:
-    """The layer's output for a packed W. CUDA kernels plug in here (see kernels/)."""
+                     layout: LayerLayout = LayerLayout(), kernel_cache: dict | None = None) -> Tensor:
+    """The layer's output for a packed W: the fused kernel on CUDA where it applies, else the
+    reference. ``kernel_cache`` keeps the prepacked layout per (device, dtype) between calls."""
+    if x.is_cuda:
+        pk = _prepacked(tensors, fmt, in_features, layout, x, {} if kernel_cache is None else kernel_cache)
+        if pk is not None:
+            from .cuda import launch
+
+            return launch.linear(x, pk, None if bias is None else bias.to(x.dtype))
     return compressed_linear_reference(x, dequantize_packed(tensors, fmt, in_features, x.dtype), tensors, layout, bias)

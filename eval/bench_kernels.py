@@ -1,0 +1,202 @@
+"""Time the fused 4-bit + low-rank kernels against FP16 torch.matmul and the unfused path.
+
+    python eval/bench_kernels.py [--json eval/results/bench_kernels_h100.json] [--quick]
+
+For each (N, K), tokens M and rank r it reports microseconds (CUDA events around replays of
+a CUDA graph of many calls, median of many replays, each call reading the next of several
+copies of the weights so that the working set exceeds the L2 cache), achieved GB/s over the
+bytes the call must move, that as a percent of the measured device-to-device copy bandwidth,
+and the speedups over FP16 and over the unfused path (our kernel at rank 0 plus two separate
+low-rank matmuls). ``int4`` is INT4 g128 asymmetric, ``nvfp4`` is NVFP4 (E4M3 per 16 + global).
+Every timing in one table comes from one run on one GPU. Needs a CUDA GPU and CuPy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from llmcompress.config import QuantFormat
+from llmcompress.cuda import launch
+from llmcompress.cuda.prepack import Prepacked, prepack
+from llmcompress.formats import quantize
+from llmcompress.packing import LayerLayout, pack_branch, pack_weight
+
+SHAPES = [(4096, 4096), (8192, 8192), (11008, 4096), (4096, 11008), (28672, 8192)]
+TOKENS = [1, 16, 64, 256]
+RANKS = [0, 32, 64]
+FORMATS = {"int4": QuantFormat(bits=4, group_size=128), "nvfp4": QuantFormat(kind="nvfp4")}
+# Each timed call reads the next copy of the weights; copies together exceed this many bytes
+# (several times the 50 MB L2 of an H100).
+ROTATION_BYTES = 256 * 2**20
+REPLAYS = 25
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read plus written per second (median of 20)."""
+    source = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    times = []
+    for _ in range(22):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        target.copy_(source)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * source.numel() / statistics.median(times[2:])
+
+
+def time_calls(calls: list) -> float:
+    """Median microseconds per call: a CUDA graph replays the calls in turn."""
+    for call in calls:  # warm-up: compiles, allocates the workspace counters
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:
+            call()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, stream=stream):
+            for call in calls:
+                call()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(REPLAYS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    return statistics.median(times)
+
+
+def packed_layer(fmt: QuantFormat, out_features: int, in_features: int, rank: int, dtype: torch.dtype) -> Prepacked:
+    weight = torch.randn(out_features, in_features, device="cuda") * 0.02
+    tensors = pack_weight(quantize(weight, fmt), fmt)
+    if rank:
+        tensors.update(pack_branch(torch.randn(rank, in_features, device="cuda") * 0.02,
+                                   torch.randn(out_features, rank, device="cuda") * 0.02, "float16"))
+    return prepack(tensors, fmt, in_features, LayerLayout(rank=rank), dtype)
+
+
+def copies_of(pk: Prepacked, count: int) -> list[Prepacked]:
+    tensors = ("qweight", "records", "lowrank_a", "lowrank_b")
+    return [pk] + [replace(pk, **{name: getattr(pk, name).clone() for name in tensors if getattr(pk, name) is not None})
+                   for _ in range(count - 1)]
+
+
+def layer_bytes(pk: Prepacked) -> int:
+    tensors = (pk.qweight, pk.records, pk.lowrank_a, pk.lowrank_b)
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def bench_shape(out_features: int, in_features: int, tokens_list: list[int], ranks: list[int], bandwidth: float) -> list[dict]:
+    dtype = torch.float16
+    rows = []
+    dense = torch.randn(out_features, in_features, device="cuda", dtype=dtype) * 0.02
+    dense_copies = [dense] + [dense.clone() for _ in range(max(1, ROTATION_BYTES // dense.nbytes))]
+    layers = {}
+    for name, fmt in FORMATS.items():
+        for rank in ranks:
+            pk = packed_layer(fmt, out_features, in_features, rank, dtype)
+            layers[name, rank] = copies_of(pk, max(2, -(-ROTATION_BYTES // layer_bytes(pk))))
+    for tokens in tokens_list:
+        x = torch.randn(tokens, in_features, device="cuda", dtype=dtype)
+        fp16_us = time_calls([lambda w=w: torch.matmul(x, w.T) for w in dense_copies])
+        for rank in ranks:
+            row = {"N": out_features, "K": in_features, "M": tokens, "rank": rank, "fp16_us": fp16_us}
+            for name in FORMATS:
+                copies = layers[name, rank]
+                row[f"{name}_us"] = time_calls([lambda pk=pk: launch.linear(x, pk, None) for pk in copies])
+                row[f"{name}_path"] = "fused" if tokens <= launch.FUSED_MAX_M else "dequant+cuBLAS"
+                if tokens > launch.FUSED_MAX_M:
+                    row[f"{name}_fused_us"] = time_calls([lambda pk=pk: launch.fused_linear(x, pk, None) for pk in copies])
+                moved = layer_bytes(copies[0]) + 2 * tokens * (in_features + out_features)
+                row[f"{name}_gbps"] = moved / row[f"{name}_us"] / 1e3
+                row[f"{name}_pct_copy_bw"] = 100 * moved / (row[f"{name}_us"] * 1e-6) / bandwidth
+                row[f"{name}_speedup_fp16"] = fp16_us / row[f"{name}_us"]
+            if rank:
+                base = layers["int4", 0]
+                branches = layers["int4", rank]
+                row["unfused_us"] = time_calls([
+                    lambda pk=pk, br=br: launch.linear(x, pk, None) + (x @ br.lowrank_a[:rank].T) @ br.lowrank_b[:out_features, :rank].T
+                    for pk, br in zip(base, branches, strict=False)])
+                row["fused_over_unfused"] = row["unfused_us"] / row["int4_us"]
+                row["branch_overhead_pct"] = 100 * (row["int4_us"] / next(
+                    r["int4_us"] for r in rows if r["M"] == tokens and r["rank"] == 0 and r["N"] == out_features
+                    and r["K"] == in_features) - 1) if 0 in ranks else None
+            rows.append(row)
+            print(format_row(row), flush=True)
+    return rows
+
+
+HEADER = (f"{'N x K':>12} {'M':>4} {'r':>3} | {'fp16 us':>8} {'int4 us':>8} {'GB/s':>6} {'%bw':>5} {'x fp16':>6} "
+          f"{'+br %':>6} {'unfused':>8} {'x unf':>6} | {'nvfp4 us':>8} {'fp4/int4':>8}")
+
+
+def format_row(row: dict) -> str:
+    def num(key: str, width: int, digits: int = 1) -> str:
+        value = row.get(key)
+        return f"{value:>{width}.{digits}f}" if isinstance(value, float) else f"{'-':>{width}}"
+
+    return (f"{row['N']:>5} x {row['K']:<5} {row['M']:>4} {row['rank']:>3} | {num('fp16_us', 8)} {num('int4_us', 8)} "
+            f"{num('int4_gbps', 6, 0)} {num('int4_pct_copy_bw', 5, 0)} {num('int4_speedup_fp16', 6, 2)} "
+            f"{num('branch_overhead_pct', 6)} {num('unfused_us', 8)} {num('fused_over_unfused', 6, 2)} | "
+            f"{num('nvfp4_us', 8)} {row['nvfp4_us'] / row['int4_us']:>8.2f}")
+
+
+def sweep_splits(out_features: int, in_features: int) -> None:
+    """Time the fused kernel at each split-K count (to set launch.fused_plan's heuristic)."""
+    copies = copies_of(packed_layer(FORMATS["int4"], out_features, in_features, 32, torch.float16), 8)
+    for tokens in (1, 16, 64):
+        x = torch.randn(tokens, in_features, device="cuda", dtype=torch.float16)
+        default = launch.fused_plan(copies[0], tokens)["splits"]
+        timings = {splits: time_calls([lambda pk=pk: launch.fused_linear(x, pk, None, splits=splits) for pk in copies])
+                   for splits in (1, 2, 3, 4, 6, 8, 12, 16)}
+        print(f"splits sweep {out_features}x{in_features} M={tokens} (default {default}): "
+              + " ".join(f"{k}:{v:.1f}" for k, v in timings.items()), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", default="eval/results/bench_kernels.json")
+    parser.add_argument("--quick", action="store_true", help="8192 x 8192 only")
+    parser.add_argument("--sweep-splits", action="store_true", help="also time every split-K count at 8192 x 8192")
+    parser.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_kernels.py needs a CUDA GPU")
+    launch.check_cupy()
+    bandwidth = copy_bandwidth()
+    props = torch.cuda.get_device_properties(0)
+    print(f"{props.name}: measured copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
+    if args.sweep_splits:
+        sweep_splits(8192, 8192)
+        sweep_splits(4096, 4096)
+    print(HEADER)
+    rows = []
+    for out_features, in_features in ([(8192, 8192)] if args.quick else SHAPES):
+        rows += bench_shape(out_features, in_features, TOKENS, RANKS, bandwidth)
+    driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True,
+                            check=False).stdout.strip()
+    commit = args.commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+    result = {"gpu": props.name, "driver": driver, "commit": commit, "torch": torch.__version__, "python": platform.python_version(),
+              "copy_bandwidth_gbps": bandwidth / 1e9, "int4_format": FORMATS["int4"].describe(), "dtype": "float16", "rows": rows}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

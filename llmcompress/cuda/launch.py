@@ -1,0 +1,199 @@
+"""Compile ``kernels/w4_linear.cu`` once through CuPy and launch it on PyTorch's current stream.
+
+Tensors cross to CuPy through DLPack (zero-copy, on the same stream, so no synchronisation).
+Dispatch by the number of tokens M: up to ``FUSED_MAX_M`` the fused kernel streams the 4-bit
+weight once; above it the weight is dequantized to 16 bits and cuBLAS does the product, since
+a tensor-core GEMM reuses each weight across many tokens and the 4-bit read stops mattering
+(eval/bench_kernels.py measures where the two cross).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy
+import torch
+from torch import Tensor
+
+from .prepack import K_BLOCK, ROW_TILE, Prepacked
+
+SOURCE = Path(__file__).resolve().parents[2] / "kernels" / "w4_linear.cu"
+THREADS = 256
+ROWS_PER_BLOCK = 128
+CHUNK_BLOCKS = 4  # k-blocks of x staged per shared-memory chunk (CHUNK_KB in the kernel)
+BRANCH_ITEM_BLOCKS = 4  # k-blocks per down-projection item (BRANCH_ITEM_KB)
+X_STRIDE = CHUNK_BLOCKS * K_BLOCK + 8
+TOKEN_TILES = (1, 2, 4, 8)  # MT: mma n-tiles of 8 tokens per block
+FUSED_MAX_M = 8 * TOKEN_TILES[-1]
+# Split-K aims for this many blocks per multiprocessor (two 256-thread blocks are resident at
+# once) but keeps at least MIN_SPLIT_BLOCKS k-blocks per split: measured on an H100 at 4096^2
+# and 8192^2 for M = 1, 16 (eval/bench_kernels.py --sweep-splits).
+BLOCKS_PER_SM = 2
+MIN_SPLIT_BLOCKS = 16
+# Up to 16 tokens the kernel stages a split's whole K-slice of x in shared memory.
+WHOLE_SLICE_MAX_TILES = 2
+MAX_SHARED_BYTES = 200 * 1024
+COUNTER_SLOTS = 4
+MIN_CAPABILITY = (8, 0)  # mma.sync with BF16, ldmatrix
+_NULL = numpy.uint64(0)
+
+
+class KernelUnavailable(RuntimeError):
+    """No fused kernel here (no CuPy, no CUDA source, or an older GPU); use the reference."""
+
+
+# Kernel variant -> (C++ activation type, weight kind) of the source's W4_VARIANT list.
+VARIANTS = {f"{kind}_{suffix}": (ctype, kind_enum) for kind, kind_enum in (("int4", "INT4"), ("int4g32", "INT4_G32"),
+                                                                           ("nvfp4", "NVFP4"), ("mxfp4", "MXFP4"))
+            for suffix, ctype in (("f16", "__half"), ("bf16", "__nv_bfloat16"))}
+
+
+def check_cupy() -> None:
+    try:
+        import cupy  # noqa: F401
+    except ImportError as error:
+        raise KernelUnavailable("CuPy is not installed (pip install -e '.[cuda]')") from error
+    if not SOURCE.is_file():
+        raise KernelUnavailable(f"the kernel source {SOURCE} is missing: install llmcompress from a checkout (pip install -e .)")
+
+
+@functools.cache
+def load_module(variant: str):  # noqa: ANN201 - cupy.RawModule, imported lazily
+    """One variant's kernels, compiled on first use (CuPy caches the binary on disk, keyed by
+    source and options, so later processes load it without compiling)."""
+    check_cupy()
+    import cupy
+
+    ctype, kind = VARIANTS[variant]
+    options = ("-std=c++17", f"-DW4_SUFFIX={variant}", f"-DW4_T={ctype}", f"-DW4_KIND={kind}")
+    return cupy.RawModule(code=SOURCE.read_text(), options=options)
+
+
+def check_device(device: torch.device) -> None:
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_CAPABILITY:
+        raise KernelUnavailable(f"GPU compute capability {capability} < {MIN_CAPABILITY}: the kernel needs mma.sync with BF16")
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+_COUNTERS: dict[tuple[int, int], Tensor] = {}
+
+
+def _counters(device: torch.device, slots: int) -> Tensor:
+    """Zeroed int32 counters, one set per (device, stream): every launch leaves them zeroed."""
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    counters = _COUNTERS.get(key)
+    if counters is None or counters.numel() < slots:
+        counters = torch.zeros(max(slots, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[key] = counters
+    return counters
+
+
+def _suffix(pk: Prepacked) -> str:
+    return f"{pk.kind}_{'f16' if pk.dtype == torch.float16 else 'bf16'}"
+
+
+_STREAMS: dict[int, object] = {}
+
+
+def _stream(device: torch.device):  # noqa: ANN202 - a CuPy stream
+    """PyTorch's current stream as a CuPy stream (kept, so it is wrapped once)."""
+    import cupy
+
+    pointer = torch.cuda.current_stream(device).cuda_stream
+    if pointer not in _STREAMS:
+        _STREAMS[pointer] = cupy.cuda.ExternalStream(pointer)
+    return _STREAMS[pointer]
+
+
+def _arg(tensor: Tensor | None):  # noqa: ANN202 - a CuPy array or a null pointer
+    if tensor is None:
+        return _NULL
+    import cupy
+
+    return cupy.from_dlpack(tensor)
+
+
+def fused_plan(pk: Prepacked, tokens: int, splits: int | None = None) -> dict[str, int]:
+    """Grid decomposition of one fused launch: token tile, K splits, branch items, blocks."""
+    token_tiles = next(mt for mt in TOKEN_TILES if 8 * mt >= min(tokens, FUSED_MAX_M))
+    m_tiles = -(-tokens // (8 * token_tiles))
+    k_blocks = -(-pk.in_features // K_BLOCK)
+    row_tiles = -(-pk.out_features // ROW_TILE)
+    row_blocks = -(-row_tiles // (ROWS_PER_BLOCK // ROW_TILE))
+    tiles = row_blocks * m_tiles
+    if splits is None:
+        target = BLOCKS_PER_SM * _multiprocessors(pk.qweight.device.index)
+        splits = max(1, min(round(target / tiles), k_blocks // MIN_SPLIT_BLOCKS))
+    blocks_per_split = -(-k_blocks // splits)
+    if token_tiles <= WHOLE_SLICE_MAX_TILES:
+        # The staged slice must fit in shared memory: split further if it does not.
+        row_bytes = 8 * token_tiles * 2
+        blocks_per_split = min(blocks_per_split, (MAX_SHARED_BYTES // row_bytes - 8) // K_BLOCK)
+    splits = -(-k_blocks // blocks_per_split)
+    branch_items = -(-k_blocks // BRANCH_ITEM_BLOCKS) if pk.rank else 0
+    return dict(token_tiles=token_tiles, m_tiles=m_tiles, tiles=tiles, splits=splits, blocks_per_split=blocks_per_split,
+                branch_items=branch_items, blocks=branch_items + tiles * splits)
+
+
+def fused_linear(x: Tensor, pk: Prepacked, bias: Tensor | None, out: Tensor | None = None, splits: int | None = None) -> Tensor:
+    """y [M, N] = x [M, K] through the fused kernel (any M; one launch)."""
+    tokens = x.shape[0]
+    plan = fused_plan(pk, tokens, splits)
+    mt = plan["token_tiles"]
+    m_pad = plan["m_tiles"] * 8 * mt
+    n_pad = -(-pk.out_features // ROW_TILE) * ROW_TILE
+    r_pad = 0 if pk.lowrank_a is None else pk.lowrank_a.shape[0]
+    device = x.device
+    y = torch.empty(tokens, pk.out_features, dtype=x.dtype, device=device) if out is None else out
+    counters = _counters(device, COUNTER_SLOTS + plan["tiles"])
+    split_part = torch.empty(plan["splits"] * m_pad * n_pad, dtype=torch.float32, device=device) if plan["splits"] > 1 else None
+    t_part = torch.empty(plan["branch_items"] * m_pad * r_pad, dtype=torch.float32, device=device) if pk.rank else None
+    t_final = torch.empty(m_pad * r_pad, dtype=x.dtype, device=device) if pk.rank else None
+    kernel = load_module(_suffix(pk)).get_function(f"w4_linear_{_suffix(pk)}_mt{mt}")
+    stride = max(plan["blocks_per_split"] * K_BLOCK + 8, X_STRIDE) if mt <= WHOLE_SLICE_MAX_TILES else X_STRIDE
+    shared = 8 * mt * stride * x.element_size()
+    if shared > 48 * 1024:
+        kernel.max_dynamic_shared_size_bytes = shared
+    args = (x, pk.perm, pk.qweight, pk.records, pk.lowrank_a, pk.lowrank_b, bias, y, counters, split_part, t_part, t_final)
+    with _stream(device):
+        kernel((plan["blocks"],), (THREADS,), tuple(_arg(t) for t in args) + (
+            numpy.int32(tokens), numpy.int32(pk.out_features), numpy.int32(pk.in_features), numpy.int32(pk.group_size),
+            numpy.int32(pk.rank), numpy.int32(plan["splits"]), numpy.int32(plan["blocks_per_split"]),
+            numpy.int32(plan["branch_items"]), numpy.float32(pk.out_scale), numpy.int32(pk.scale_shift)), shared_mem=shared)
+    return y
+
+
+def dequantize_prepacked(pk: Prepacked) -> Tensor:
+    """The dense [N, K] weight (columns in prepacked order) in the activation dtype."""
+    w = torch.empty(pk.out_features, pk.in_features, dtype=pk.dtype, device=pk.qweight.device)
+    words = pk.qweight.numel()
+    kernel = load_module(_suffix(pk)).get_function(f"w4_dequant_{_suffix(pk)}")
+    with _stream(w.device):
+        kernel((-(-words // 256),), (256,), (_arg(pk.qweight), _arg(pk.records), _arg(w),
+                                              numpy.int32(pk.out_features), numpy.int32(pk.in_features),
+                                              numpy.int32(pk.group_size), numpy.float32(pk.out_scale), numpy.int32(pk.scale_shift)))
+    return w
+
+
+def dequantized_linear(x: Tensor, pk: Prepacked, bias: Tensor | None) -> Tensor:
+    """The large-M path: dequantize, cuBLAS, then the branch as two small matmuls."""
+    inputs = x if pk.perm is None else x[:, pk.perm.long()]
+    y = inputs @ dequantize_prepacked(pk).T
+    if pk.rank:
+        y = y + (inputs @ pk.lowrank_a[:, : pk.in_features].T) @ pk.lowrank_b[: pk.out_features].T
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+def linear(x: Tensor, pk: Prepacked, bias: Tensor | None) -> Tensor:
+    """y = x W^T + B (A x) + b for x [..., K] on the GPU, by the dispatch rule above."""
+    flat = x.reshape(-1, x.shape[-1])
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    y = fused_linear(flat, pk, bias) if flat.shape[0] <= FUSED_MAX_M else dequantized_linear(flat, pk, bias)
+    return y.reshape(*x.shape[:-1], pk.out_features)

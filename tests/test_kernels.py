@@ -1,0 +1,227 @@
+"""The fused CUDA kernels: the prepacked layout (checked on the CPU against the kernel contract)
+and, on a GPU with CuPy, every kernel against the float32 reference."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from llmcompress.config import QuantFormat
+from llmcompress.formats import E2M1_VALUES, dequantize, quantize
+from llmcompress.methods.lowrank import LowRank
+from llmcompress.nn import CompressedLinear
+from llmcompress.packing import LayerLayout, pack_branch, pack_weight
+from llmcompress.cuda.prepack import (FP4_NIBBLE, FRAGMENT_COL, FRAGMENT_ROW, INT4_MAGIC, INT4_NIBBLE, K_BLOCK, Unsupported,
+                                      prepack)
+
+FORMATS = {
+    "int4-asym-g128": QuantFormat(bits=4, group_size=128),
+    "int4-sym-g128": QuantFormat(bits=4, group_size=128, symmetric=True),
+    "int4-asym-g32": QuantFormat(bits=4, group_size=32),
+    "int4-sym-g64": QuantFormat(bits=4, group_size=64, symmetric=True),
+    "nvfp4": QuantFormat(kind="nvfp4"),
+    "mxfp4": QuantFormat(kind="mxfp4"),
+}
+
+
+def _layer_tensors(out_features: int, in_features: int, fmt: QuantFormat, rank: int, seed: int, device: str = "cpu",
+                   act_order: bool = False) -> tuple[dict, torch.Tensor, LowRank | None]:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=gen) * 0.05
+    q = quantize(weight, fmt)
+    if act_order:
+        # GPTQ's dynamic groups: group g holds a permuted run of group_size columns.
+        order = torch.randperm(in_features, generator=gen)
+        g_idx = torch.empty(in_features, dtype=torch.int32)
+        g_idx[order] = (torch.arange(in_features) // fmt.group_size).to(torch.int32)
+        q = type(q)(codes=q.codes, scales=q.scales, zeros=q.zeros, global_scale=q.global_scale, g_idx=g_idx)
+    tensors = pack_weight(q, fmt)
+    branch = None
+    if rank:
+        branch = LowRank(a=torch.randn(rank, in_features, generator=gen) * 0.05, b=torch.randn(out_features, rank, generator=gen) * 0.05)
+        tensors.update(pack_branch(branch.a, branch.b, "float16"))
+    tensors = {name: t.to(device) for name, t in tensors.items()}
+    return tensors, dequantize(q, fmt).to(device), branch
+
+
+def _emulate(pk) -> torch.Tensor:
+    """The float32 weight [N, K] (prepacked column order) that the kernel contract says the
+    prepacked tensors hold, decoded by the contract's rules rather than the kernel's bit tricks."""
+    rt, kb = pk.qweight.shape[:2]
+    words = pk.qweight.long() & 0xFFFFFFFF
+    nibbles = (words.unsqueeze(-1) >> (4 * torch.arange(8))) & 0xF  # [RT, KB, 32, 4, 8]
+    order = INT4_NIBBLE if pk.kind.startswith("int4") else FP4_NIBBLE
+    elements = nibbles[..., list(order)]
+    lane = torch.arange(32)
+    rows = (lane // 4).unsqueeze(1) + torch.tensor(FRAGMENT_ROW)
+    cols = (2 * (lane % 4)).unsqueeze(1) + torch.tensor(FRAGMENT_COL)
+    tiles = torch.zeros(rt, kb, 4, 16, 16, dtype=torch.long)
+    tiles[:, :, :, rows, cols] = elements.permute(0, 1, 3, 2, 4)
+    codes = tiles.permute(0, 3, 1, 2, 4).reshape(rt * 16, kb * K_BLOCK)
+    row = torch.arange(rt * 16).unsqueeze(1)
+    col = torch.arange(kb * K_BLOCK).unsqueeze(0)
+    gpb = max(1, K_BLOCK // pk.group_size)
+    j = (col % K_BLOCK) // pk.group_size if gpb > 1 else torch.zeros_like(col)
+    # Record of (row tile, k-block, g): [values[0] of rows g, g+8][GPB], then values[1] likewise.
+    record = pk.records[row // 16, col // K_BLOCK, row % 8]  # [Npad, Kpad, bytes]
+    slot = ((row % 16) // 8) * gpb + j
+    if pk.kind.startswith("int4"):
+        values16 = record.view(pk.dtype).float()  # [Npad, Kpad, 2 * 2 * GPB]
+        scale = values16.gather(-1, slot.expand_as(codes).unsqueeze(-1)).squeeze(-1)
+        zero = values16.gather(-1, (slot + 2 * gpb).expand_as(codes).unsqueeze(-1)).squeeze(-1) - INT4_MAGIC[pk.dtype]
+        values = (codes.float() - zero) * scale
+    else:
+        scale = record.gather(-1, slot.expand_as(codes).unsqueeze(-1)).squeeze(-1)
+        magnitude = torch.tensor(E2M1_VALUES)[codes & 7]
+        values = torch.where(codes >= 8, -magnitude, magnitude)
+        if pk.kind == "nvfp4":
+            values = values * scale.view(torch.float8_e4m3fn).float() / 256 * pk.out_scale
+        else:
+            values = values * torch.exp2(scale.float() - pk.scale_shift - 127) * pk.out_scale
+    return values[: pk.out_features, : pk.in_features]
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("shape", [(48, 128), (100, 200), (16, 576)])
+def test_prepacked_layout_holds_the_weight(name: str, shape: tuple[int, int]) -> None:
+    fmt = FORMATS[name]
+    tensors, weight, _ = _layer_tensors(*shape, fmt, rank=0, seed=1)
+    pk = prepack(tensors, fmt, shape[1], LayerLayout(), torch.bfloat16 if name == "nvfp4" else torch.float16)
+    torch.testing.assert_close(_emulate(pk), weight, rtol=2**-8, atol=0)
+
+
+def test_prepack_sorts_act_order_columns_and_the_branch_with_them() -> None:
+    fmt = QuantFormat(bits=4, group_size=32)
+    tensors, weight, branch = _layer_tensors(64, 160, fmt, rank=8, seed=2, act_order=True)
+    pk = prepack(tensors, fmt, 160, LayerLayout(rank=8), torch.float16)
+    perm = pk.perm.long()
+    torch.testing.assert_close(_emulate(pk), weight[:, perm], rtol=2**-10, atol=0)
+    torch.testing.assert_close(pk.lowrank_a[:8, :160].float(), branch.a[:, perm].half().float())
+    assert pk.lowrank_a.shape == (16, 192) and pk.lowrank_b.shape == (64, 16)
+
+
+@pytest.mark.parametrize("fmt, layout, dtype, reason", [
+    (QuantFormat(bits=3, group_size=128), LayerLayout(), torch.float16, "INT3"),
+    (QuantFormat(bits=4, group_size=48), LayerLayout(), torch.float16, "group size 48"),
+    (QuantFormat(bits=4, group_size=16), LayerLayout(), torch.float16, "group size 16"),
+    (QuantFormat(bits=4, group_size=128), LayerLayout(), torch.float32, "float32"),
+    (QuantFormat(bits=4, group_size=128), LayerLayout(smoothed=True), torch.float16, "smoothing"),
+    (QuantFormat(bits=4, group_size=128), LayerLayout(act_format=QuantFormat(bits=4, group_size=64, symmetric=True)),
+     torch.float16, "W4A4"),
+])
+def test_prepack_names_what_the_kernel_does_not_cover(fmt, layout, dtype, reason) -> None:
+    tensors, _, _ = _layer_tensors(32, 192, fmt, rank=0, seed=3)
+    if layout.smoothed:
+        tensors["smooth_scale"] = torch.ones(192)
+    with pytest.raises(Unsupported, match=reason):
+        prepack(tensors, fmt, 192, layout, dtype)
+
+
+def test_compressed_linear_on_cpu_never_touches_the_kernels() -> None:
+    fmt = FORMATS["int4-asym-g128"]
+    tensors, weight, _ = _layer_tensors(32, 128, fmt, rank=0, seed=4)
+    layer = CompressedLinear(128, 32, fmt)
+    layer.load_state_dict(tensors, strict=False)
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(layer(x), x @ weight.T, rtol=1e-4, atol=1e-5)
+    assert layer._kernel_cache == {}
+
+
+# ----------------------------------------------------------------------------- on a GPU
+
+HAS_GPU = torch.cuda.is_available() and importlib.util.find_spec("cupy") is not None
+gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU and CuPy")
+
+GPU_SHAPES = [(576, 576), (1536, 576), (4096, 4096), (11008, 4096), (4096, 11008)]
+GPU_TOKENS = [1, 3, 16, 64, 129]
+GPU_RANKS = [0, 16, 32, 64]
+TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _reference(x: torch.Tensor, weight: torch.Tensor, branch: LowRank | None, bias: torch.Tensor) -> torch.Tensor:
+    y = x.float() @ weight.float().T + bias.float()
+    if branch is not None:
+        a, b = branch.a.half().float().to(x.device), branch.b.half().float().to(x.device)
+        y = y + (x.float() @ a.T) @ b.T
+    return y
+
+
+def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref).norm() / ref.norm())
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_fused_kernel_matches_float32_reference(name: str, dtype: torch.dtype) -> None:
+    from llmcompress.cuda import launch
+
+    fmt = FORMATS[name]
+    failures = []
+    seed = 0
+    for out_features, in_features in GPU_SHAPES:
+        for rank in GPU_RANKS:
+            seed += 1
+            tensors, weight, branch = _layer_tensors(out_features, in_features, fmt, rank, seed, device="cuda")
+            pk = prepack(tensors, fmt, in_features, LayerLayout(rank=rank), dtype)
+            bias = torch.randn(out_features, device="cuda").to(dtype)
+            for tokens in GPU_TOKENS:
+                x = torch.randn(tokens, in_features, device="cuda").to(dtype)
+                ref = _reference(x, weight, branch, bias)
+                out = torch.full((tokens, out_features), float("nan"), dtype=dtype, device="cuda")
+                y = launch.fused_linear(x, pk, bias, out=out)
+                dispatched = launch.linear(x, pk, bias)
+                for path, result in (("fused", y), ("dispatch", dispatched)):
+                    error = _relative_error(result, ref)
+                    if not torch.isfinite(result).all() or error > TOLERANCE[dtype]:
+                        failures.append(f"{path} N={out_features} K={in_features} r={rank} M={tokens}: error {error:.2e}")
+    assert not failures, "\n".join(failures[:20])
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, 2, 3, 7])
+def test_split_k_and_odd_shapes_agree(splits: int) -> None:
+    from llmcompress.cuda import launch
+
+    for fmt, shape, act_order in ((QuantFormat(bits=4, group_size=32), (100, 200), True),
+                                  (QuantFormat(bits=4, group_size=-1), (48, 1000), False),
+                                  (QuantFormat(kind="nvfp4"), (24, 1040), False)):
+        tensors, weight, branch = _layer_tensors(*shape, fmt, rank=24, seed=splits, device="cuda", act_order=act_order)
+        pk = prepack(tensors, fmt, shape[1], LayerLayout(rank=24), torch.float16)
+        x = torch.randn(5, shape[1], device="cuda").half()
+        bias = torch.zeros(shape[0], device="cuda").half()
+        y = launch.fused_linear(x, pk, bias, splits=splits)
+        assert _relative_error(y, _reference(x, weight, branch, bias)) < 2e-3
+
+
+@gpu
+@pytest.mark.gpu
+def test_repeated_launches_are_deterministic() -> None:
+    from llmcompress.cuda import launch
+
+    fmt = FORMATS["int4-asym-g128"]
+    tensors, _, _ = _layer_tensors(4096, 4096, fmt, rank=32, seed=9, device="cuda")
+    pk = prepack(tensors, fmt, 4096, LayerLayout(rank=32), torch.float16)
+    x = torch.randn(16, 4096, device="cuda").half()
+    first = launch.fused_linear(x, pk, None)
+    for _ in range(20):
+        assert torch.equal(launch.fused_linear(x, pk, None), first)
+
+
+@gpu
+@pytest.mark.gpu
+def test_compressed_linear_uses_the_kernel_on_cuda(recwarn) -> None:
+    fmt = FORMATS["int4-asym-g128"]
+    gen = torch.Generator().manual_seed(5)
+    q = quantize(torch.randn(256, 512, generator=gen) * 0.05, fmt)
+    branch = LowRank(a=torch.randn(16, 512, generator=gen) * 0.05, b=torch.randn(256, 16, generator=gen) * 0.05)
+    layer = CompressedLinear.from_quantized(q, fmt, None, branch=branch).cuda()
+    x = torch.randn(2, 7, 512, device="cuda").half()
+    y = layer(x)
+    assert layer._kernel_cache and not [w for w in recwarn if "fused CUDA kernel" in str(w.message)]
+    expected = layer.cpu()(x.float().cpu())
+    assert _relative_error(y.cpu(), expected) < 2e-3
