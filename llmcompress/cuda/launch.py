@@ -26,8 +26,8 @@ BRANCH_ITEM_BLOCKS = 4  # k-blocks per down-projection item (BRANCH_ITEM_KB)
 X_STRIDE = CHUNK_BLOCKS * K_BLOCK + 8
 TOKEN_TILES = (1, 2, 4, 8)  # MT: mma n-tiles of 8 tokens per block
 FUSED_MAX_M = 8 * TOKEN_TILES[-1]
-# Split-K aims for this many blocks per multiprocessor (two 256-thread blocks are resident at
-# once) but keeps at least MIN_SPLIT_BLOCKS k-blocks per split: measured on an H100 at 4096^2
+# Split-K aims for this many blocks per multiprocessor (two 256-thread blocks of 110 registers
+# are resident at once, per ncu) but keeps at least MIN_SPLIT_BLOCKS k-blocks per split: measured on an H100 at 4096^2
 # and 8192^2 for M = 1, 16 (eval/bench_kernels.py --sweep-splits).
 BLOCKS_PER_SM = 2
 MIN_SPLIT_BLOCKS = 16
@@ -127,16 +127,18 @@ def fused_plan(pk: Prepacked, tokens: int, splits: int | None = None) -> dict[st
     row_tiles = -(-pk.out_features // ROW_TILE)
     row_blocks = -(-row_tiles // (ROWS_PER_BLOCK // ROW_TILE))
     tiles = row_blocks * m_tiles
+    branch_items = -(-k_blocks // BRANCH_ITEM_BLOCKS) if pk.rank else 0
     if splits is None:
-        target = BLOCKS_PER_SM * _multiprocessors(pk.qweight.device.index)
-        splits = max(1, min(round(target / tiles), k_blocks // MIN_SPLIT_BLOCKS))
+        # One wave: a grid larger than what is resident at once leaves a partial second wave,
+        # which ncu measured as up to half the time (8192^2, rank 32: 288 blocks for 264 slots).
+        wave = BLOCKS_PER_SM * _multiprocessors(pk.qweight.device.index)
+        splits = max(1, min(round(wave / tiles), (wave - branch_items) // tiles, k_blocks // MIN_SPLIT_BLOCKS))
     blocks_per_split = -(-k_blocks // splits)
     if token_tiles <= WHOLE_SLICE_MAX_TILES:
         # The staged slice must fit in shared memory: split further if it does not.
         row_bytes = 8 * token_tiles * 2
         blocks_per_split = min(blocks_per_split, (MAX_SHARED_BYTES // row_bytes - 8) // K_BLOCK)
     splits = -(-k_blocks // blocks_per_split)
-    branch_items = -(-k_blocks // BRANCH_ITEM_BLOCKS) if pk.rank else 0
     return dict(token_tiles=token_tiles, m_tiles=m_tiles, tiles=tiles, splits=splits, blocks_per_split=blocks_per_split,
                 branch_items=branch_items, blocks=branch_items + tiles * splits)
 
