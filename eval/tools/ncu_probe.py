@@ -1,3 +1,8 @@
+"""Three launches of the fused kernel (INT4 g128, 8192 x 8192, M = 1, rank 32), for a profiler:
+
+    ncu --kernel-name regex:w4_linear --launch-skip 2 --launch-count 1 --section SpeedOfLight \
+        --section WarpStateStats --section Occupancy python3 eval/tools/ncu_probe.py
+"""
 import torch
 from llmcompress.config import QuantFormat
 from llmcompress.cuda import launch
