@@ -25,8 +25,8 @@
  *   perm     int32 [Kpad] or null: x's column feeding prepacked column k (act-order g_idx).
  *   lr_a     T [Rpad][Kpad] (A, permuted like W, zero-padded), lr_b T [Npad][Rpad], Rpad % 16 == 0.
  *   bias     T [N] or null.   x: T [M][K], row-major, contiguous.   y: T [M][N].
- *   out_scale: float multiplying the low-bit product (NVFP4: 256 / global scale; MXFP4 with FP16:
- *            2^shift, see prepack; else 1).
+ *   out_scale: float multiplying the low-bit product (NVFP4: 256 / global scale; MXFP4:
+ *            2^scale_shift, see record_params; INT4: 1).
  *
  * Work decomposition, one launch of 256-thread blocks (8 warps, one 16-row tile each): the
  * blocks claim work items in order from a counter (so every claimed item belongs to a running
