@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from bench_kernels import time_calls  # eval/ is on sys.path when this file runs as a script
 from llmcompress.config import QuantFormat
 from llmcompress.formats import quantize
 from llmcompress.methods.lowrank import LowRank
@@ -75,27 +75,7 @@ def step_microseconds(blocks: nn.ModuleList, replays: int) -> float:
         return h
 
     with torch.no_grad():
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            step()
-            torch.cuda.synchronize()
-            with torch.cuda.graph(graph, stream=stream):
-                step()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(replays):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+        return time_calls([step], replays)
 
 
 def main() -> None:

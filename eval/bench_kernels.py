@@ -54,7 +54,7 @@ def copy_bandwidth() -> float:
     return 2 * source.numel() / statistics.median(times[2:])
 
 
-def time_calls(calls: list) -> float:
+def time_calls(calls: list, replays: int = REPLAYS) -> float:
     """Median microseconds per call: a CUDA graph replays the calls in turn."""
     for call in calls:  # warm-up: compiles, allocates the workspace counters
         call()
@@ -71,7 +71,7 @@ def time_calls(calls: list) -> float:
                 call()
     torch.cuda.synchronize()
     times = []
-    for _ in range(REPLAYS):
+    for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()

@@ -238,6 +238,32 @@ __device__ void stage_x(T* xs, const T* __restrict__ x, const int* __restrict__ 
     }
 }
 
+// Where a lane's four mma accumulators (rows n, n+8 of the output tile; tokens m, m+1) sit in a
+// row-major [tokens][stride] float matrix.
+__device__ __forceinline__ void fragment_offsets(int m, int n, int stride, size_t (&at)[4]) {
+    at[0] = (size_t)m * stride + n;
+    at[1] = (size_t)(m + 1) * stride + n;
+    at[2] = (size_t)m * stride + n + 8;
+    at[3] = (size_t)(m + 1) * stride + n + 8;
+}
+
+__device__ __forceinline__ void store_fragment(float* __restrict__ out, int m, int n, int stride, const float (&acc)[4]) {
+    size_t at[4];
+    fragment_offsets(m, n, stride, at);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) out[at[e]] = acc[e];
+}
+
+// A lane's A fragment of one 16-column step k from a plain row-major T matrix (rows g, g+8 at
+// row_g, row_g8, already offset by 2t).
+template <typename T>
+__device__ __forceinline__ void load_dense_fragment(const T* row_g, const T* row_g8, int k, unsigned (&frag)[4]) {
+    frag[0] = __ldg(reinterpret_cast<const unsigned*>(row_g + k));
+    frag[1] = __ldg(reinterpret_cast<const unsigned*>(row_g8 + k));
+    frag[2] = __ldg(reinterpret_cast<const unsigned*>(row_g + k + 8));
+    frag[3] = __ldg(reinterpret_cast<const unsigned*>(row_g8 + k + 8));
+}
+
 // One warp: acc[j] += A_tile(16 rows at a_row0) x xs^T over chunk columns [0, nkb*64), with A
 // a plain row-major T matrix of row stride lda (the branch's factors).
 template <typename T, int MT>
@@ -248,14 +274,8 @@ __device__ __forceinline__ void dense_tile_mma(float (&acc)[MT][4], const T* __r
     const T* row_g8 = row_g + 8 * (size_t)lda;
     for (int s16 = 0; s16 < nkb * 4; s16 += 2) {
         unsigned frag[2][4];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            int k = (s16 + h) * 16;
-            frag[h][0] = __ldg(reinterpret_cast<const unsigned*>(row_g + k));
-            frag[h][1] = __ldg(reinterpret_cast<const unsigned*>(row_g8 + k));
-            frag[h][2] = __ldg(reinterpret_cast<const unsigned*>(row_g + k + 8));
-            frag[h][3] = __ldg(reinterpret_cast<const unsigned*>(row_g8 + k + 8));
-        }
+        load_dense_fragment(row_g, row_g8, s16 * 16, frag[0]);
+        load_dense_fragment(row_g, row_g8, (s16 + 1) * 16, frag[1]);
 #pragma unroll
         for (int j = 0; j < MT; ++j) {
             unsigned b[4];
@@ -284,15 +304,9 @@ __device__ void branch_down_item(int item, const T* __restrict__ x, const int* _
                 if (rt < p.Rpad / 16) dense_tile_mma<T, MT>(acc, lr_a, p.Kpad, rt * 16, kb0 * KBLOCK, xs, nkb);
             }
             if (rt < p.Rpad / 16) {
-                float* out = t_part + (size_t)item * p.Mpad * p.Rpad;
 #pragma unroll
-                for (int j = 0; j < MT; ++j) {
-                    int m = m0 + 8 * j + 2 * t, r = rt * 16 + g;
-                    out[(size_t)m * p.Rpad + r] = acc[j][0];
-                    out[(size_t)(m + 1) * p.Rpad + r] = acc[j][1];
-                    out[(size_t)m * p.Rpad + r + 8] = acc[j][2];
-                    out[(size_t)(m + 1) * p.Rpad + r + 8] = acc[j][3];
-                }
+                for (int j = 0; j < MT; ++j)
+                    store_fragment(t_part + (size_t)item * p.Mpad * p.Rpad, m0 + 8 * j + 2 * t, rt * 16 + g, p.Rpad, acc[j]);
             }
         }
     }
@@ -402,15 +416,9 @@ __device__ void main_item(int item, const T* __restrict__ x, const int* __restri
     __shared__ int finisher;
     if (p.splits > 1) {
         if (active) {
-            float* out = split_part + (size_t)split * p.Mpad * p.Npad;
 #pragma unroll
-            for (int j = 0; j < MT; ++j) {
-                int m = m0 + 8 * j + 2 * t, n = rt * 16 + g;
-                out[(size_t)m * p.Npad + n] = acc[j][0];
-                out[(size_t)(m + 1) * p.Npad + n] = acc[j][1];
-                out[(size_t)m * p.Npad + n + 8] = acc[j][2];
-                out[(size_t)(m + 1) * p.Npad + n + 8] = acc[j][3];
-            }
+            for (int j = 0; j < MT; ++j)
+                store_fragment(split_part + (size_t)split * p.Mpad * p.Npad, m0 + 8 * j + 2 * t, rt * 16 + g, p.Npad, acc[j]);
         }
         __threadfence();
         __syncthreads();
@@ -424,9 +432,8 @@ __device__ void main_item(int item, const T* __restrict__ x, const int* __restri
         if (active) {
 #pragma unroll
             for (int j = 0; j < MT; ++j) {
-                int m = m0 + 8 * j + 2 * t, n = rt * 16 + g;
-                size_t at[4] = {(size_t)m * p.Npad + n, (size_t)(m + 1) * p.Npad + n, (size_t)m * p.Npad + n + 8,
-                                (size_t)(m + 1) * p.Npad + n + 8};
+                size_t at[4];
+                fragment_offsets(m0 + 8 * j + 2 * t, rt * 16 + g, p.Npad, at);
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     float sum = 0.0f;
@@ -457,9 +464,8 @@ __device__ void main_item(int item, const T* __restrict__ x, const int* __restri
             const T* row_g = lr_b + (size_t)(rt * 16 + g) * p.Rpad + 2 * t;
             const T* row_g8 = row_g + 8 * (size_t)p.Rpad;
             for (int k = 0; k < p.Rpad; k += 16) {
-                unsigned a[4] = {__ldg(reinterpret_cast<const unsigned*>(row_g + k)), __ldg(reinterpret_cast<const unsigned*>(row_g8 + k)),
-                                 __ldg(reinterpret_cast<const unsigned*>(row_g + k + 8)),
-                                 __ldg(reinterpret_cast<const unsigned*>(row_g8 + k + 8))};
+                unsigned a[4];
+                load_dense_fragment(row_g, row_g8, k, a);
 #pragma unroll
                 for (int jt = 0; jt < MT; ++jt) {
                     unsigned b[4];
