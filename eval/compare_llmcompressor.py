@@ -1,7 +1,10 @@
-"""Our GPTQ / AWQ against vLLM's llm-compressor on the same model, windows and evaluation.
+"""Our GPTQ / AWQ / Wanda / SparseGPT against vLLM's llm-compressor on the same model, windows
+and evaluation.
 
     python eval/compare_llmcompressor.py --lc-python /path/to/venv/bin/python \
         [--formats w4g64,w4g64s,w3g64] [--methods gptq,awq] [--nsamples 128] [--seqlen 512]
+    python eval/compare_llmcompressor.py --lc-python ... --methods none \
+        --prune-methods wanda,sparsegpt --patterns unstructured,2:4 [--sparsity 0.5]
 
 llm-compressor lives in its own virtual environment (it pins its own transformers):
     python3 -m venv lcvenv && lcvenv/bin/pip install torch==2.13.0 llmcompressor
@@ -11,7 +14,9 @@ exits 0, so it can sit in any pipeline.
 Both toolkits get the very same token windows (drawn here with our seeded sampler), and
 perplexity is measured by this repository's ``llmcompress.evaluate`` in both environments,
 so the protocol is identical. llm-compressor's GPTQ runs with its defaults (static act-order,
-dampening 0.01, block 128); its AWQ is ``AWQModifier`` followed by ``QuantizationModifier``. On a machine
+dampening 0.01, block 128); its AWQ is ``AWQModifier`` followed by ``QuantizationModifier``; its pruning is
+``WandaPruningModifier`` / ``SparseGPTModifier`` (defaults: block 128, dampening 0.01), weights
+left in 16 bits, and ours prunes alone (``--bits 16``) with its defaults. On a machine
 without a GPU its AWQ needs the activation cache's (speed-only) memory pinning turned off, and
 float32 calibration (float16 gives NaN losses on the CPU); its GPTQ calibrates in float16.
 Everything is evaluated in float16.
@@ -32,6 +37,7 @@ from pathlib import Path
 import torch
 
 from llmcompress.calib import calibration_windows
+from llmcompress.config import PruneConfig
 from llmcompress.models import default_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,6 +52,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmcompressor import oneshot
 from llmcompressor.modifiers.gptq import GPTQModifier
+from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 from llmcompressor.modifiers.quantization import QuantizationModifier
 from llmcompressor.modifiers.transform.awq import AWQModifier
 from llmcompressor.pipelines.cache import IntermediatesCache
@@ -59,13 +66,19 @@ windows = torch.load(args["windows"])
 # AWQ calibrates in float32: llm-compressor 0.14's AWQ grid search yields NaN losses in float16
 # on the CPU (the weights come from float16, so float32 holds them exactly). GPTQ runs in
 # float16 like ours, so that its time is not inflated by slower float32 forwards.
-calibration_dtype = torch.float16 if args["method"] == "gptq" else torch.float32
+calibration_dtype = torch.float32 if args["method"] == "awq" else torch.float16
 model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=calibration_dtype)
 tokenizer = AutoTokenizer.from_pretrained(args["model"])
 dataset = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
-scheme = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": args["bits"], "type": "int", "symmetric": args["symmetric"],
-                                                         "strategy": "group", "group_size": args["group_size"]}}}
-if args["method"] == "gptq":
+scheme = {"group_0": {"targets": ["Linear"], "weights": {"num_bits": args.get("bits"), "type": "int", "symmetric": args.get("symmetric"),
+                                                         "strategy": "group", "group_size": args.get("group_size")}}}
+if args["method"] in ("wanda", "sparsegpt"):
+    # llm-compressor writes N:M as "pruned:group" ("2:4" prunes 2 of 4) and unstructured as "0:0".
+    n_m = args["pattern"].split(":") if args["pattern"] != "unstructured" else None
+    structure = "0:0" if n_m is None else f"{int(n_m[1]) - int(n_m[0])}:{n_m[1]}"
+    modifier = WandaPruningModifier if args["method"] == "wanda" else SparseGPTModifier
+    recipe = [modifier(sparsity=args["sparsity"], mask_structure=structure, targets=["Linear"], ignore=["lm_head"])]
+elif args["method"] == "gptq":
     recipe = [GPTQModifier(config_groups=scheme, ignore=["lm_head"])]
 else:
     recipe = [AWQModifier(duo_scaling=True), QuantizationModifier(config_groups=scheme, ignore=["lm_head"])]
@@ -92,8 +105,11 @@ def _llmcompressor_available(python: str | None) -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lc-python", default=None, help="python of a virtual environment with llmcompressor")
-    parser.add_argument("--methods", default="gptq,awq")
+    parser.add_argument("--methods", default="gptq,awq", help="quantization methods, or none")
     parser.add_argument("--formats", default="w4g64,w4g64s,w3g64")
+    parser.add_argument("--prune-methods", default="", help="wanda,sparsegpt (weights left in 16 bits)")
+    parser.add_argument("--patterns", default="unstructured,2:4")
+    parser.add_argument("--sparsity", type=float, default=0.5, help="for unstructured patterns")
     quant_methods.add_protocol_arguments(parser)
     parser.add_argument("--json", default="eval/results/compare_llmcompressor.json")
     args = parser.parse_args()
@@ -106,36 +122,46 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     windows = calibration_windows(args.calib, AutoTokenizer.from_pretrained(model_dir), args.nsamples, args.seqlen, seed=0)
+    common = {"repo": str(REPO), "model": model_dir, "text": args.text, "eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows or None}
+    pairs = []  # (method, setting, llm-compressor's job, our run_one job)
+    for spec in args.formats.split(",") if args.methods != "none" else []:
+        fmt = quant_methods.parse_format(spec)
+        for method in args.methods.split(","):
+            theirs = {"method": method, "bits": fmt.bits, "symmetric": fmt.symmetric, "group_size": fmt.group_size}
+            pairs.append((method, spec, theirs, {"method": method, "format": spec}))
+    for pattern in args.patterns.split(",") if args.prune_methods else []:
+        sparsity = args.sparsity if pattern == "unstructured" else None
+        setting = f"{sparsity:.0%} unstructured" if sparsity is not None else pattern
+        for method in args.prune_methods.split(","):
+            prune = {"method": method, "pattern": pattern, "sparsity": sparsity}
+            theirs = {"method": method, "pattern": pattern, "sparsity": PruneConfig(**prune).sparsity}
+            pairs.append((method, setting, theirs, {"method": "rtn", "format": "16bit", "prune": prune}))
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         windows_file = Path(scratch) / "windows.pt"
         torch.save(windows, windows_file)
-        for spec in args.formats.split(","):
-            fmt = quant_methods.parse_format(spec)
-            for method in args.methods.split(","):
-                job = {"repo": str(REPO), "windows": str(windows_file), "model": model_dir, "method": method, "bits": fmt.bits,
-                       "symmetric": fmt.symmetric, "group_size": fmt.group_size, "text": args.text,
-                       "eval_seqlen": args.eval_seqlen, "eval_windows": args.eval_windows or None}
-                started = time.perf_counter()
-                done = subprocess.run([args.lc_python, "-c", DRIVER, json.dumps(job)], capture_output=True, text=True)
-                lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-                if done.returncode != 0 or not lines:
-                    print(f"llm-compressor {method} {spec} failed after {time.perf_counter() - started:.0f} s:\n{done.stderr[-2000:]}")
-                    rows.append({"toolkit": "llm-compressor", "method": method, "format": spec, "error": done.stderr[-2000:]})
-                else:
-                    rows.append({"toolkit": "llm-compressor", "method": method, "format": spec, **json.loads(lines[-1][7:])})
-                ours = {**quant_methods.protocol_job(args, model_dir), "method": method, "format": spec}
-                with multiprocessing.get_context("spawn").Pool(1) as pool:
-                    rows.append({"toolkit": "llmcompress", **pool.apply(quant_methods.run_one, (ours,))})
-                for row in rows[-2:]:
-                    print(f"{row['toolkit']:15s} {method:5s} {spec:8s} ppl {row.get('perplexity', float('nan')):8.3f}  "
-                          f"{row.get('compress_seconds', float('nan')):7.1f} s  {row.get('peak_rss_mb', float('nan')):6.0f} MB", flush=True)
+        for method, setting, theirs, ours in pairs:
+            job = {**common, **theirs, "windows": str(windows_file)}
+            started = time.perf_counter()
+            done = subprocess.run([args.lc_python, "-c", DRIVER, json.dumps(job)], capture_output=True, text=True)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode != 0 or not lines:
+                print(f"llm-compressor {method} {setting} failed after {time.perf_counter() - started:.0f} s:\n{done.stderr[-2000:]}")
+                rows.append({"toolkit": "llm-compressor", "method": method, "setting": setting, "error": done.stderr[-2000:]})
+            else:
+                rows.append({"toolkit": "llm-compressor", "method": method, "setting": setting, **json.loads(lines[-1][7:])})
+            ours_job = {**quant_methods.protocol_job(args, model_dir), **ours}
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                rows.append({"toolkit": "llmcompress", "setting": setting, **pool.apply(quant_methods.run_one, (ours_job,)), "method": method})
+            for row in rows[-2:]:
+                print(f"{row['toolkit']:15s} {method:9s} {setting:16s} ppl {row.get('perplexity', float('nan')):8.3f}  "
+                      f"{row.get('compress_seconds', float('nan')):7.1f} s  {row.get('peak_rss_mb', float('nan')):6.0f} MB", flush=True)
 
     print(f"\n{next((r['protocol'] for r in rows if 'protocol' in r), '')}; calibration {args.calib}, {args.nsamples} x {args.seqlen} tokens\n")
-    print("| method | format | llm-compressor ppl | llmcompress ppl | llm-compressor time (s) | llmcompress time (s) |")
+    print("| method | setting | llm-compressor ppl | llmcompress ppl | llm-compressor time (s) | llmcompress time (s) |")
     print("|---|---|---:|---:|---:|---:|")
     for theirs, ours in zip(rows[0::2], rows[1::2]):
-        print(f"| {ours['method']} | {ours['format']} | {theirs.get('perplexity', float('nan')):.3f} | {ours['perplexity']:.3f} | "
+        print(f"| {ours['method']} | {ours['setting']} | {theirs.get('perplexity', float('nan')):.3f} | {ours['perplexity']:.3f} | "
               f"{theirs.get('compress_seconds', float('nan')):.1f} | {ours['compress_seconds']:.1f} |")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"rows": rows, "python": sys.version}, indent=2))

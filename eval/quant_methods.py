@@ -18,36 +18,42 @@ import platform
 import re
 import resource
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 import llmcompress
-from llmcompress import CalibConfig, CompressConfig, LowRankConfig, QuantFormat
+from llmcompress import CalibConfig, CompressConfig, LowRankConfig, PruneConfig, QuantFormat
 from llmcompress.evaluate import perplexity
 from llmcompress.models import load_model
 from llmcompress.summary import size_summary
 
 
-def parse_format(spec: str) -> QuantFormat:
+def parse_format(spec: str) -> QuantFormat | None:
+    """``16bit`` (None: no quantization, for pruning alone), wBgG[s], nvfp4 or mxfp4."""
+    if spec == "16bit":
+        return None
     if spec in ("nvfp4", "mxfp4"):
         return QuantFormat(kind=spec)
     match = re.fullmatch(r"w(\d)g(-?\d+)(s?)", spec)
     if not match:
-        raise SystemExit(f"format {spec!r}: expected wBgG[s] (e.g. w4g128, w3g64s), nvfp4 or mxfp4")
+        raise SystemExit(f"format {spec!r}: expected wBgG[s] (e.g. w4g128, w3g64s), nvfp4, mxfp4 or 16bit")
     return QuantFormat(bits=int(match[1]), group_size=int(match[2]), symmetric=bool(match[3]))
 
 
 def run_one(job: dict) -> dict:
-    """One configuration in a fresh process: compress, evaluate, report time and peak memory."""
+    """One configuration in a fresh process: compress, evaluate, report time and peak memory.
+    With ``job["disk"]`` the checkpoint is also written, and its bytes on disk reported."""
     torch.manual_seed(0)
     model, tokenizer = load_model(job["model"])
-    row = {"method": job["method"], "format": job["format"]}
+    row = {"method": job["method"], "format": job["format"], "prune": job.get("prune", {}), "lowrank": job.get("lowrank", {})}
     if job["method"] != "float":
         config = CompressConfig(quant=parse_format(job["format"]), method=job["method"],
                                 calib=CalibConfig(source=job["calib"], nsamples=job["nsamples"], seqlen=job["seqlen"]),
-                                lowrank=LowRankConfig(**job.get("lowrank", {})), act_bits=job.get("act_bits"))
+                                lowrank=LowRankConfig(**job.get("lowrank", {})), act_bits=job.get("act_bits"),
+                                prune=PruneConfig(**job.get("prune", {})))
         started = time.perf_counter()
         llmcompress.compress(model, config, calibration=job["calib"] if config.needs_calibration else None, tokenizer=tokenizer, progress=False)
         row["compress_seconds"] = time.perf_counter() - started
@@ -56,6 +62,14 @@ def run_one(job: dict) -> dict:
         layers = model.compression_report.layers
         errors = [r.output_error for r in layers if r.output_error is not None]
         row["mean_layer_output_error"] = sum(errors) / len(errors) if errors else None
+    if job.get("disk"):
+        with tempfile.TemporaryDirectory() as scratch:
+            written = Path(scratch) / "model"
+            if job["method"] == "float":
+                model.save_pretrained(written)
+            else:
+                llmcompress.checkpoint.save(model, written, model.llmcompress_config)
+            row["disk_bytes"] = sum(f.stat().st_size for f in written.glob("*.safetensors"))
     result = perplexity(model, tokenizer, job["text"], seqlen=job["eval_seqlen"], max_windows=job["eval_windows"], progress=False)
     row.update(perplexity=result.perplexity, protocol=result.protocol,
                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

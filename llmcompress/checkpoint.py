@@ -4,8 +4,9 @@ Layout of a checkpoint directory:
 
 - ``config.json``: the model's Hugging Face config plus ``quantization_config`` =
   ``{"quant_method": "llmcompress", "format_version": 1, "config": <CompressConfig>,
-  "modules": {name: {"format": <QuantFormat>, "in_features", "out_features", "g_idx",
-  "layout": <LayerLayout: low-rank rank and dtype, smoothing, activation format>}},
+  "modules": {name: {"format": <QuantFormat, or null for a 16-bit N:M sparse weight>,
+  "in_features", "out_features", "g_idx", "layout": <LayerLayout: low-rank rank and dtype,
+  smoothing, activation format, N:M sparse storage>}},
   "tied": {dropped: kept}}``. It is written last: a directory without it is unfinished.
 - ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``:
   every tensor in its stored dtype; quantized layers hold the packed tensors of ``packing``.
@@ -33,7 +34,7 @@ from .config import CompressConfig, QuantFormat, _from_dict
 from .errors import CheckpointError, ConfigError
 from .fileio import staged_directory
 from .nn import CompressedLinear
-from .packing import LayerLayout
+from .packing import LayerLayout, packed_spec
 
 QUANT_METHOD = "llmcompress"
 FORMAT_VERSION = 1
@@ -75,7 +76,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, config: CompressConfig, t
     out = check_output_dir(out_dir, overwrite)
     tensors, tied = unique_state_dict(model)
     modules = {
-        name: {"format": dataclasses.asdict(m.fmt), "in_features": m.in_features, "out_features": m.out_features, "g_idx": m.has_g_idx,
+        name: {"format": None if m.fmt is None else dataclasses.asdict(m.fmt), "in_features": m.in_features, "out_features": m.out_features, "g_idx": m.has_g_idx,
                "layout": dataclasses.asdict(m.layout)}
         for name, m in model.named_modules() if isinstance(m, CompressedLinear)
     }
@@ -197,9 +198,10 @@ def _install_compressed(model: nn.Module, name: str, entry: dict, dtype: torch.d
     except AttributeError as err:
         raise CheckpointError(f"config lists quantized module {name}, which this model architecture does not have: the checkpoint is corrupt") from err
     try:
-        fmt = _from_dict(QuantFormat, entry["format"])
+        fmt = None if entry["format"] is None else _from_dict(QuantFormat, entry["format"])
         layout = _from_dict(LayerLayout, entry.get("layout", {}))
-    except (ConfigError, KeyError, TypeError) as err:
+        packed_spec(fmt, entry["out_features"], entry["in_features"], layout=layout)
+    except (ConfigError, KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"config entry of quantized module {name} is invalid ({err}): the checkpoint is corrupt") from err
     if (original.in_features, original.out_features) != (entry["in_features"], entry["out_features"]):
         raise CheckpointError(f"{name} is {entry['out_features']}x{entry['in_features']} in the checkpoint but {original.out_features}x{original.in_features} in the model config")

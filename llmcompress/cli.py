@@ -21,12 +21,14 @@ from .config import (
     FORMAT_KINDS,
     LOWRANK_METHODS,
     METHODS,
+    PRUNE_METHODS,
     AWQConfig,
     CalibConfig,
     CompressConfig,
     GPTQConfig,
     LowRankConfig,
     ModuleOverride,
+    PruneConfig,
     QuantFormat,
 )
 from .errors import ConfigError, LLMCompressError
@@ -90,6 +92,11 @@ def _parse_override(text: str) -> ModuleOverride:
 @click.option("--lowrank-dtype", type=click.Choice(["float16", "int8"]), default="float16", show_default=True, help="Storage of the branch factors.")
 @click.option("--act-bits", type=click.Choice([str(b) for b in ACT_BITS]), default=None,
               help="Quantize the activations entering the low-bit matmul (W4A4 with 4; FP4 weights use FP4 activations).")
+@click.option("--prune", "prune_method", type=click.Choice(PRUNE_METHODS), default=None,
+              help="Prune before quantizing: smallest |w|, Wanda (|w| x input norm) or SparseGPT (Hessian updates).")
+@click.option("--sparsity", type=float, default=None, help="Fraction of weights removed, in [0, 1) [default: 0.5; N:M fixes it].")
+@click.option("--pattern", default="unstructured", show_default=True, metavar="unstructured|N:M",
+              help="Unstructured (per row) or N:M along the inputs, e.g. 2:4 (stored compact) or 4:8.")
 @click.option("--skip", "skips", multiple=True, metavar="REGEX", help="Leave matching modules unquantized (repeatable).")
 @click.option("--override", "overrides", multiple=True, metavar="REGEX:k=v,...", help="Other bits/group_size/symmetric/kind for matching modules (repeatable).")
 @click.option("--calib", default=None, metavar="SOURCE", help="Calibration text: austen:train, FILE.txt, FILE.jsonl, hf:NAME, none [default: austen:train when the method needs data, else none].")
@@ -105,7 +112,7 @@ def _parse_override(text: str) -> ModuleOverride:
 def run(model: str | None, out_dir: str | None, overwrite: bool, kind: str, bits: int, group_size: int | None,
         symmetric: bool | None, method: str, act_order: bool, static_groups: bool, damp: float, awq_grid: int, no_awq_clip: bool,
         rank: int, lowrank_method: str | None, lowrank_alloc: str, lowrank_dtype: str, act_bits: str | None,
-        skips: tuple[str, ...], overrides: tuple[str, ...], calib: str | None,
+        prune_method: str | None, sparsity: float | None, pattern: str, skips: tuple[str, ...], overrides: tuple[str, ...], calib: str | None,
         nsamples: int, seqlen: int, seed: int, batch_size: int, run_eval: bool, eval_text: str, eval_seqlen: int,
         eval_windows: int, device: str) -> None:
     """Compress MODEL (a Hugging Face directory, a .gguf file or a hub id; default: the bundled
@@ -122,6 +129,7 @@ def run(model: str | None, out_dir: str | None, overwrite: bool, kind: str, bits
             awq=AWQConfig(grid=awq_grid, clip=not no_awq_clip),
             lowrank=LowRankConfig(rank=rank, method=lowrank_method, alloc=lowrank_alloc, dtype=lowrank_dtype),
             act_bits=None if act_bits is None else int(act_bits),
+            prune=PruneConfig(method=prune_method, sparsity=sparsity, pattern=pattern),
         )
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda, but PyTorch sees no CUDA GPU: use --device cpu")
@@ -136,7 +144,8 @@ def run(model: str | None, out_dir: str | None, overwrite: bool, kind: str, bits
         data = "data-free" if not config.needs_calibration and (calib is None or config.calib.is_none) else f"calibration {calib or config.calib.source}"
         branch = f", {config.lowrank.method} rank {rank} ({lowrank_alloc})" if config.wants_lowrank else ""
         activations = f", activations {config.act_format(quant).describe()}" if quant and config.act_bits else ""
-        click.echo(f"compressing: {quant.describe() if quant else '16-bit'}, method {method}{branch}{activations}, {data}")
+        pruning = f", pruning {config.prune.describe()}" if config.prune.enabled else ""
+        click.echo(f"compressing: {quant.describe() if quant else '16-bit'}, method {method}{pruning}{branch}{activations}, {data}")
         compressed = compress_model(float_model, config, calibration=calib, tokenizer=tokenizer, device=device)
         after_ppl = _evaluate(compressed, tokenizer, "compressed model", eval_text, eval_seqlen, eval_limit) if run_eval else None
         after = size_summary(compressed)
@@ -151,7 +160,7 @@ def run(model: str | None, out_dir: str | None, overwrite: bool, kind: str, bits
         checkpoint.save(compressed, out, compressed.llmcompress_config, tokenizer=tokenizer, report=report, overwrite=overwrite)
     except LLMCompressError as err:
         raise click.ClickException(str(err)) from err
-    click.echo(_summary_table(before, after, before_ppl, after_ppl, time.perf_counter() - started, out))
+    click.echo(_summary_table(before, after, before_ppl, after_ppl, time.perf_counter() - started, out, config.prune))
 
 
 def _default_out_dir(model: str | None, config: CompressConfig) -> str:
@@ -159,7 +168,9 @@ def _default_out_dir(model: str | None, config: CompressConfig) -> str:
     tag = re.sub(r"[^a-z0-9]+", "-", (config.quant.describe() if config.quant else "16bit").lower()).strip("-")
     branch = f"-{config.lowrank.method}{config.lowrank.rank}" if config.wants_lowrank else ""
     activations = f"-a{config.act_bits}" if config.act_bits else ""
-    return str(Path("out") / f"{name}-{tag}-{config.method}{branch}{activations}")
+    pruning = f"-{config.prune.method}-{config.prune.pattern.replace(':', 'of') if config.prune.n_m else f's{round(config.prune.sparsity * 100)}'}" if config.prune.enabled else ""
+    method = f"-{config.method}" if config.quant else ""
+    return str(Path("out") / f"{name}-{tag}{method}{pruning}{branch}{activations}")
 
 
 def _target_names(model: torch.nn.Module, config: CompressConfig) -> list[str]:
@@ -175,7 +186,7 @@ def _evaluate(model, tokenizer, label: str, text: str, seqlen: int, windows: int
 
 
 def _summary_table(before: SizeSummary, after: SizeSummary, before_ppl: PerplexityResult | None,
-                   after_ppl: PerplexityResult | None, seconds: float, out: Path) -> str:
+                   after_ppl: PerplexityResult | None, seconds: float, out: Path, prune: PruneConfig) -> str:
     rows = [
         ("quantized layers: weights", f"{before.layer_parameters:,}", f"{after.layer_parameters:,}"),
         ("quantized layers: bytes", _mb(before.layer_bytes), _mb(after.layer_bytes)),
@@ -192,9 +203,20 @@ def _summary_table(before: SizeSummary, after: SizeSummary, before_ppl: Perplexi
     lines += [f"{name:{width}}  {b:>14}  {a:>14}" for name, b, a in rows]
     if after_ppl:
         lines.append(f"perplexity protocol: {after_ppl.protocol}")
+    if prune.enabled:
+        lines.append(_sparsity_note(prune))
     lines.append(f"wall time: {seconds:.1f} s")
     lines.append(f"wrote: {out}")
     return "\n".join(lines)
+
+
+def _sparsity_note(prune: PruneConfig) -> str:
+    """What the sparsity buys, honestly: only N:M is stored compact, and no kernel here skips zeros."""
+    if prune.n_m is None:
+        return (f"sparsity: {prune.sparsity:.0%} unstructured, stored dense (the zeros take as many bytes as any weight): "
+                "no size or speed gain from it")
+    return (f"sparsity: {prune.pattern}, stored compact (kept weights plus a 1-bit position mask); "
+            "no speed gain: layers decompress to dense before the matmul")
 
 
 def _mb(nbytes: int) -> str:

@@ -29,6 +29,9 @@ LowRankMethod = Literal["eora", "lorc", "svdquant"]
 LOWRANK_METHODS: tuple[str, ...] = typing.get_args(LowRankMethod)
 RankAllocation = Literal["uniform", "energy"]
 LowRankDtype = Literal["float16", "int8"]
+PruneMethod = Literal["magnitude", "wanda", "sparsegpt"]
+PRUNE_METHODS: tuple[str, ...] = typing.get_args(PruneMethod)
+UNSTRUCTURED = "unstructured"
 ACT_BITS = (4, 8)
 # SVDQuant's W4A4 groups INT4 activations by 64 along the input; FP4 activations use the
 # weight's own FP4 format.
@@ -238,6 +241,62 @@ class LowRankConfig:
 
 
 @dataclass(frozen=True)
+class PruneConfig:
+    """Which weights are set to zero before quantization.
+
+    ``pattern`` is ``unstructured`` (every output row loses the same number of weights,
+    ``floor(sparsity * in_features)``) or ``N:M`` such as ``2:4`` (every M consecutive inputs of
+    a row keep exactly N). N:M fixes the sparsity at ``1 - N/M``, so ``sparsity`` may be left
+    None there; for unstructured it defaults to 0.5."""
+
+    method: PruneMethod | None = None
+    sparsity: float | None = None
+    pattern: str = UNSTRUCTURED
+
+    def __post_init__(self) -> None:
+        owner = "PruneConfig"
+        if self.method is not None and self.method not in PRUNE_METHODS:
+            _fail(owner, "method", self.method, f"one of {', '.join(PRUNE_METHODS)}")
+        n_m = self._parse_pattern()
+        if self.sparsity is not None and (isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float))
+                                          or not 0 <= self.sparsity < 1):
+            _fail(owner, "sparsity", self.sparsity, "a fraction in [0, 1), e.g. 0.5 (1.0 would remove every weight)")
+        if n_m is None:
+            object.__setattr__(self, "sparsity", 0.5 if self.sparsity is None else float(self.sparsity))
+        else:
+            implied = 1 - n_m[0] / n_m[1]
+            if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
+                _fail(owner, "sparsity", self.sparsity, f"pattern {self.pattern} fixes the sparsity at {implied:g}; leave it out or give {implied:g}")
+            object.__setattr__(self, "sparsity", implied)
+
+    def _parse_pattern(self) -> tuple[int, int] | None:
+        if self.pattern == UNSTRUCTURED:
+            return None
+        match = re.fullmatch(r"(\d+):(\d+)", str(self.pattern))
+        if match is None:
+            _fail("PruneConfig", "pattern", self.pattern, "unstructured or N:M such as 2:4 or 4:8")
+        n, m = int(match.group(1)), int(match.group(2))
+        if not 0 < n < m:
+            _fail("PruneConfig", "pattern", self.pattern, "N:M keeps N of every M inputs, so 0 < N < M (e.g. 2:4)")
+        return n, m
+
+    @property
+    def enabled(self) -> bool:
+        return self.method is not None
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        """(N, M) for an N:M pattern, None for unstructured."""
+        return self._parse_pattern()
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "none"
+        shape = self.pattern if self.n_m else f"{self.sparsity:.0%} unstructured"
+        return f"{self.method} {shape}"
+
+
+@dataclass(frozen=True)
 class CompressConfig:
     """One compression job. ``quant=None`` keeps weights in 16 bits (for passes that only prune)."""
 
@@ -249,6 +308,7 @@ class CompressConfig:
     awq: AWQConfig = field(default_factory=AWQConfig)
     lowrank: LowRankConfig = field(default_factory=LowRankConfig)
     act_bits: int | None = None
+    prune: PruneConfig = field(default_factory=PruneConfig)
 
     def __post_init__(self) -> None:
         owner = "CompressConfig"
@@ -256,12 +316,16 @@ class CompressConfig:
             _fail(owner, "method", self.method, f"one of {', '.join(METHODS)}")
         if self.quant is None and self.method != "rtn":
             _fail(owner, "method", self.method, "a quantization method needs a format; with quant=None use method='rtn'")
+        if self.quant is None and not self.prune.enabled:
+            _fail(owner, "quant", None, "16-bit weights (--bits 16) with no pruning leave nothing to do: give a format, or a pruning method (--prune)")
         if self.lowrank.method is None:
             object.__setattr__(self, "lowrank", dataclasses.replace(self.lowrank, method="lorc" if self.calib.is_none else "eora"))
         if self.wants_lowrank and self.quant is None:
             _fail(owner, "lowrank", self.lowrank, "a low-rank branch corrects quantization error, so it needs a format (--bits)")
         if self.wants_lowrank and self.lowrank.method != "lorc" and self.calib.is_none:
             _fail(owner, "lowrank", self.lowrank, f"{self.lowrank.method} fits the branch on calibration activations: give calibration text, or use method lorc")
+        if self.prune.method in ("wanda", "sparsegpt") and self.calib.is_none:
+            _fail(owner, "prune", self.prune, f"{self.prune.method} scores weights by calibration activations: give calibration text, or prune by magnitude")
         if self.uses_svdquant and self.uses_awq:
             _fail(owner, "method", self.method, "SVDQuant's smoothing replaces AWQ's scaling: use rtn or gptq under svdquant")
         if self.act_bits is not None:
@@ -275,21 +339,25 @@ class CompressConfig:
                 # Builds the merged format now, so a bad combination fails before any work.
                 override.apply(self.quant)
 
+    def _override_for(self, module_name: str) -> ModuleOverride | None:
+        return next((o for o in self.overrides if o.matches(module_name)), None)
+
+    def is_target(self, module_name: str) -> bool:
+        """Whether the module is compressed at all (quantized, pruned, or both)."""
+        override = self._override_for(module_name)
+        return not (override is not None and override.skip) and (self.quant is not None or self.prune.enabled)
+
     def format_for(self, module_name: str) -> QuantFormat | None:
-        """The format a module gets, or None where it stays in its original precision."""
+        """The format a module gets, or None where its weight stays in 16 bits."""
         if self.quant is None:
             return None
-        for override in self.overrides:
-            if override.matches(module_name):
-                return override.apply(self.quant)
-        return self.quant
+        override = self._override_for(module_name)
+        return self.quant if override is None else override.apply(self.quant)
 
     def rank_for(self, module_name: str) -> int:
         """The low-rank branch's rank for a module (0: none); the first matching override wins."""
-        for override in self.overrides:
-            if override.matches(module_name):
-                return self.lowrank.rank if override.rank is None else override.rank
-        return self.lowrank.rank
+        override = self._override_for(module_name)
+        return self.lowrank.rank if override is None or override.rank is None else override.rank
 
     def act_format(self, weight_format: QuantFormat) -> QuantFormat | None:
         """How a layer's activations are quantized on the way into its low-bit matmul, if at all."""
@@ -309,7 +377,8 @@ class CompressConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method != "rtn" or (self.wants_lowrank and self.lowrank.method != "lorc")
+        return (self.method != "rtn" or (self.wants_lowrank and self.lowrank.method != "lorc")
+                or self.prune.method in ("wanda", "sparsegpt"))
 
     @property
     def uses_gptq(self) -> bool:

@@ -12,19 +12,20 @@ from .config import QuantFormat
 from .formats import QuantizedWeight
 from .methods.lowrank import LowRank
 from .ops import compressed_linear_reference, dequantize_packed, quantized_linear
-from .packing import LayerLayout, pack_branch, pack_weight, packed_spec
+from .packing import LayerLayout, pack_branch, pack_sparse_values, pack_weight, packed_spec
 
 
 class CompressedLinear(nn.Module):
     """A linear layer whose weight is stored packed (codes, scales, zero points), optionally with
-    a 16-bit low-rank branch, a smoothing vector and quantized activations (``LayerLayout``).
+    a 16-bit low-rank branch, a smoothing vector, quantized activations and N:M sparse storage
+    (``LayerLayout``). ``fmt=None`` is a 16-bit weight stored N:M sparse (pruning alone).
 
     The packed tensors are buffers, so they travel with ``state_dict`` and ``.to(device)``;
     ``.to(dtype)`` / ``.half()`` leave them untouched (a dtype cast of a packed scale would
     silently change the weight), and convert only the bias.
     """
 
-    def __init__(self, in_features: int, out_features: int, fmt: QuantFormat, bias: bool = False,
+    def __init__(self, in_features: int, out_features: int, fmt: QuantFormat | None, bias: bool = False,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, has_g_idx: bool = False,
                  layout: LayerLayout = LayerLayout()) -> None:
         super().__init__()
@@ -44,18 +45,32 @@ class CompressedLinear(nn.Module):
 
     @classmethod
     def from_quantized(cls, q: QuantizedWeight, fmt: QuantFormat, bias: Tensor | None, branch: LowRank | None = None,
-                       lowrank_dtype: str = "float16", smooth: Tensor | None = None, act_format: QuantFormat | None = None) -> CompressedLinear:
-        """The layer for a quantized weight, plus a branch ``b @ a`` on its (smoothed) inputs."""
+                       lowrank_dtype: str = "float16", smooth: Tensor | None = None, act_format: QuantFormat | None = None,
+                       sparsity: str | None = None, mask: Tensor | None = None) -> CompressedLinear:
+        """The layer for a quantized weight, plus a branch ``b @ a`` on its (smoothed) inputs;
+        with ``sparsity="N:M"`` only the codes ``mask`` keeps are stored."""
         out_features, in_features = q.shape
         rank = 0 if branch is None else branch.rank
-        layout = LayerLayout(rank=rank, lowrank_dtype=lowrank_dtype, smoothed=smooth is not None, act_format=act_format)
-        layer = cls(in_features, out_features, fmt, bias=bias is not None,
-                    dtype=bias.dtype if bias is not None else torch.float32, device="meta", has_g_idx=q.g_idx is not None, layout=layout)
-        tensors = pack_weight(q, fmt)
+        layout = LayerLayout(rank=rank, lowrank_dtype=lowrank_dtype, smoothed=smooth is not None, act_format=act_format, sparsity=sparsity)
+        tensors = pack_weight(q, fmt, layout, mask)
         if rank:
             tensors.update(pack_branch(branch.a, branch.b, lowrank_dtype))
         if smooth is not None:
             tensors["smooth_scale"] = smooth.float()
+        return cls._assemble(fmt, out_features, in_features, bias, q.g_idx is not None, layout, tensors)
+
+    @classmethod
+    def from_pruned(cls, weight: Tensor, mask: Tensor, sparsity: str, bias: Tensor | None) -> CompressedLinear:
+        """A 16-bit weight pruned N:M, stored as its kept values (in the weight's dtype) and a bitmask."""
+        out_features, in_features = weight.shape
+        layout = LayerLayout(sparsity=sparsity, values_dtype=str(weight.dtype).replace("torch.", ""))
+        return cls._assemble(None, out_features, in_features, bias, False, layout, pack_sparse_values(weight, mask, layout))
+
+    @classmethod
+    def _assemble(cls, fmt: QuantFormat | None, out_features: int, in_features: int, bias: Tensor | None, has_g_idx: bool,
+                  layout: LayerLayout, tensors: dict[str, Tensor]) -> CompressedLinear:
+        layer = cls(in_features, out_features, fmt, bias=bias is not None,
+                    dtype=bias.dtype if bias is not None else torch.float32, device="meta", has_g_idx=has_g_idx, layout=layout)
         for name, tensor in tensors.items():
             layer._buffers[name] = tensor.contiguous()
         if bias is not None:
@@ -66,7 +81,7 @@ class CompressedLinear(nn.Module):
         return {name: self._buffers[name] for name in self.packed_names}
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        return dequantize_packed(self.packed(), self.fmt, self.in_features, dtype)
+        return dequantize_packed(self.packed(), self.fmt, self.in_features, dtype, self.layout)
 
     def forward(self, x: Tensor) -> Tensor:
         if self._dequantized is not None and self._dequantized.dtype == x.dtype and self._dequantized.device == x.device:
@@ -87,7 +102,7 @@ class CompressedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         extras = "".join(f", {part}" for part in ("act-order" if self.has_g_idx else "", self.layout.describe()) if part)
-        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.describe()}{extras}, bias={self.bias is not None}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt.describe() if self.fmt else '16-bit'}{extras}, bias={self.bias is not None}"
 
 
 @contextmanager

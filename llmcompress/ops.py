@@ -19,12 +19,16 @@ from torch import Tensor
 
 from .config import QuantFormat
 from .formats import dequantize, fake_quantize
-from .packing import LayerLayout, unpack_branch, unpack_weight
+from .packing import LayerLayout, unpack_branch, unpack_sparse_values, unpack_weight
 
 
-def dequantize_packed(tensors: dict[str, Tensor], fmt: QuantFormat, in_features: int, dtype: torch.dtype) -> Tensor:
-    """The [N, K] weight that one layer's packed tensors represent, in ``dtype``."""
-    return dequantize(unpack_weight(tensors, fmt, in_features), fmt, dtype)
+def dequantize_packed(tensors: dict[str, Tensor], fmt: QuantFormat | None, in_features: int, dtype: torch.dtype,
+                      layout: LayerLayout = LayerLayout()) -> Tensor:
+    """The [N, K] weight that one layer's packed tensors represent, in ``dtype`` (``fmt=None``:
+    a 16-bit N:M sparse weight)."""
+    if fmt is None:
+        return unpack_sparse_values(tensors, in_features, dtype)
+    return dequantize(unpack_weight(tensors, fmt, in_features, layout), fmt, dtype)
 
 
 def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -73,14 +77,14 @@ def _prepacked(tensors: dict[str, Tensor], fmt: QuantFormat, in_features: int, l
     return entry
 
 
-def quantized_linear(x: Tensor, tensors: dict[str, Tensor], fmt: QuantFormat, in_features: int, bias: Tensor | None,
+def quantized_linear(x: Tensor, tensors: dict[str, Tensor], fmt: QuantFormat | None, in_features: int, bias: Tensor | None,
                      layout: LayerLayout = LayerLayout(), kernel_cache: dict | None = None) -> Tensor:
     """The layer's output for a packed W: the fused kernel on CUDA where it applies, else the
     reference. ``kernel_cache`` keeps the prepacked layout per (device, dtype) between calls."""
-    if x.is_cuda:
+    if x.is_cuda and fmt is not None:
         pk = _prepacked(tensors, fmt, in_features, layout, x, {} if kernel_cache is None else kernel_cache)
         if pk is not None:
             from .cuda import launch
 
             return launch.linear(x, pk, None if bias is None else bias.to(x.dtype))
-    return compressed_linear_reference(x, dequantize_packed(tensors, fmt, in_features, x.dtype), tensors, layout, bias)
+    return compressed_linear_reference(x, dequantize_packed(tensors, fmt, in_features, x.dtype, layout), tensors, layout, bias)

@@ -20,16 +20,24 @@ and, as the layer's ``LayerLayout`` says:
   one float16 scale per row in ``lowrank_a_scale`` [r] and ``lowrank_b_scale`` [N]
 - ``smooth_scale``: float32 [K], SVDQuant's smoothing where it could not be folded away: the
   layer computes on ``x / smooth_scale``
+- N:M sparse layers (``sparsity="2:4"``) store only the kept weights: ``weight_packed`` holds
+  the K*N/M kept codes of each row in column order (scales and zero points still cover the
+  K columns' groups), and ``weight_bitmask`` uint8 [N, ceil(K/8)] marks the kept positions,
+  bit j % 8 of byte j // 8 (LSB first), one bit per weight, the size of 2:4's 2-bit indices and
+  the layout of compressed-tensors' ``sparse-24-bitmask``. A pruned layer that stays in 16 bits
+  stores its kept values as ``weight_values`` [N, K*N/M] instead of codes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import re
+
 import torch
 from torch import Tensor
 
-from .config import QuantFormat
+from .config import PER_CHANNEL, QuantFormat
 from .formats import QuantizedWeight, num_groups
 
 WORD_BITS = 32
@@ -103,19 +111,50 @@ class LayerLayout:
     lowrank_dtype: str = "float16"
     smoothed: bool = False
     act_format: QuantFormat | None = None
+    # "N:M" where the weight is stored compact (kept values + bitmask); None: dense.
+    sparsity: str | None = None
+    # The dtype of ``weight_values`` for layers whose weight stays 16-bit.
+    values_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        if self.sparsity is not None and re.fullmatch(r"\d+:\d+", self.sparsity) is None:
+            raise ValueError(f"layout sparsity {self.sparsity!r} is not N:M")
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        if self.sparsity is None:
+            return None
+        n, m = self.sparsity.split(":")
+        return int(n), int(m)
+
+    def stored_columns(self, in_features: int) -> int:
+        """Weights stored per row: all K, or the K*N/M kept ones of an N:M layer."""
+        if self.n_m is None:
+            return in_features
+        n, m = self.n_m
+        return in_features // m * n
 
     def describe(self) -> str:
         parts = [f"rank {self.rank} ({self.lowrank_dtype})" if self.rank else "",
                  "smoothed" if self.smoothed else "",
-                 f"activations {self.act_format.describe()}" if self.act_format else ""]
+                 f"activations {self.act_format.describe()}" if self.act_format else "",
+                 f"{self.sparsity} sparse" if self.sparsity else ""]
         return ", ".join(p for p in parts if p)
 
 
-def packed_spec(fmt: QuantFormat, out_features: int, in_features: int, has_g_idx: bool = False,
+def packed_spec(fmt: QuantFormat | None, out_features: int, in_features: int, has_g_idx: bool = False,
                 layout: LayerLayout = LayerLayout()) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Names, shapes and dtypes of the tensors one layer stores: used to allocate before loading
-    and to check a checkpoint before trusting it."""
-    spec = _value_spec(fmt, out_features, in_features)
+    and to check a checkpoint before trusting it. ``fmt=None``: a 16-bit N:M sparse weight."""
+    stored = layout.stored_columns(in_features)
+    if fmt is None:
+        if layout.sparsity is None:
+            raise ValueError("a layer without a quantization format is stored only as an N:M sparse weight")
+        spec = {"weight_values": ((out_features, stored), getattr(torch, layout.values_dtype))}
+    else:
+        spec = _value_spec(fmt, out_features, in_features, stored)
+    if layout.sparsity is not None:
+        spec["weight_bitmask"] = ((out_features, -(-in_features // 8)), torch.uint8)
     if has_g_idx:
         spec["weight_g_idx"] = ((in_features,), torch.int32)
     if layout.rank:
@@ -152,21 +191,21 @@ def unpack_branch(tensors: dict[str, Tensor], dtype: torch.dtype) -> tuple[Tenso
     return factors[0], factors[1]
 
 
-def _value_spec(fmt: QuantFormat, out_features: int, in_features: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def _value_spec(fmt: QuantFormat, out_features: int, in_features: int, stored: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     groups = num_groups(fmt, in_features)
     if fmt.kind == "nvfp4":
         return {
-            "weight_packed": ((out_features, -(-in_features // 2)), torch.uint8),
+            "weight_packed": ((out_features, -(-stored // 2)), torch.uint8),
             "weight_scale": ((out_features, groups), torch.float8_e4m3fn),
             "weight_global_scale": ((1,), torch.float32),
         }
     if fmt.kind == "mxfp4":
         return {
-            "weight_packed": ((out_features, -(-in_features // 2)), torch.uint8),
+            "weight_packed": ((out_features, -(-stored // 2)), torch.uint8),
             "weight_scale": ((out_features, groups), torch.uint8),
         }
     spec = {
-        "weight_packed": ((out_features, packed_words(in_features, fmt.bits)), torch.int32),
+        "weight_packed": ((out_features, packed_words(stored, fmt.bits)), torch.int32),
         "weight_scale": ((out_features, groups), torch.float16),
     }
     if not fmt.symmetric:
@@ -174,34 +213,92 @@ def _value_spec(fmt: QuantFormat, out_features: int, in_features: int) -> dict[s
     return spec
 
 
-def pack_weight(q: QuantizedWeight, fmt: QuantFormat) -> dict[str, Tensor]:
+def pack_bits(mask: Tensor) -> Tensor:
+    """bool [..., K] -> uint8 [..., ceil(K/8)], bit j % 8 of byte j // 8 (LSB first)."""
+    count = mask.shape[-1]
+    padded = torch.nn.functional.pad(mask.to(torch.uint8), (0, -count % 8))
+    weights = 2 ** torch.arange(8, device=mask.device, dtype=torch.int32)
+    return (padded.reshape(*mask.shape[:-1], -1, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: Tensor, count: int) -> Tensor:
+    """uint8 [..., ceil(K/8)] -> bool [..., count]; the inverse of ``pack_bits``."""
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int32)
+    bits = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(*packed.shape[:-1], -1)[..., :count].bool()
+
+
+def kept_values(values: Tensor, mask: Tensor, layout: LayerLayout) -> Tensor:
+    """The kept entries of [N, K] ``values`` as [N, K*N/M], checking the mask is N:M exactly."""
+    rows, in_features = values.shape
+    n, m = layout.n_m
+    if in_features % m or (mask.reshape(rows, -1, m).sum(-1) != n).any():
+        raise ValueError(f"the mask is not {layout.sparsity}: every run of {m} inputs must keep exactly {n}")
+    return values[mask].reshape(rows, layout.stored_columns(in_features))
+
+
+def pack_weight(q: QuantizedWeight, fmt: QuantFormat, layout: LayerLayout = LayerLayout(), mask: Tensor | None = None) -> dict[str, Tensor]:
+    """The stored tensors of a quantized weight; N:M layouts keep only the codes ``mask`` keeps."""
+    codes = q.codes
+    if layout.sparsity is not None:
+        if mask is None:
+            raise ValueError(f"an {layout.sparsity} sparse layout needs the pruning mask")
+        codes = kept_values(codes, mask, layout)
     if fmt.is_fp4:
-        tensors = {"weight_packed": pack_nibbles(q.codes), "weight_scale": q.scales}
+        tensors = {"weight_packed": pack_nibbles(codes), "weight_scale": q.scales}
         if q.global_scale is not None:
             tensors["weight_global_scale"] = q.global_scale
     else:
-        tensors = {"weight_packed": pack_int(q.codes, fmt.bits), "weight_scale": q.scales}
+        tensors = {"weight_packed": pack_int(codes, fmt.bits), "weight_scale": q.scales}
         if q.zeros is not None:
             tensors["weight_zero_point"] = pack_int(q.zeros, fmt.bits)
     if q.g_idx is not None:
         tensors["weight_g_idx"] = q.g_idx.to(torch.int32)
+    if layout.sparsity is not None:
+        tensors["weight_bitmask"] = pack_bits(mask)
     return tensors
 
 
-def unpack_weight(tensors: dict[str, Tensor], fmt: QuantFormat, in_features: int) -> QuantizedWeight:
+def pack_sparse_values(weight: Tensor, mask: Tensor, layout: LayerLayout) -> dict[str, Tensor]:
+    """The stored tensors of a 16-bit N:M sparse weight."""
+    return {"weight_values": kept_values(weight, mask, layout).to(getattr(torch, layout.values_dtype)),
+            "weight_bitmask": pack_bits(mask)}
+
+
+def unpack_sparse_values(tensors: dict[str, Tensor], in_features: int, dtype: torch.dtype) -> Tensor:
+    """The dense [N, K] weight of a 16-bit N:M sparse layer, zeros where pruned."""
+    mask = unpack_bits(tensors["weight_bitmask"], in_features)
+    dense = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    dense[mask] = tensors["weight_values"].reshape(-1).to(dtype)
+    return dense
+
+
+def unpack_weight(tensors: dict[str, Tensor], fmt: QuantFormat, in_features: int, layout: LayerLayout = LayerLayout()) -> QuantizedWeight:
+    """The canonical dense codes; pruned positions of an N:M layer get the code of zero."""
     scales = tensors["weight_scale"]
     g_idx = tensors.get("weight_g_idx")
-    if fmt.is_fp4:
-        return QuantizedWeight(
-            codes=unpack_nibbles(tensors["weight_packed"], in_features),
-            scales=scales,
-            global_scale=tensors.get("weight_global_scale"),
-            g_idx=g_idx,
-        )
+    stored = layout.stored_columns(in_features)
     zeros = tensors.get("weight_zero_point")
-    return QuantizedWeight(
-        codes=unpack_int(tensors["weight_packed"], fmt.bits, in_features),
-        scales=scales,
-        zeros=None if zeros is None else unpack_int(zeros, fmt.bits, scales.shape[1]),
-        g_idx=g_idx,
-    )
+    zeros = None if zeros is None or fmt.is_fp4 else unpack_int(zeros, fmt.bits, scales.shape[1])
+    if fmt.is_fp4:
+        codes = unpack_nibbles(tensors["weight_packed"], stored)
+    else:
+        codes = unpack_int(tensors["weight_packed"], fmt.bits, stored)
+    if layout.sparsity is not None:
+        codes = _scatter_kept_codes(codes, unpack_bits(tensors["weight_bitmask"], in_features), fmt, zeros, g_idx)
+    return QuantizedWeight(codes=codes, scales=scales, zeros=zeros, global_scale=tensors.get("weight_global_scale") if fmt.is_fp4 else None,
+                           g_idx=g_idx)
+
+
+def _scatter_kept_codes(kept: Tensor, mask: Tensor, fmt: QuantFormat, zeros: Tensor | None, g_idx: Tensor | None) -> Tensor:
+    rows, in_features = mask.shape
+    if fmt.is_fp4:
+        dense = torch.zeros(rows, in_features, dtype=torch.uint8, device=kept.device)
+    elif zeros is None:
+        dense = torch.full((rows, in_features), 2 ** (fmt.bits - 1), dtype=torch.uint8, device=kept.device)
+    else:
+        width = in_features if fmt.group_size == PER_CHANNEL else fmt.group_size
+        columns = g_idx.long() if g_idx is not None else torch.arange(in_features, device=kept.device) // width
+        dense = zeros[:, columns].clone()
+    dense[mask] = kept.reshape(-1)
+    return dense

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from llmcompress.config import CalibConfig, CompressConfig, ModuleOverride, QuantFormat
+from llmcompress.config import CalibConfig, CompressConfig, ModuleOverride, PruneConfig, QuantFormat
 from llmcompress.errors import ConfigError
 
 
@@ -57,7 +57,7 @@ def test_overrides_first_match_wins_and_skip():
     assert config.format_for("model.layers.1.mlp.down_proj") == QuantFormat(bits=8, group_size=64)
     assert config.format_for("model.layers.1.mlp.up_proj") == QuantFormat(kind="nvfp4")
     assert config.format_for("model.layers.1.self_attn.q_proj") == QuantFormat(bits=4, group_size=64)
-    assert CompressConfig(quant=None).format_for("anything") is None
+    assert CompressConfig(quant=None, prune=PruneConfig(method="magnitude")).format_for("anything") is None
 
 
 def test_json_round_trip_is_exact():
@@ -65,10 +65,12 @@ def test_json_round_trip_is_exact():
         quant=QuantFormat(bits=3, group_size=-1, symmetric=True),
         calib=CalibConfig(source="notes.jsonl", nsamples=4, seqlen=64, seed=7),
         overrides=(ModuleOverride(pattern="q_proj", bits=8),),
+        prune=PruneConfig(method="wanda", pattern="2:4"),
     )
     again = CompressConfig.from_json(config.to_json())
     assert again == config
     assert json.loads(config.to_json())["quant"]["bits"] == 3
+    assert json.loads(config.to_json())["prune"] == {"method": "wanda", "pattern": "2:4", "sparsity": 0.5}
     assert CompressConfig.from_dict({**config.to_dict(), "quant": None}).quant is None
 
 

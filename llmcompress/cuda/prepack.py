@@ -136,7 +136,8 @@ def prepack(tensors: dict[str, Tensor], fmt: QuantFormat, in_features: int, layo
             dtype: torch.dtype) -> Prepacked:
     """The kernel layout of one layer's packed tensors (on their device), for ``dtype`` inputs."""
     check_supported(fmt, layout, dtype)
-    q = unpack_weight(tensors, fmt, in_features)
+    # An N:M layer runs as the dense weight it represents: correct, though no faster.
+    q = unpack_weight(tensors, fmt, in_features, layout)
     out_features = q.codes.shape[0]
     group_size = kernel_group_size(fmt, in_features)
     perm = None if q.g_idx is None else _act_order_permutation(q, group_width(fmt, in_features))

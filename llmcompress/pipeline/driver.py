@@ -33,7 +33,7 @@ from ..methods.lowrank import hessian_error, sampled_error, search_smoothing
 from ..nn import CompressedLinear, dequantized_weights
 from ..stats import ABS_MAX, ABS_MEAN, HESSIAN, SAMPLES, LayerStats, output_error, weight_error
 from .folding import Fold, apply_fold, find_fold
-from .layers import LayerJob, compress_stage
+from .layers import LayerJob, LayerResult, compress_stage
 from .runner import BlockInputs, catch_block_inputs, device_of, gather_statistics, run_block
 from .structure import Target, find_decoder_blocks, input_groups, plan_targets
 
@@ -50,6 +50,7 @@ class LayerRecord:
     seconds: float
     rank: int = 0
     notes: str = ""
+    sparsity: float = 0.0  # the fraction of the weight's entries pruning set to zero
 
 
 @dataclass
@@ -77,7 +78,8 @@ def compress_blocks(model: nn.Module, config: CompressConfig, windows: Tensor | 
                                calibration_tokens=0 if windows is None else windows.numel())
     inputs = None if windows is None else catch_block_inputs(model, blocks, windows, config.calib.batch_size, device)
     folds: dict[tuple[str, ...], Fold | None] = {}
-    bar = tqdm(blocks, desc=f"compressing blocks ({config.method})", unit="block", disable=not progress)
+    passes = " + ".join(p for p in (config.prune.describe() if config.prune.enabled else "", config.method if config.quant else "") if p)
+    bar = tqdm(blocks, desc=f"compressing blocks ({passes})", unit="block", disable=not progress)
     for index, block in enumerate(bar):
         home = device_of(block)
         block.to(device)
@@ -113,7 +115,9 @@ def _compress_block(block: nn.Module, targets: list[Target], inputs: BlockInputs
         notes = _apply_awq_scales(block, targets, groups, inputs, config, folds)
     elif config.uses_svdquant:
         notes, smooths = _apply_smoothing(block, targets, groups, inputs, config, folds)
-    sequential = config.uses_gptq and config.gptq.true_sequential
+    # Layers that read the calibration inputs beyond H's diagonal sum (GPTQ, SparseGPT) or prune by
+    # input norms (Wanda) see what the already-compressed layers before them produce.
+    sequential = (config.uses_gptq or config.prune.method in ("wanda", "sparsegpt")) and config.gptq.true_sequential
     stages = groups if sequential else [[t for group in groups for t in group]]
     records = []
     for stage in stages:
@@ -227,16 +231,33 @@ def _compress_stage(block: nn.Module, stage: list[Target], stats: dict[str, Laye
     records = []
     for job, linear, weight, result in zip(jobs, linears, originals, results, strict=True):
         target = job.target
-        parent_name, _, child_name = target.local_name.rpartition(".")
-        layer = CompressedLinear.from_quantized(result.quantized, target.fmt, linear.bias, branch=result.branch,
-                                                lowrank_dtype=config.lowrank.dtype, smooth=job.smooth, act_format=config.act_format(target.fmt))
-        setattr(block.get_submodule(parent_name) if parent_name else block, child_name, layer)
+        _install(block, target, linear, result, job.smooth, config)
         records.append(LayerRecord(
-            name=target.name, format=target.fmt.describe(), method=result.method,
+            name=target.name, format=target.fmt.describe() if target.fmt else "16-bit", method=result.method,
             out_features=linear.out_features, in_features=linear.in_features,
             weight_error=weight_error(weight, result.effective),
             output_error=None if job.hessian is None else output_error(weight, result.effective, job.hessian),
             seconds=seconds, rank=0 if result.branch is None else result.branch.rank,
             notes="; ".join(n for n in (notes.get(target.name, ""), *result.notes) if n),
+            sparsity=0.0 if result.mask is None else 1 - float(result.mask.float().mean()),
         ))
     return records
+
+
+def _install(block: nn.Module, target: Target, linear: nn.Linear, result: LayerResult, smooth: Tensor | None,
+             config: CompressConfig) -> None:
+    """Put the compressed layer in the block. An N:M mask is stored compact; an unstructured one
+    stays dense (zeros in the codes, or in a plain Linear's 16-bit weight)."""
+    compact = config.prune.pattern if config.prune.n_m is not None and result.mask is not None else None
+    if result.quantized is None and compact is None:
+        with torch.no_grad():
+            linear.weight.copy_(result.effective.to(linear.weight.dtype))
+        return
+    if result.quantized is None:
+        layer = CompressedLinear.from_pruned(result.effective.to(linear.weight.dtype), result.mask, compact, linear.bias)
+    else:
+        layer = CompressedLinear.from_quantized(result.quantized, target.fmt, linear.bias, branch=result.branch,
+                                                lowrank_dtype=config.lowrank.dtype, smooth=smooth, act_format=config.act_format(target.fmt),
+                                                sparsity=compact, mask=result.mask)
+    parent_name, _, child_name = target.local_name.rpartition(".")
+    setattr(block.get_submodule(parent_name) if parent_name else block, child_name, layer)

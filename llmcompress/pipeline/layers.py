@@ -1,8 +1,10 @@
 """One quantization stage's layers, as tensors: the configured methods applied in order.
 
-For each layer: (SVDQuant's split) -> (AWQ's clipping) -> GPTQ or RTN -> the low-rank branch
-fitted to what is left. No module is touched here; the driver reads the weights and statistics
-out of the block and installs the results.
+For each layer: (SVDQuant's split) -> pruning -> (AWQ's clipping) -> GPTQ or RTN -> the
+low-rank branch fitted to what is left (so it compensates pruning and quantization together).
+Magnitude and Wanda fix a mask first; SparseGPT chooses its mask inside GPTQ's column loop,
+quantizing in the same pass under GPTQ, or pruning alone before RTN. No module is touched
+here; the driver reads the weights and statistics out of the block and installs the results.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from ..formats import QuantizedWeight, dequantize, split_rows
 from ..methods.awq import search_clipping
 from ..methods.gptq import gptq
 from ..methods.lowrank import LowRank, allocate_ranks, eigenbasis, eora, error_spectrum, lorc, svdquant_split
+from ..methods.prune import input_norms_from_hessian, magnitude_mask, wanda_mask
 from ..methods.rtn import rtn
 from .structure import Target
 
@@ -33,17 +36,28 @@ class LayerJob:
     smooth: Tensor | None = None
 
     @property
-    def fmt(self) -> QuantFormat:
+    def fmt(self) -> QuantFormat | None:
         return self.target.fmt
 
 
 @dataclass
 class LayerResult:
-    quantized: QuantizedWeight
+    quantized: QuantizedWeight | None  # None: the weight stays in 16 bits (pruning alone)
     branch: LowRank | None
     effective: Tensor  # the float32 weight the layer now computes with, on unsmoothed inputs
     method: str
+    mask: Tensor | None = None  # pruning's mask, True where a weight is kept
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Compressed:
+    """One layer after pruning and quantization: the codes (or None in 16 bits), the float32
+    weight they represent, and the mask."""
+
+    quantized: QuantizedWeight | None
+    approximation: Tensor
+    mask: Tensor | None
 
 
 @dataclass
@@ -57,28 +71,29 @@ class _Working:
 
 
 def compress_stage(jobs: list[LayerJob], config: CompressConfig) -> list[LayerResult]:
-    """Quantize the stage's layers and fit their branches; results in the jobs' order."""
+    """Prune and quantize the stage's layers and fit their branches; results in the jobs' order."""
     smoothed_hessians: dict[tuple[int, int], Tensor] = {}
     working = [_working(job, config, smoothed_hessians) for job in jobs]
-    quantized: list[QuantizedWeight | None] = [None] * len(jobs)
+    compressed: list[_Compressed | None] = [None] * len(jobs)
     methods = [""] * len(jobs)
     notes: list[list[str]] = [[] for _ in jobs]
     for batch in _batches(jobs, working, config):
         first = working[batch[0]]
-        results, method, note = _quantize(jobs[batch[0]].fmt, [working[i].to_quantize for i in batch], first.hessian, config)
+        results, method, note = _compress(jobs[batch[0]].fmt, [working[i].to_quantize for i in batch], first.hessian, config)
         for index, result in zip(batch, results, strict=True):
-            quantized[index] = result
+            compressed[index] = result
             methods[index] = method
             if note:
                 notes[index].append(note)
-    approximations = [dequantize(q, job.fmt) for q, job in zip(quantized, jobs, strict=True)]
+    approximations = [c.approximation for c in compressed]
     if config.wants_lowrank and not config.uses_svdquant:
         _fit_error_branches(jobs, working, approximations, config)
     results = []
-    for job, work, q, approx, method, note in zip(jobs, working, quantized, approximations, methods, notes, strict=True):
+    for job, work, c, method, note in zip(jobs, working, compressed, methods, notes, strict=True):
+        approx = c.approximation
         computed = approx + work.branch.matrix() if work.branch is not None and work.branch.rank else approx
         effective = computed / job.smooth if job.smooth is not None else computed
-        results.append(LayerResult(quantized=q, branch=work.branch, effective=effective, method=method, notes=note))
+        results.append(LayerResult(quantized=c.quantized, branch=work.branch, effective=effective, method=method, mask=c.mask, notes=note))
     return results
 
 
@@ -100,13 +115,16 @@ def _working(job: LayerJob, config: CompressConfig, smoothed_hessians: dict[tupl
 
 
 def _batches(jobs: list[LayerJob], working: list[_Working], config: CompressConfig) -> list[list[int]]:
-    """Consecutive layers GPTQ can quantize as one stacked matrix: same H (hence the same
-    inverse and act-order permutation), same format, and no per-tensor global scale to keep
-    apart. GPTQ treats rows independently, so stacking changes nothing but the column steps."""
+    """Consecutive layers GPTQ (or SparseGPT) can process as one stacked matrix: same H (hence
+    the same inverse and act-order permutation), same format, and no per-tensor global scale to
+    keep apart. The column loop treats rows independently, so stacking changes nothing but the
+    column steps."""
+    column_loop = config.uses_gptq or config.prune.method == "sparsegpt"
     batches: list[list[int]] = []
     for index, job in enumerate(jobs):
         previous = batches[-1][-1] if batches else None
-        joinable = (config.uses_gptq and previous is not None and job.fmt == jobs[previous].fmt and job.fmt.kind != "nvfp4"
+        joinable = (column_loop and previous is not None and job.fmt == jobs[previous].fmt
+                    and (job.fmt is None or job.fmt.kind != "nvfp4")
                     and working[index].hessian is not None and working[index].hessian is working[previous].hessian)
         if joinable:
             batches[-1].append(index)
@@ -115,21 +133,56 @@ def _batches(jobs: list[LayerJob], working: list[_Working], config: CompressConf
     return batches
 
 
-def _quantize(fmt: QuantFormat, weights: list[Tensor], hessian: Tensor | None, config: CompressConfig) -> tuple[list[QuantizedWeight], str, str]:
-    """(AWQ clipping), then GPTQ or RTN for weights sharing one H: (results, method, note)."""
-    if hessian is None:
-        fallback = "no calibration input reached this layer: RTN" if config.needs_calibration else ""
-        return [rtn(w, fmt) for w in weights], "rtn", fallback
-    if config.uses_awq and config.awq.clip:
-        weights = [search_clipping(w, hessian, fmt, grid=config.awq.clip_grid, max_shrink=config.awq.max_shrink) for w in weights]
-    if not config.uses_gptq:
-        return [rtn(w, fmt) for w in weights], config.method, ""
+def _compress(fmt: QuantFormat | None, weights: list[Tensor], hessian: Tensor | None,
+              config: CompressConfig) -> tuple[list[_Compressed], str, str]:
+    """Pruning, then (AWQ clipping and) GPTQ or RTN, for weights sharing one H: (results, method, note)."""
+    sizes = [w.shape[0] for w in weights]
+    prune = config.prune
+    notes = []
+    if hessian is None and config.needs_calibration:
+        notes.append("no calibration input reached this layer: " + ("magnitude pruning, RTN" if prune.method in ("wanda", "sparsegpt") else "RTN"))
+    masks: list[Tensor | None] = [None] * len(weights)
+    if prune.enabled and (prune.method != "sparsegpt" or hessian is None):
+        if prune.method == "wanda" and hessian is not None:
+            norms = input_norms_from_hessian(hessian)
+            masks = [wanda_mask(w, norms, prune.sparsity, prune.n_m) for w in weights]
+        else:
+            masks = [magnitude_mask(w, prune.sparsity, prune.n_m) for w in weights]
+        weights = [w * m for w, m in zip(weights, masks, strict=True)]
+    sparsegpt = prune.method == "sparsegpt" and hessian is not None
+    gptq_quantizes = config.uses_gptq and fmt is not None and hessian is not None
     options = config.gptq
+    if sparsegpt and not gptq_quantizes:
+        # SparseGPT alone, in the input order of its paper; whatever quantizer follows sees the pruned weight.
+        result = gptq(torch.cat(weights), hessian, None, damp=options.damp, block_size=options.block_size,
+                      sparsity=prune.sparsity, n_m=prune.n_m)
+        weights, masks = list(result.weight.split(sizes)), list(result.mask.split(sizes))
+        notes.append(_damp_note(result.damp, options.damp))
+    if fmt is None:
+        return [_Compressed(None, w, m) for w, m in zip(weights, masks, strict=True)], "none", "; ".join(n for n in notes if n)
+    if hessian is not None and config.uses_awq and config.awq.clip:
+        weights = [search_clipping(w, hessian, fmt, grid=config.awq.clip_grid, max_shrink=config.awq.max_shrink) for w in weights]
+    if not gptq_quantizes:
+        method = "rtn" if hessian is None else config.method
+        return [_rounded(rtn(w, fmt), fmt, m) for w, m in zip(weights, masks, strict=True)], method, "; ".join(n for n in notes if n)
+    fixed = None if masks[0] is None else torch.cat(masks)
     result = gptq(torch.cat(weights), hessian, fmt, damp=options.damp, block_size=options.block_size,
-                  act_order=options.act_order, static_groups=options.static_groups)
-    notes = [f"damp raised to {result.damp:g}" if result.damp > options.damp else "",
-             f"{result.dead_columns} dead input channels" if result.dead_columns else ""]
-    return split_rows(result.quantized, [w.shape[0] for w in weights]), config.method, "; ".join(n for n in notes if n)
+                  act_order=options.act_order, static_groups=options.static_groups, mask=fixed,
+                  sparsity=prune.sparsity if sparsegpt else None, n_m=prune.n_m if sparsegpt else None)
+    notes += [_damp_note(result.damp, options.damp), f"{result.dead_columns} dead input channels" if result.dead_columns else ""]
+    if sparsegpt and prune.n_m is not None and options.act_order:
+        notes.append("act-order off: SparseGPT's N:M runs follow the input order")
+    masks = [None] * len(sizes) if result.mask is None else list(result.mask.split(sizes))
+    compressed = [_rounded(q, fmt, m) for q, m in zip(split_rows(result.quantized, sizes), masks, strict=True)]
+    return compressed, config.method, "; ".join(n for n in notes if n)
+
+
+def _rounded(q: QuantizedWeight, fmt: QuantFormat, mask: Tensor | None) -> _Compressed:
+    return _Compressed(q, dequantize(q, fmt), mask)
+
+
+def _damp_note(used: float, asked: float) -> str:
+    return f"damp raised to {used:g}" if used > asked else ""
 
 
 def _fit_error_branches(jobs: list[LayerJob], working: list[_Working], approximations: list[Tensor], config: CompressConfig) -> None:

@@ -15,12 +15,12 @@ from .runner import BlockInputs, call_block
 
 @dataclass(frozen=True)
 class Target:
-    """One Linear layer the configuration compresses."""
+    """One Linear layer the configuration compresses; ``fmt`` None: pruned only, kept in 16 bits."""
 
     name: str
     block: int
     local_name: str
-    fmt: QuantFormat
+    fmt: QuantFormat | None
     rank: int = 0
 
 
@@ -58,12 +58,18 @@ def plan_targets(blocks: nn.ModuleList, blocks_path: str, config: CompressConfig
             if not isinstance(module, nn.Linear):
                 continue
             name = f"{blocks_path}.{index}.{local_name}"
-            fmt = config.format_for(name)
-            if fmt is None:
+            if not config.is_target(name):
                 continue
+            fmt = config.format_for(name)
             if not torch.isfinite(module.weight).all():
                 raise ModelError(f"weight {name}.weight contains NaN or Inf: repair or re-export the model before compressing")
-            if fmt.group_size != PER_CHANNEL and fmt.group_size > module.in_features and not fmt.is_fp4:
+            n_m = config.prune.n_m if config.prune.enabled else None
+            if n_m is not None and module.in_features % n_m[1]:
+                raise ConfigError(
+                    f"pattern {config.prune.pattern} groups every {n_m[1]} inputs, but {name} has {module.in_features} input features, "
+                    f"not a multiple of {n_m[1]}: use another N:M, unstructured, or --skip this module"
+                )
+            if fmt is not None and fmt.group_size != PER_CHANNEL and fmt.group_size > module.in_features and not fmt.is_fp4:
                 raise ConfigError(
                     f"group_size={fmt.group_size} is larger than {name}'s {module.in_features} input features: "
                     f"use a smaller group, -1 (per channel), or an override for this module"
