@@ -137,44 +137,58 @@ def _compress(fmt: QuantFormat | None, weights: list[Tensor], hessian: Tensor | 
               config: CompressConfig) -> tuple[list[_Compressed], str, str]:
     """Pruning, then (AWQ clipping and) GPTQ or RTN, for weights sharing one H: (results, method, note)."""
     sizes = [w.shape[0] for w in weights]
-    prune = config.prune
-    notes = []
-    if hessian is None and config.needs_calibration:
-        notes.append("no calibration input reached this layer: " + ("magnitude pruning, RTN" if prune.method in ("wanda", "sparsegpt") else "RTN"))
-    masks: list[Tensor | None] = [None] * len(weights)
-    if prune.enabled and (prune.method != "sparsegpt" or hessian is None):
-        if prune.method == "wanda" and hessian is not None:
-            norms = input_norms_from_hessian(hessian)
-            masks = [wanda_mask(w, norms, prune.sparsity, prune.n_m) for w in weights]
-        else:
-            masks = [magnitude_mask(w, prune.sparsity, prune.n_m) for w in weights]
-        weights = [w * m for w, m in zip(weights, masks, strict=True)]
+    prune, options = config.prune, config.gptq
+    notes = [_fallback_note(fmt, hessian, config)]
     sparsegpt = prune.method == "sparsegpt" and hessian is not None
     gptq_quantizes = config.uses_gptq and fmt is not None and hessian is not None
-    options = config.gptq
-    if sparsegpt and not gptq_quantizes:
+    masks: list[Tensor | None] = [None] * len(weights)
+    if prune.enabled and not sparsegpt:
+        masks = _fixed_masks(weights, hessian, config)
+        weights = [w * m for w, m in zip(weights, masks, strict=True)]
+    elif sparsegpt and not gptq_quantizes:
         # SparseGPT alone, in the input order of its paper; whatever quantizer follows sees the pruned weight.
         result = gptq(torch.cat(weights), hessian, None, damp=options.damp, block_size=options.block_size,
                       sparsity=prune.sparsity, n_m=prune.n_m)
         weights, masks = list(result.weight.split(sizes)), list(result.mask.split(sizes))
         notes.append(_damp_note(result.damp, options.damp))
     if fmt is None:
-        return [_Compressed(None, w, m) for w, m in zip(weights, masks, strict=True)], "none", "; ".join(n for n in notes if n)
+        return [_Compressed(None, w, m) for w, m in zip(weights, masks, strict=True)], "none", _joined(notes)
     if hessian is not None and config.uses_awq and config.awq.clip:
         weights = [search_clipping(w, hessian, fmt, grid=config.awq.clip_grid, max_shrink=config.awq.max_shrink) for w in weights]
     if not gptq_quantizes:
         method = "rtn" if hessian is None else config.method
-        return [_rounded(rtn(w, fmt), fmt, m) for w, m in zip(weights, masks, strict=True)], method, "; ".join(n for n in notes if n)
-    fixed = None if masks[0] is None else torch.cat(masks)
+        return [_rounded(rtn(w, fmt), fmt, m) for w, m in zip(weights, masks, strict=True)], method, _joined(notes)
     result = gptq(torch.cat(weights), hessian, fmt, damp=options.damp, block_size=options.block_size,
-                  act_order=options.act_order, static_groups=options.static_groups, mask=fixed,
+                  act_order=options.act_order, static_groups=options.static_groups,
+                  mask=None if masks[0] is None else torch.cat(masks),
                   sparsity=prune.sparsity if sparsegpt else None, n_m=prune.n_m if sparsegpt else None)
     notes += [_damp_note(result.damp, options.damp), f"{result.dead_columns} dead input channels" if result.dead_columns else ""]
     if sparsegpt and prune.n_m is not None and options.act_order:
         notes.append("act-order off: SparseGPT's N:M runs follow the input order")
     masks = [None] * len(sizes) if result.mask is None else list(result.mask.split(sizes))
     compressed = [_rounded(q, fmt, m) for q, m in zip(split_rows(result.quantized, sizes), masks, strict=True)]
-    return compressed, config.method, "; ".join(n for n in notes if n)
+    return compressed, config.method, _joined(notes)
+
+
+def _fixed_masks(weights: list[Tensor], hessian: Tensor | None, config: CompressConfig) -> list[Tensor]:
+    """Masks chosen before any update: Wanda's where the layer saw calibration inputs, else by magnitude."""
+    prune = config.prune
+    if prune.method == "wanda" and hessian is not None:
+        norms = input_norms_from_hessian(hessian)
+        return [wanda_mask(w, norms, prune.sparsity, prune.n_m) for w in weights]
+    return [magnitude_mask(w, prune.sparsity, prune.n_m) for w in weights]
+
+
+def _fallback_note(fmt: QuantFormat | None, hessian: Tensor | None, config: CompressConfig) -> str:
+    if hessian is not None or not config.needs_calibration:
+        return ""
+    data_pruning = config.prune.method in ("wanda", "sparsegpt")
+    done = [p for p in ("magnitude pruning" if data_pruning else "", "RTN" if fmt is not None else "") if p]
+    return f"no calibration input reached this layer: {', '.join(done) or 'left as it was'}"
+
+
+def _joined(notes: list[str]) -> str:
+    return "; ".join(n for n in notes if n)
 
 
 def _rounded(q: QuantizedWeight, fmt: QuantFormat, mask: Tensor | None) -> _Compressed:
