@@ -30,9 +30,8 @@ and, as the layer's ``LayerLayout`` says:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -99,6 +98,7 @@ def unpack_nibbles(packed: Tensor, count: int) -> Tensor:
 
 
 BRANCH_TENSOR_PREFIXES = ("lowrank_", "smooth_")
+VALUES_DTYPES = ("float16", "bfloat16", "float32")
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,8 @@ class LayerLayout:
     def __post_init__(self) -> None:
         if self.sparsity is not None and re.fullmatch(r"\d+:\d+", self.sparsity) is None:
             raise ValueError(f"layout sparsity {self.sparsity!r} is not N:M")
+        if self.values_dtype not in VALUES_DTYPES:
+            raise ValueError(f"layout values_dtype {self.values_dtype!r} is not one of {', '.join(VALUES_DTYPES)}")
 
     @property
     def n_m(self) -> tuple[int, int] | None:

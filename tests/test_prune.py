@@ -201,3 +201,15 @@ def test_cli_prunes_alone_with_bits_16(tiny_model_dir, tmp_path):
     result = CliRunner().invoke(main, [str(tiny_model_dir), "--out", str(tmp_path / "b"), "--bits", "16", "--prune", "wanda",
                                        "--sparsity", "1.0", "--no-eval"])
     assert result.exit_code == 1 and "PruneConfig.sparsity=1.0 is not allowed" in result.output
+
+
+def test_a_corrupt_sparse_layout_is_named_on_load(tmp_path):
+    model = tiny_model("llama")
+    config = CompressConfig(quant=None, prune=PruneConfig(method="magnitude", pattern="2:4"))
+    llmcompress.compress(model, config, output_dir=tmp_path / "ckpt", progress=False)
+    config_file = tmp_path / "ckpt" / "config.json"
+    raw = json.loads(config_file.read_text())
+    raw["quantization_config"]["modules"]["model.layers.0.mlp.up_proj"]["layout"]["values_dtype"] = "float7"
+    config_file.write_text(json.dumps(raw))
+    with pytest.raises(llmcompress.CheckpointError, match=r"model\.layers\.0\.mlp\.up_proj is invalid .*values_dtype 'float7'"):
+        llmcompress.load(tmp_path / "ckpt")
