@@ -77,7 +77,7 @@ def main() -> None:
     for row in rows:
         rank = (row.get("lowrank") or {}).get("rank", 0)
         print(f"| {_label(row)} | {row['format']} | {rank} | {row['perplexity']:.3f} | {row['disk_bytes'] / 1e6:.2f} | "
-              f"{row.get('bits_per_weight', 16):.3f} | {row.get('compress_seconds', 0):.1f} |")
+              f"{row.get('bits_per_weight') or 16:.3f} | {row.get('compress_seconds', 0):.1f} |")
     float_row = next((r for r in rows if r["method"] == "float"), None)
     recoveries = _eora_recoveries(rows, float_row)
     if recoveries:
