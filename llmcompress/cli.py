@@ -145,7 +145,8 @@ def run(model: str | None, out_dir: str | None, overwrite: bool, kind: str, bits
         branch = f", {config.lowrank.method} rank {rank} ({lowrank_alloc})" if config.wants_lowrank else ""
         activations = f", activations {config.act_format(quant).describe()}" if quant and config.act_bits else ""
         pruning = f", pruning {config.prune.describe()}" if config.prune.enabled else ""
-        click.echo(f"compressing: {quant.describe() if quant else '16-bit'}, method {method}{pruning}{branch}{activations}, {data}")
+        weights = f"{quant.describe()}, method {method}" if quant else "16-bit weights"
+        click.echo(f"compressing: {weights}{pruning}{branch}{activations}, {data}")
         compressed = compress_model(float_model, config, calibration=calib, tokenizer=tokenizer, device=device)
         after_ppl = _evaluate(compressed, tokenizer, "compressed model", eval_text, eval_seqlen, eval_limit) if run_eval else None
         after = size_summary(compressed)
