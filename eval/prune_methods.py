@@ -25,14 +25,11 @@ import torch
 
 import llmcompress
 import quant_methods
+from llmcompress import PruneConfig
 
 
 def _label(row: dict) -> str:
-    prune = row.get("prune") or {}
-    if not prune:
-        return "float"
-    pattern = prune["pattern"] if prune["pattern"] != "unstructured" else f"{prune['sparsity']:.0%} unstr."
-    return f"{prune['method']} {pattern}"
+    return PruneConfig(**row["prune"]).describe() if row.get("prune") else "float"
 
 
 def main() -> None:
@@ -67,7 +64,7 @@ def main() -> None:
             row = pool.apply(quant_methods.run_one, (job,))
         rows.append(row)
         rank = (row.get("lowrank") or {}).get("rank", 0)
-        print(f"[{number}/{len(jobs)}] {_label(row):22s} {row['format']:8s} eora {rank:3d}  ppl {row['perplexity']:8.3f}  "
+        print(f"[{number}/{len(jobs)}] {_label(row):26s} {row['format']:8s} eora {rank:3d}  ppl {row['perplexity']:8.3f}  "
               f"{row['disk_bytes'] / 1e6:7.1f} MB  {row.get('compress_seconds', 0):6.1f} s", flush=True)
 
     print(f"\n{rows[0]['protocol']}; calibration {args.calib}, {args.nsamples} x {args.seqlen} tokens; "

@@ -58,7 +58,7 @@ def _calibration_windows(config: CompressConfig, calibration: str | Tensor | Non
     if source is None or source.strip().lower() == "none":
         if config.needs_calibration:
             needs = (f"method {config.method!r}" if config.method != "rtn" else
-                     f"pruning method {config.prune.method!r}" if config.prune.method in ("wanda", "sparsegpt") else
+                     f"pruning method {config.prune.method!r}" if config.prune.uses_calibration else
                      f"low-rank method {config.lowrank.method!r}")
             raise CalibrationError(f"{needs} needs calibration data: give a text source, not 'none'")
         return None

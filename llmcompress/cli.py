@@ -169,7 +169,10 @@ def _default_out_dir(model: str | None, config: CompressConfig) -> str:
     tag = re.sub(r"[^a-z0-9]+", "-", (config.quant.describe() if config.quant else "16bit").lower()).strip("-")
     branch = f"-{config.lowrank.method}{config.lowrank.rank}" if config.wants_lowrank else ""
     activations = f"-a{config.act_bits}" if config.act_bits else ""
-    pruning = f"-{config.prune.method}-{config.prune.pattern.replace(':', 'of') if config.prune.n_m else f's{round(config.prune.sparsity * 100)}'}" if config.prune.enabled else ""
+    pruning = ""
+    if config.prune.enabled:
+        shape = config.prune.pattern.replace(":", "of") if config.prune.n_m else f"s{round(config.prune.sparsity * 100)}"
+        pruning = f"-{config.prune.method}-{shape}"
     method = f"-{config.method}" if config.quant else ""
     return str(Path("out") / f"{name}-{tag}{method}{pruning}{branch}{activations}")
 

@@ -38,6 +38,12 @@ ACT_BITS = (4, 8)
 ACT_GROUP_SIZE = 64
 
 
+def parse_n_m(pattern: str) -> tuple[int, int] | None:
+    """(N, M) of a pattern written ``N:M``; None for anything else."""
+    match = re.fullmatch(r"(\d+):(\d+)", str(pattern))
+    return None if match is None else (int(match.group(1)), int(match.group(2)))
+
+
 def _fail(owner: str, name: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"{owner}.{name}={value!r} is not allowed: {allowed}")
 
@@ -272,10 +278,10 @@ class PruneConfig:
     def _parse_pattern(self) -> tuple[int, int] | None:
         if self.pattern == UNSTRUCTURED:
             return None
-        match = re.fullmatch(r"(\d+):(\d+)", str(self.pattern))
-        if match is None:
+        n_m = parse_n_m(self.pattern)
+        if n_m is None:
             _fail("PruneConfig", "pattern", self.pattern, "unstructured or N:M such as 2:4 or 4:8")
-        n, m = int(match.group(1)), int(match.group(2))
+        n, m = n_m
         if not 0 < n < m:
             _fail("PruneConfig", "pattern", self.pattern, "N:M keeps N of every M inputs, so 0 < N < M (e.g. 2:4)")
         return n, m
@@ -283,6 +289,11 @@ class PruneConfig:
     @property
     def enabled(self) -> bool:
         return self.method is not None
+
+    @property
+    def uses_calibration(self) -> bool:
+        """Wanda and SparseGPT score weights by the calibration activations; magnitude does not."""
+        return self.method in ("wanda", "sparsegpt")
 
     @property
     def n_m(self) -> tuple[int, int] | None:
@@ -324,7 +335,7 @@ class CompressConfig:
             _fail(owner, "lowrank", self.lowrank, "a low-rank branch corrects quantization error, so it needs a format (--bits)")
         if self.wants_lowrank and self.lowrank.method != "lorc" and self.calib.is_none:
             _fail(owner, "lowrank", self.lowrank, f"{self.lowrank.method} fits the branch on calibration activations: give calibration text, or use method lorc")
-        if self.prune.method in ("wanda", "sparsegpt") and self.calib.is_none:
+        if self.prune.uses_calibration and self.calib.is_none:
             _fail(owner, "prune", self.prune, f"{self.prune.method} scores weights by calibration activations: give calibration text, or prune by magnitude")
         if self.uses_svdquant and self.uses_awq:
             _fail(owner, "method", self.method, "SVDQuant's smoothing replaces AWQ's scaling: use rtn or gptq under svdquant")
@@ -378,7 +389,7 @@ class CompressConfig:
     @property
     def needs_calibration(self) -> bool:
         return (self.method != "rtn" or (self.wants_lowrank and self.lowrank.method != "lorc")
-                or self.prune.method in ("wanda", "sparsegpt"))
+                or self.prune.uses_calibration)
 
     @property
     def uses_gptq(self) -> bool:

@@ -76,10 +76,19 @@ def grouped(weight: Tensor, width: int) -> Tensor:
 
 def column_groups(q: QuantizedWeight, fmt: QuantFormat) -> Tensor:
     """The group index of every input column, [K] long."""
-    in_features = q.codes.shape[1]
-    if q.g_idx is not None:
-        return q.g_idx.long()
-    return torch.arange(in_features, device=q.codes.device) // group_width(fmt, in_features)
+    return group_index(q.g_idx, fmt, q.codes.shape[1], q.codes.device)
+
+
+def group_index(g_idx: Tensor | None, fmt: QuantFormat, in_features: int, device: torch.device) -> Tensor:
+    """The group of each of ``in_features`` columns, [K] long: ``g_idx`` where act-order set it, else contiguous."""
+    if g_idx is not None:
+        return g_idx.long()
+    return torch.arange(in_features, device=device) // group_width(fmt, in_features)
+
+
+def implicit_zero(fmt: QuantFormat) -> int:
+    """The code of 0 in a symmetric INT format."""
+    return 2 ** (fmt.bits - 1)
 
 
 def nvfp4_global_scale(weight: Tensor) -> Tensor:
@@ -153,7 +162,7 @@ def encode(values: Tensor, multiplier: Tensor, zeros: Tensor | None, fmt: QuantF
         safe = torch.where(multiplier > 0, multiplier, torch.ones_like(multiplier))
         codes = e2m1_encode(values.float() / safe)
         return torch.where(multiplier > 0, codes, torch.zeros_like(codes))
-    zero = float(2 ** (fmt.bits - 1)) if zeros is None else zeros.float()
+    zero = float(implicit_zero(fmt)) if zeros is None else zeros.float()
     return torch.round(values.float() / multiplier + zero).clamp(0, 2**fmt.bits - 1).to(torch.uint8)
 
 
@@ -161,7 +170,7 @@ def decode(codes: Tensor, multiplier: Tensor, zeros: Tensor | None, fmt: QuantFo
     """The float32 values that codes represent; the inverse of ``encode`` on the grid."""
     if fmt.is_fp4:
         return e2m1_decode(codes) * multiplier
-    zero = float(2 ** (fmt.bits - 1)) if zeros is None else zeros.float()
+    zero = float(implicit_zero(fmt)) if zeros is None else zeros.float()
     return (codes.float() - zero) * multiplier
 
 

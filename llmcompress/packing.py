@@ -30,14 +30,13 @@ and, as the layer's ``LayerLayout`` says:
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .config import PER_CHANNEL, QuantFormat
-from .formats import QuantizedWeight, num_groups
+from .config import QuantFormat, parse_n_m
+from .formats import QuantizedWeight, group_index, implicit_zero, num_groups
 
 WORD_BITS = 32
 
@@ -117,17 +116,14 @@ class LayerLayout:
     values_dtype: str = "float16"
 
     def __post_init__(self) -> None:
-        if self.sparsity is not None and re.fullmatch(r"\d+:\d+", self.sparsity) is None:
+        if self.sparsity is not None and parse_n_m(self.sparsity) is None:
             raise ValueError(f"layout sparsity {self.sparsity!r} is not N:M")
         if self.values_dtype not in VALUES_DTYPES:
             raise ValueError(f"layout values_dtype {self.values_dtype!r} is not one of {', '.join(VALUES_DTYPES)}")
 
     @property
     def n_m(self) -> tuple[int, int] | None:
-        if self.sparsity is None:
-            return None
-        n, m = self.sparsity.split(":")
-        return int(n), int(m)
+        return None if self.sparsity is None else parse_n_m(self.sparsity)
 
     def stored_columns(self, in_features: int) -> int:
         """Weights stored per row: all K, or the K*N/M kept ones of an N:M layer."""
@@ -281,15 +277,14 @@ def unpack_weight(tensors: dict[str, Tensor], fmt: QuantFormat, in_features: int
     g_idx = tensors.get("weight_g_idx")
     stored = layout.stored_columns(in_features)
     zeros = tensors.get("weight_zero_point")
-    zeros = None if zeros is None or fmt.is_fp4 else unpack_int(zeros, fmt.bits, scales.shape[1])
+    zeros = None if zeros is None else unpack_int(zeros, fmt.bits, scales.shape[1])
     if fmt.is_fp4:
         codes = unpack_nibbles(tensors["weight_packed"], stored)
     else:
         codes = unpack_int(tensors["weight_packed"], fmt.bits, stored)
     if layout.sparsity is not None:
         codes = _scatter_kept_codes(codes, unpack_bits(tensors["weight_bitmask"], in_features), fmt, zeros, g_idx)
-    return QuantizedWeight(codes=codes, scales=scales, zeros=zeros, global_scale=tensors.get("weight_global_scale") if fmt.is_fp4 else None,
-                           g_idx=g_idx)
+    return QuantizedWeight(codes=codes, scales=scales, zeros=zeros, global_scale=tensors.get("weight_global_scale"), g_idx=g_idx)
 
 
 def _scatter_kept_codes(kept: Tensor, mask: Tensor, fmt: QuantFormat, zeros: Tensor | None, g_idx: Tensor | None) -> Tensor:
@@ -297,10 +292,8 @@ def _scatter_kept_codes(kept: Tensor, mask: Tensor, fmt: QuantFormat, zeros: Ten
     if fmt.is_fp4:
         dense = torch.zeros(rows, in_features, dtype=torch.uint8, device=kept.device)
     elif zeros is None:
-        dense = torch.full((rows, in_features), 2 ** (fmt.bits - 1), dtype=torch.uint8, device=kept.device)
+        dense = torch.full((rows, in_features), implicit_zero(fmt), dtype=torch.uint8, device=kept.device)
     else:
-        width = in_features if fmt.group_size == PER_CHANNEL else fmt.group_size
-        columns = g_idx.long() if g_idx is not None else torch.arange(in_features, device=kept.device) // width
-        dense = zeros[:, columns].clone()
+        dense = zeros[:, group_index(g_idx, fmt, in_features, kept.device)].clone()
     dense[mask] = kept.reshape(-1)
     return dense

@@ -123,13 +123,12 @@ def gptq(weight: Tensor, hessian: Tensor, fmt: QuantFormat | None, damp: float =
         inverse_diagonal = torch.diagonal(inverse_block)
         if sparsity is not None and n_m is None:
             pruned = pruned_before(end, sparsity) - pruned_before(start, sparsity)
-            keep[:, start:end] = keep_largest(block.square() / inverse_diagonal.square(), end - start - pruned)
+            keep[:, start:end] = keep_largest(_saliency(block, inverse_diagonal), end - start - pruned)
         for offset in range(end - start):
             position = start + offset
             if sparsity is not None and n_m is not None and offset % n_m[1] == 0:
                 run = slice(offset, offset + n_m[1])
-                scores = block[:, run].square() / inverse_diagonal[run].square()
-                keep[:, position:position + n_m[1]] = keep_largest(scores, n_m[0])
+                keep[:, position:position + n_m[1]] = keep_largest(_saliency(block[:, run], inverse_diagonal[run]), n_m[0])
             column = block[:, offset]
             kept = column * keep[:, position] if pruning else column
             if groups is None:
@@ -157,6 +156,11 @@ def gptq(weight: Tensor, hessian: Tensor, fmt: QuantFormat | None, damp: float =
                                     global_scale=groups.global_scale, g_idx=g_idx)
     return GPTQResult(quantized=quantized, weight=result[:, inverse_order].contiguous(),
                       mask=keep[:, inverse_order].contiguous() if pruning else None, damp=damp_used, dead_columns=int(dead.sum()))
+
+
+def _saliency(columns: Tensor, inverse_diagonal: Tensor) -> Tensor:
+    """SparseGPT's cost of pruning each weight, w^2 / [H^-1]_jj^2 (higher: more worth keeping)."""
+    return columns.square() / inverse_diagonal.square()
 
 
 def _inverse_cholesky(hessian: Tensor, damp: float) -> tuple[Tensor, float]:

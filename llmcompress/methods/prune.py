@@ -3,7 +3,7 @@
 A mask is a bool tensor shaped like the weight, True where a weight is kept. Counts are exact:
 
 - unstructured: every output row loses ``floor(sparsity * in_features)`` weights (the smallest
-  scores of that row; ties broken by position, so the count never drifts);
+  scores of that row; ``topk`` settles ties, so the count is exact even among equal scores);
 - N:M: every run of M consecutive inputs of a row keeps its N largest scores.
 
 SparseGPT's mask is chosen inside GPTQ's column loop (``methods.gptq``), from the scores

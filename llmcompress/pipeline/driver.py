@@ -117,7 +117,7 @@ def _compress_block(block: nn.Module, targets: list[Target], inputs: BlockInputs
         notes, smooths = _apply_smoothing(block, targets, groups, inputs, config, folds)
     # Layers that read the calibration inputs beyond H's diagonal sum (GPTQ, SparseGPT) or prune by
     # input norms (Wanda) see what the already-compressed layers before them produce.
-    sequential = (config.uses_gptq or config.prune.method in ("wanda", "sparsegpt")) and config.gptq.true_sequential
+    sequential = (config.uses_gptq or config.prune.uses_calibration) and config.gptq.true_sequential
     stages = groups if sequential else [[t for group in groups for t in group]]
     records = []
     for stage in stages:

@@ -182,8 +182,7 @@ def _fixed_masks(weights: list[Tensor], hessian: Tensor | None, config: Compress
 def _fallback_note(fmt: QuantFormat | None, hessian: Tensor | None, config: CompressConfig) -> str:
     if hessian is not None or not config.needs_calibration:
         return ""
-    data_pruning = config.prune.method in ("wanda", "sparsegpt")
-    done = [p for p in ("magnitude pruning" if data_pruning else "", "RTN" if fmt is not None else "") if p]
+    done = [p for p in ("magnitude pruning" if config.prune.uses_calibration else "", "RTN" if fmt is not None else "") if p]
     return f"no calibration input reached this layer: {', '.join(done) or 'left as it was'}"
 
 
