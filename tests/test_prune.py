@@ -8,7 +8,7 @@ from conftest import TINY_VOCAB, tiny_model
 
 import llmcompress
 from llmcompress.cli import main
-from llmcompress.config import CompressConfig, GPTQConfig, LowRankConfig, PruneConfig, QuantFormat
+from llmcompress.config import CompressConfig, LowRankConfig, PruneConfig, QuantFormat
 from llmcompress.errors import ConfigError
 from llmcompress.formats import dequantize
 from llmcompress.methods.awq import output_error_sum

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..config import QuantFormat
-from ..formats import QuantizedWeight, group_width, num_groups
+from ..formats import QuantizedWeight, group_width
 from ..packing import LayerLayout, unpack_branch, unpack_weight
 
 ROW_TILE = 16
