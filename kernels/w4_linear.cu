@@ -30,8 +30,8 @@
  *
  * Work decomposition, one launch of 256-thread blocks (8 warps, one 16-row tile each): the
  * blocks claim work items in order from a counter (so every claimed item belongs to a running
- * block). Items [0, TI) compute partial sums of x A^T over 256 columns each (the branch's
- * down-projection); the last of them
+ * block). Items [0, TI) compute partial sums of x A^T over ceil(KB/TI) k-blocks each (the
+ * branch's down-projection; the host sizes them, see launch.fused_plan); the last of them
  * to finish reduces the partials into t = x A^T (in T, like the reference). The remaining
  * items each own 128 output rows x one split of K x one tile of up to 8*MT tokens. With more
  * than one split, the last split to finish a tile sums the splits' partials in split order
@@ -54,8 +54,6 @@ constexpr int THREADS = WARPS * 32;
 constexpr int KBLOCK = 64;
 constexpr int CHUNK_KB = 4;
 constexpr int CHUNK = CHUNK_KB * KBLOCK;
-// The branch's down-projection items each cover one chunk: many small items finish before the main items need t.
-constexpr int BRANCH_ITEM_KB = 4;
 // One 16-byte pad per row of the staged x keeps ldmatrix's eight row reads in distinct banks.
 constexpr int XSTRIDE = CHUNK + 8;
 
@@ -290,7 +288,8 @@ template <typename T, int KIND, int MT>
 __device__ void branch_down_item(int item, const T* __restrict__ x, const int* __restrict__ perm, const T* __restrict__ lr_a,
                                  const Problem& p, T* xs, float* __restrict__ t_part, T* __restrict__ t_final, int* counters) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int item_begin = item * BRANCH_ITEM_KB, item_end = min(p.KB, item_begin + BRANCH_ITEM_KB);
+    const int item_kb = (p.KB + p.t_items - 1) / p.t_items;
+    const int item_begin = item * item_kb, item_end = min(p.KB, item_begin + item_kb);
     for (int mt = 0; mt < p.m_tiles; ++mt) {
         const int m0 = mt * 8 * MT;
         for (int rt0 = 0; rt0 < p.Rpad / 16; rt0 += WARPS) {

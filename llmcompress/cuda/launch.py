@@ -22,7 +22,6 @@ SOURCE = Path(__file__).resolve().parents[2] / "kernels" / "w4_linear.cu"
 THREADS = 256
 ROWS_PER_BLOCK = 128
 CHUNK_BLOCKS = 4  # k-blocks of x staged per shared-memory chunk (CHUNK_KB in the kernel)
-BRANCH_ITEM_BLOCKS = 4  # k-blocks per down-projection item (BRANCH_ITEM_KB)
 X_STRIDE = CHUNK_BLOCKS * K_BLOCK + 8
 TOKEN_TILES = (1, 2, 4, 8)  # MT: mma n-tiles of 8 tokens per block
 FUSED_MAX_M = 8 * TOKEN_TILES[-1]
@@ -127,18 +126,30 @@ def fused_plan(pk: Prepacked, tokens: int, splits: int | None = None) -> dict[st
     row_tiles = -(-pk.out_features // ROW_TILE)
     row_blocks = -(-row_tiles // (ROWS_PER_BLOCK // ROW_TILE))
     tiles = row_blocks * m_tiles
-    branch_items = -(-k_blocks // BRANCH_ITEM_BLOCKS) if pk.rank else 0
+    # One wave: a grid larger than what is resident at once leaves a partial second wave,
+    # which ncu measured as up to half the time (8192^2, rank 32: 288 blocks for 264 slots).
+    wave = BLOCKS_PER_SM * _multiprocessors(pk.qweight.device.index)
     if splits is None:
-        # One wave: a grid larger than what is resident at once leaves a partial second wave,
-        # which ncu measured as up to half the time (8192^2, rank 32: 288 blocks for 264 slots).
-        wave = BLOCKS_PER_SM * _multiprocessors(pk.qweight.device.index)
-        splits = max(1, min(round(wave / tiles), (wave - branch_items) // tiles, k_blocks // MIN_SPLIT_BLOCKS))
+        splits = max(1, min(round(wave / tiles), k_blocks // MIN_SPLIT_BLOCKS))
     blocks_per_split = -(-k_blocks // splits)
     if token_tiles <= WHOLE_SLICE_MAX_TILES:
         # The staged slice must fit in shared memory: split further if it does not.
         row_bytes = 8 * token_tiles * 2
         blocks_per_split = min(blocks_per_split, (MAX_SHARED_BYTES // row_bytes - 8) // K_BLOCK)
     splits = -(-k_blocks // blocks_per_split)
+    branch_items = 0
+    if pk.rank:
+        # Each down-projection item reads at most half the bytes of a main item's weights (A is
+        # 16-bit, W 4-bit), so it finishes before the main items need t, and the items are made
+        # larger still where needed to fit in the slots the main items leave in the wave: the
+        # main items keep the split count of rank 0. Many small items (4 k-blocks each) cost
+        # the main items a split at 8192^2 and made the branch +23% (kernels/NOTES.md).
+        r_pad = pk.lowrank_a.shape[0]
+        item_blocks = max(1, ROWS_PER_BLOCK * blocks_per_split // (8 * r_pad))
+        branch_items = -(-k_blocks // item_blocks)
+        room = wave - tiles * splits
+        if 0 < room < branch_items:
+            branch_items = room
     return dict(token_tiles=token_tiles, m_tiles=m_tiles, tiles=tiles, splits=splits, blocks_per_split=blocks_per_split,
                 branch_items=branch_items, blocks=branch_items + tiles * splits)
 
