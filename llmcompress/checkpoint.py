@@ -42,6 +42,7 @@ CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 REPORT_FILE = "compression_report.json"
+CT_QUANT_METHOD = "compressed-tensors"  # read here, written by llmcompress.export
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
@@ -92,7 +93,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, config: CompressConfig, t
         "tied": tied,
     }
     with staged_directory(out) as staging:
-        _write_shards(tensors, staging, max_shard_bytes)
+        write_shards(tensors, staging, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         if report is not None:
@@ -101,7 +102,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, config: CompressConfig, t
     return out
 
 
-def _write_shards(tensors: dict[str, Tensor], directory: Path, max_shard_bytes: int) -> None:
+def write_shards(tensors: dict[str, Tensor], directory: Path, max_shard_bytes: int) -> None:
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
     for name, tensor in tensors.items():
@@ -147,13 +148,14 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
 
     A plain Hugging Face directory (no llmcompress ``quantization_config``) loads as a float model.
     ``dtype`` converts the unquantized parameters only; packed tensors keep their stored dtype.
+    A compressed-tensors export of ours (INT or NVFP4) loads too, with ``llmcompress_config`` None.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     path = Path(path).expanduser()
     raw = read_config(path)
     quantization = raw.get("quantization_config") or {}
+    if quantization.get("quant_method") == CT_QUANT_METHOD:
+        tensors, quantization = _native_from_compressed_tensors(path, raw, quantization)
+        return _build(path, quantization, tensors, None, device, dtype)
     if quantization.get("quant_method") != QUANT_METHOD:
         from .models import load_model
 
@@ -168,6 +170,15 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         compress_config = CompressConfig.from_dict(quantization["config"])
     except ConfigError as err:
         raise CheckpointError(f"{path / CONFIG_FILE}: its compression config is invalid ({err}): the checkpoint is corrupt") from err
+    return _build(path, quantization, _read_tensors(path), compress_config, device, dtype)
+
+
+def _build(path: Path, quantization: dict, tensors: dict[str, Tensor], compress_config: CompressConfig | None,
+           device: str | torch.device, dtype: torch.dtype | None):  # noqa: ANN202 - (model, tokenizer)
+    """The model of ``path``'s config with ``CompressedLinear`` layers as ``quantization["modules"]`` says."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     hf_config = AutoConfig.from_pretrained(path)
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config
@@ -178,7 +189,6 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         model = AutoModelForCausalLM.from_config(hf_config, dtype=stored_dtype)
     for name, entry in quantization["modules"].items():
         _install_compressed(model, name, entry, stored_dtype)
-    tensors = _read_tensors(path)
     _check_tensors(model, tensors, quantization.get("tied", {}), path)
     model.load_state_dict(tensors, strict=False, assign=True)
     for dropped, kept in quantization.get("tied", {}).items():
@@ -188,6 +198,42 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     if dtype is not None:
         model = model.to(dtype)
     return model.to(device).eval(), _load_tokenizer(path)
+
+
+def _native_from_compressed_tensors(path: Path, raw: dict, quantization: dict) -> tuple[dict[str, Tensor], dict]:
+    """A compressed-tensors directory (as ``llmcompress.export`` writes it) as our tensors and
+    ``quantization_config``: the packed layers' tensors converted, the rest as they are."""
+    from .export import compressed_tensors
+
+    tensors = _read_tensors(path)
+    packed_modules = sorted(name[: -len(".weight_packed")] for name in tensors if name.endswith(".weight_packed"))
+    try:
+        formats = compressed_tensors.module_formats(quantization, packed_modules)
+    except ValueError as err:
+        raise CheckpointError(f"{path / CONFIG_FILE}: {err}: llmcompress reads compressed-tensors INT and NVFP4 exports") from err
+    modules = {}
+    for name in packed_modules:
+        fmt = formats[name]
+        local = {key.rpartition(".")[2]: tensors.pop(key) for key in [k for k in tensors if k.rpartition(".")[0] == name]}
+        bias = local.pop("bias", None)
+        try:
+            native = compressed_tensors.native_tensors(fmt, local)
+        except KeyError as err:
+            raise CheckpointError(f"{path}: compressed-tensors layer {name} lacks {err}: the export is corrupt") from err
+        out_features = native["weight_packed"].shape[0]
+        in_features = int(local["weight_shape"][1]) if "weight_shape" in local else native["weight_packed"].shape[1] * 2
+        modules[name] = {"format": dataclasses.asdict(fmt), "in_features": in_features, "out_features": out_features, "g_idx": False,
+                         "layout": dataclasses.asdict(LayerLayout())}
+        tensors.update({f"{name}.{key}": tensor for key, tensor in native.items()})
+        if bias is not None:
+            tensors[f"{name}.bias"] = bias
+    tied = {}
+    if raw.get("tie_word_embeddings") and "lm_head.weight" not in tensors:
+        embedding = next((k for k in tensors if k.endswith("embed_tokens.weight")), None)
+        if embedding is not None:
+            tied["lm_head.weight"] = embedding
+    return tensors, {"quant_method": compressed_tensors.QUANT_METHOD, "modules": modules, "tied": tied,
+                     "source": {key: value for key, value in quantization.items() if key != "config_groups"}}
 
 
 def _install_compressed(model: nn.Module, name: str, entry: dict, dtype: torch.dtype) -> None:

@@ -112,7 +112,7 @@ def test_interrupted_write_does_not_look_complete(tmp_path, monkeypatch):
     model = _compressed()
     checkpoint.save(model, tmp_path / "ckpt", model.llmcompress_config)
     before = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
-    monkeypatch.setattr(checkpoint, "_write_shards", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(checkpoint, "write_shards", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save(model, tmp_path / "ckpt", model.llmcompress_config, overwrite=True)
     assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == before

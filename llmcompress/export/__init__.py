@@ -1,0 +1,105 @@
+"""Write a compressed model in a format that the serving ecosystem loads with no code of ours.
+
+``native`` is our own checkpoint (it keeps everything). ``compressed-tensors`` is what
+transformers (with the ``compressed-tensors`` package) and vLLM load; a low-rank branch goes
+beside it as a PEFT LoRA adapter in ``adapter/``. Whatever a format cannot hold is refused with
+the layer and the reason, before anything is written, and every export is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .. import checkpoint
+from ..errors import CheckpointError
+from ..fileio import staged_directory
+from ..nn import CompressedLinear
+from ..packing import unpack_branch
+from . import compressed_tensors, peft
+
+FORMATS = ("native", "compressed-tensors")
+ADAPTER_DIR = "adapter"
+
+
+class ExportError(CheckpointError):
+    """The model holds something the chosen export format cannot express."""
+
+
+def export(model: nn.Module, out_dir: str | os.PathLike, format: str = "native", tokenizer: Any = None,
+           adapter: bool = True, overwrite: bool = False) -> Path:
+    """Write ``model`` (from ``llmcompress.compress`` or ``llmcompress.load``) as ``format``.
+
+    With ``adapter`` the low-rank branches of a compressed-tensors export go to ``adapter/`` as
+    a PEFT LoRA adapter; without it a layer with a branch is refused. Returns the directory.
+    """
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}")
+    out = checkpoint.check_output_dir(out_dir, overwrite)
+    if format == "native":
+        config = getattr(model, "llmcompress_config", None)
+        if config is None:
+            raise ExportError("this model was not compressed by llmcompress (no llmcompress config): there is nothing native to write")
+        return checkpoint.save(model, out, config, tokenizer=tokenizer, overwrite=overwrite)
+    return _export_compressed_tensors(model, out, tokenizer, adapter)
+
+
+def _export_compressed_tensors(model: nn.Module, out: Path, tokenizer: Any, adapter: bool) -> Path:
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    problems = []
+    for name, layer in layers.items():
+        reason = compressed_tensors.refusal(layer.fmt, layer.layout, layer.in_features, layer.has_g_idx, branch_exported=adapter)
+        if reason:
+            problems.append(f"{name}: {reason}")
+    if problems:
+        more = f" (and {len(problems) - 3} more layers)" if len(problems) > 3 else ""
+        raise ExportError(f"compressed-tensors cannot hold {len(problems)} layer(s): " + "; ".join(problems[:3]) + more)
+    if not layers:
+        raise ExportError("the model has no quantized layers: there is nothing for compressed-tensors to describe")
+    tensors, _ = checkpoint.unique_state_dict(model)
+    adapter_tensors: dict[str, Tensor] = {}
+    ranks: dict[str, int] = {}
+    for name, layer in layers.items():
+        packed = layer.packed()
+        for local in layer.packed_names:
+            tensors.pop(f"{name}.{local}")
+        converted = compressed_tensors.layer_tensors(layer.fmt, packed, layer.out_features, layer.in_features)
+        tensors.update({f"{name}.{local}": tensor.contiguous() for local, tensor in converted.items()})
+        if layer.layout.rank:
+            a, b = unpack_branch(packed, torch.float16)
+            ranks[name] = peft.served_rank(layer.layout.rank)
+            adapter_tensors.update(peft.adapter_tensors(name, a, b, ranks[name]))
+    ignore = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in layers]
+    hf_config = model.config.to_dict()
+    hf_config["dtype"] = str(layer_dtype(model)).replace("torch.", "")
+    hf_config["quantization_config"] = compressed_tensors.quantization_config({n: m.fmt for n, m in layers.items()}, ignore)
+    with staged_directory(out) as staging:
+        checkpoint.write_shards(tensors, staging, checkpoint.DEFAULT_SHARD_BYTES)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(staging)
+        if adapter_tensors:
+            adapter_dir = staging / ADAPTER_DIR
+            adapter_dir.mkdir()
+            save_file(adapter_tensors, adapter_dir / peft.ADAPTER_WEIGHTS, metadata={"format": "pt"})
+            config = peft.adapter_config(ranks, base_model=out.name)
+            (adapter_dir / peft.ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+        (staging / checkpoint.CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True, default=str))
+    return out
+
+
+def padded_branches(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """{layer: (rank, served rank)} for the branches an adapter export pads (vLLM's rank list)."""
+    return {name: (m.layout.rank, peft.served_rank(m.layout.rank)) for name, m in model.named_modules()
+            if isinstance(m, CompressedLinear) and m.layout.rank and peft.served_rank(m.layout.rank) != m.layout.rank}
+
+
+def layer_dtype(model: nn.Module):  # noqa: ANN201 - a torch.dtype
+    return model.get_input_embeddings().weight.dtype

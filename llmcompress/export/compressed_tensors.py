@@ -1,0 +1,140 @@
+"""The compressed-tensors layout (``quant_method: "compressed-tensors"``), which transformers and
+vLLM load with no code of ours: per-layer tensors and the ``quantization_config`` block.
+
+Pure functions on packed tensors. Our native packing was chosen to match this spec, so most
+tensors carry over as they are:
+
+- INT (``pack-quantized``): ``weight_packed`` int32 [N, ceil(K*b/32)] is the same LSB-first
+  bitstream of ``q + 2^(b-1)`` (compressed-tensors quantizes to signed ``q`` in
+  [-2^(b-1), 2^(b-1) - 1]; our codes are that offset already). ``weight_scale`` [N, G] is ours.
+  Asymmetric zero points become signed ``z - 2^(b-1)`` and are packed along the output
+  dimension, int32 [ceil(N*b/32), G] (``pack_to_int32(zero_point, packed_dim=0)``), where ours
+  are packed along the groups. ``weight_shape`` int64 [2] records (N, K).
+- NVFP4 (``nvfp4-pack-quantized``): ``weight_packed`` uint8 [N, K/2] (even element in the low
+  nibble, sign in bit 3), ``weight_scale`` float8_e4m3fn [N, K/16] and ``weight_global_scale``
+  float32 [1], with value = e2m1 * scale / global_scale: exactly ours.
+
+compressed-tensors groups must tile the layer (it raises on a width that is not a multiple of
+the group size), has no act-order ``g_idx`` for static formats since its 2026 releases, and has
+no place for our low-rank branch, in-layer smoothing, activation quantization or N:M storage:
+``refusal`` names which of these stops a layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..config import PER_CHANNEL, QuantFormat
+from ..packing import LayerLayout, pack_int, unpack_int
+
+QUANT_METHOD = "compressed-tensors"
+INT_FORMAT = "pack-quantized"
+NVFP4_FORMAT = "nvfp4-pack-quantized"
+MIXED_FORMAT = "mixed-precision"
+
+
+def refusal(fmt: QuantFormat | None, layout: LayerLayout, in_features: int, has_g_idx: bool, branch_exported: bool) -> str | None:
+    """Why compressed-tensors cannot hold this layer, or None when it can."""
+    if fmt is None:
+        return "it is a 16-bit N:M sparse weight, and pack-quantized has no sparsity (export it native)"
+    if fmt.kind == "mxfp4":
+        return "MXFP4 export is not implemented here (INT and NVFP4 are); export it native"
+    if layout.sparsity is not None:
+        return f"its {layout.sparsity} sparse storage has no place in {INT_FORMAT}: compress without --pattern N:M, or export native"
+    if has_g_idx:
+        return "its act-order g_idx needs dynamic groups, which compressed-tensors dropped: compress with static groups (the default)"
+    if layout.smoothed:
+        return "its SVDQuant smoothing stayed in the layer (no norm or linear could absorb it), which the format cannot express"
+    if layout.act_format is not None:
+        return "its activations are quantized (W4A4), which this export does not write"
+    if layout.rank and not branch_exported:
+        return "it has a low-rank branch: export the branch as a PEFT adapter (--adapter) or export native"
+    if fmt.group_size != PER_CHANNEL and in_features % fmt.group_size:
+        return (f"its {in_features} inputs are not a whole number of groups of {fmt.group_size}, and compressed-tensors "
+                f"refuses partial groups: compress with a group size dividing {in_features} (e.g. 64 or 32), or export native")
+    return None
+
+
+def layer_tensors(fmt: QuantFormat, packed: dict[str, Tensor], out_features: int, in_features: int) -> dict[str, Tensor]:
+    """One layer's compressed-tensors tensors (names local to the module) from our packed ones."""
+    if fmt.kind == "nvfp4":
+        return {name: packed[name] for name in ("weight_packed", "weight_scale", "weight_global_scale")}
+    tensors = {"weight_packed": packed["weight_packed"], "weight_scale": packed["weight_scale"],
+               "weight_shape": torch.tensor([out_features, in_features], dtype=torch.int64)}
+    if not fmt.symmetric:
+        groups = packed["weight_scale"].shape[1]
+        zeros = unpack_int(packed["weight_zero_point"], fmt.bits, groups)  # [N, G], already z + 2^(b-1)
+        tensors["weight_zero_point"] = pack_int(zeros.T.contiguous(), fmt.bits).T.contiguous()
+    return tensors
+
+
+def native_tensors(fmt: QuantFormat, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of ``layer_tensors``: our packed tensors from one compressed-tensors layer."""
+    packed = {name: tensors[name] for name in ("weight_packed", "weight_scale")}
+    if fmt.kind == "nvfp4":
+        packed["weight_global_scale"] = tensors["weight_global_scale"]
+    elif not fmt.symmetric:
+        out_features, groups = int(tensors["weight_shape"][0]), tensors["weight_scale"].shape[1]
+        zeros = unpack_int(tensors["weight_zero_point"].T.contiguous(), fmt.bits, out_features)  # [G, N]
+        packed["weight_zero_point"] = pack_int(zeros.T.contiguous(), fmt.bits)
+    return packed
+
+
+def weights_scheme(fmt: QuantFormat) -> dict:
+    """The ``weights`` QuantizationArgs of one format, as compressed-tensors serialises them."""
+    common = {"block_structure": None, "dynamic": False, "actorder": None, "observer": None, "observer_kwargs": {}}
+    if fmt.kind == "nvfp4":
+        return {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 16, "strategy": "tensor_group",
+                "scale_dtype": "torch.float8_e4m3fn", "zp_dtype": None, **common}
+    per_channel = fmt.group_size == PER_CHANNEL
+    return {"num_bits": fmt.bits, "type": "int", "symmetric": fmt.symmetric, "group_size": None if per_channel else fmt.group_size,
+            "strategy": "channel" if per_channel else "group", "scale_dtype": None,
+            "zp_dtype": None if fmt.symmetric else "torch.int8", **common}
+
+
+def scheme_format(fmt: QuantFormat) -> str:
+    return NVFP4_FORMAT if fmt.kind == "nvfp4" else INT_FORMAT
+
+
+def format_from_scheme(weights: dict) -> QuantFormat:
+    """Our format for a compressed-tensors ``weights`` block (only what ``weights_scheme`` writes)."""
+    kind, bits, strategy = weights.get("type"), weights.get("num_bits"), weights.get("strategy")
+    if kind == "float" and bits == 4 and weights.get("group_size") == 16:
+        return QuantFormat(kind="nvfp4")
+    if kind == "int" and strategy in ("group", "channel") and not weights.get("actorder") and not weights.get("dynamic"):
+        group = PER_CHANNEL if strategy == "channel" else weights["group_size"]
+        return QuantFormat(kind="int", bits=bits, group_size=group, symmetric=bool(weights.get("symmetric", True)))
+    raise ValueError(f"compressed-tensors weights {weights} are not a format llmcompress reads (INT group/channel, NVFP4)")
+
+
+def quantization_config(module_formats: dict[str, QuantFormat], ignore: list[str]) -> dict:
+    """The ``quantization_config`` of config.json: one config group per distinct format.
+
+    A lone format targets every ``Linear`` and lists the rest under ``ignore``; several formats
+    name their modules exactly, since a class target would match them all."""
+    distinct = sorted(set(module_formats.values()), key=lambda f: (f.kind, f.bits, f.group_size, f.symmetric))
+    groups = {}
+    for index, fmt in enumerate(distinct):
+        targets = ["Linear"] if len(distinct) == 1 else sorted(n for n, f in module_formats.items() if f == fmt)
+        groups[f"group_{index}"] = {"targets": targets, "weights": weights_scheme(fmt), "input_activations": None,
+                                    "output_activations": None, "format": scheme_format(fmt)}
+    formats = {scheme_format(f) for f in distinct}
+    return {"quant_method": QUANT_METHOD, "format": formats.pop() if len(formats) == 1 else MIXED_FORMAT,
+            "quantization_status": "compressed", "config_groups": groups, "ignore": sorted(ignore),
+            "kv_cache_scheme": None, "global_compression_ratio": None}
+
+
+def module_formats(quantization: dict, packed_modules: list[str]) -> dict[str, QuantFormat]:
+    """Each packed module's format, from a ``quantization_config`` written by ``quantization_config``."""
+    result = {}
+    for group in quantization.get("config_groups", {}).values():
+        fmt = format_from_scheme(group.get("weights") or {})
+        targets = group.get("targets", [])
+        for name in packed_modules:
+            if "Linear" in targets or name in targets:
+                result.setdefault(name, fmt)
+    missing = sorted(set(packed_modules) - set(result))
+    if missing:
+        raise ValueError(f"no config group targets {', '.join(missing[:3])}")
+    return result

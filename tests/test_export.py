@@ -1,0 +1,202 @@
+"""Exports: compressed-tensors and PEFT adapters, checked by the ecosystem's own readers.
+
+The compressed-tensors package's compressors decompress our tensors, and the SmolLM2 test loads
+an export with transformers and peft in a separate process that never imports llmcompress.
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import llmcompress
+from llmcompress import checkpoint
+from llmcompress.config import CompressConfig, GPTQConfig, LowRankConfig, ModuleOverride, PruneConfig, QuantFormat
+from llmcompress.export import ADAPTER_DIR, ExportError, export, padded_branches
+from llmcompress.export.peft import VLLM_RANKS, served_rank
+from llmcompress.nn import CompressedLinear
+
+CT_FORMATS = [QuantFormat(bits=4, group_size=32), QuantFormat(bits=4, group_size=32, symmetric=True),
+              QuantFormat(bits=8, group_size=-1, symmetric=True), QuantFormat(bits=3, group_size=32), QuantFormat(kind="nvfp4")]
+
+
+def _compressed(fmt, rank=0, family="llama", **config):
+    model = tiny_model(family)
+    lowrank = LowRankConfig(rank=rank, method="lorc") if rank else LowRankConfig()
+    return llmcompress.compress(model, CompressConfig(quant=fmt, method="rtn", lowrank=lowrank, **config), calibration="none", progress=False)
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model(input_ids=tokens).logits
+
+
+@pytest.mark.parametrize("fmt", CT_FORMATS, ids=lambda f: f.describe())
+def test_compressed_tensors_export_decompresses_to_our_weights_in_their_code(fmt, tmp_path):
+    ct = pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    from llmcompress.export import compressed_tensors as ours
+
+    model = _compressed(fmt)
+    out = export(model, tmp_path / "ct", format="compressed-tensors")
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["ignore"] == ["lm_head"]
+    (group,) = config["config_groups"].values()
+    scheme = QuantizationScheme.model_validate({key: group[key] for key in ("targets", "weights")})
+    compressor = BaseCompressor.get_value_from_registry(group["format"])
+    tensors = checkpoint._read_tensors(out)
+    for name, layer in model.named_modules():
+        if not isinstance(layer, CompressedLinear):
+            continue
+        local = {key.rpartition(".")[2]: value for key, value in tensors.items() if key.rpartition(".")[0] == name}
+        theirs = compressor.decompress(local, scheme)["weight"]
+        expected = layer.dequantized_weight(torch.float32).to(theirs.dtype)
+        if fmt.is_fp4:
+            # Their NVFP4 path multiplies in 16 bits, rounding once more than ours: one unit in the last place.
+            torch.testing.assert_close(theirs.float(), expected.float(), rtol=2**-7, atol=0)
+        else:
+            assert torch.equal(theirs, expected), name
+        assert ours.format_from_scheme(group["weights"]) == fmt
+    assert ct.__version__
+
+
+@pytest.mark.parametrize("fmt", CT_FORMATS, ids=lambda f: f.describe())
+def test_compressed_tensors_export_loads_back_with_identical_logits(fmt, tmp_path, tokenizer):
+    model = _compressed(fmt)
+    out = export(model, tmp_path / "ct", format="compressed-tensors", tokenizer=tokenizer)
+    loaded, loaded_tokenizer = llmcompress.load(out)
+    tokens = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_logits(loaded, tokens), _logits(model, tokens))
+    assert loaded.llmcompress_config is None and loaded_tokenizer is not None
+    assert not any(p.name.startswith(".ct") for p in tmp_path.iterdir())  # no staging left behind
+
+
+def test_mixed_formats_name_their_modules(tmp_path):
+    model = _compressed(QuantFormat(bits=4, group_size=32), overrides=(ModuleOverride(pattern=r"down_proj", bits=8),))
+    out = export(model, tmp_path / "ct", format="compressed-tensors")
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert len(groups) == 2 and all("Linear" not in g["targets"] for g in groups.values())
+    eight = next(g for g in groups.values() if g["weights"]["num_bits"] == 8)
+    assert eight["targets"] == [f"model.layers.{i}.mlp.down_proj" for i in range(3)]
+    loaded, _ = llmcompress.load(out)
+    tokens = torch.randint(0, 384, (1, 16), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(_logits(loaded, tokens), _logits(model, tokens))
+
+
+def test_adapter_carries_the_branch_padded_to_a_rank_vllm_serves(tmp_path):
+    peft_module = pytest.importorskip("peft")
+    model = _compressed(QuantFormat(bits=4, group_size=32, symmetric=True), rank=12)
+    assert set(padded_branches(model).values()) == {(12, 16)}
+    out = export(model, tmp_path / "ct", format="compressed-tensors")
+    config = json.loads((out / ADAPTER_DIR / "adapter_config.json").read_text())
+    assert config["r"] == 16 and config["lora_alpha"] == 16 and config["peft_type"] == "LORA"
+    # The base alone (their decompressed weights) plus the adapter through peft gives our model.
+    base, _ = llmcompress.load(out)
+    dense = tiny_model("llama")
+    dense.load_state_dict({**dense.state_dict(), **{f"{n}.weight": m.dequantized_weight() for n, m in base.named_modules()
+                                                    if isinstance(m, CompressedLinear)}})
+    with_adapter = peft_module.PeftModel.from_pretrained(dense, out / ADAPTER_DIR)
+    tokens = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(_logits(with_adapter, tokens), _logits(model, tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_served_ranks():
+    assert [served_rank(r) for r in (1, 8, 9, 300, 321, 512)] == [8, 8, 16, 320, 512, 512]
+    with pytest.raises(ValueError, match="largest LoRA rank"):
+        served_rank(513)
+    assert VLLM_RANKS[0] == 8
+
+
+@pytest.mark.parametrize(("build", "message"), [
+    (lambda: _compressed(QuantFormat(bits=4, group_size=32), rank=8), "low-rank branch"),
+    (lambda: _compressed(QuantFormat(bits=4, group_size=64)), "down_proj: its 96 inputs are not a whole number of groups of 64"),
+    (lambda: _compressed(QuantFormat(kind="mxfp4")), "MXFP4 export is not implemented"),
+    (lambda: _compressed(QuantFormat(bits=4, group_size=32), prune=PruneConfig(method="magnitude", pattern="2:4")), "2:4 sparse"),
+], ids=["branch-without-adapter", "ragged-group", "mxfp4", "n-m-sparse"])
+def test_what_compressed_tensors_cannot_hold_is_refused_before_writing(build, message, tmp_path):
+    model = build()
+    with pytest.raises(ExportError, match=message):
+        export(model, tmp_path / "ct", format="compressed-tensors", adapter=False)
+    assert not (tmp_path / "ct").exists()
+
+
+def test_act_order_g_idx_is_refused(tmp_path, tokenizer):
+    model = tiny_model("llama")
+    config = CompressConfig(quant=QuantFormat(bits=4, group_size=32), method="gptq", gptq=GPTQConfig(act_order=True, static_groups=False),
+                            calib=llmcompress.CalibConfig(nsamples=2, seqlen=32))
+    llmcompress.compress(model, config, tokenizer=tokenizer, progress=False)
+    with pytest.raises(ExportError, match="g_idx"):
+        export(model, tmp_path / "ct", format="compressed-tensors")
+
+
+def test_native_export_needs_our_config_and_unknown_formats_are_named(tmp_path):
+    with pytest.raises(ExportError, match="choose one of native, compressed-tensors"):
+        export(tiny_model("llama"), tmp_path / "x", format="gguf")
+    with pytest.raises(ExportError, match="not compressed by llmcompress"):
+        export(tiny_model("llama"), tmp_path / "x", format="native")
+
+
+def test_a_failed_export_leaves_nothing(tmp_path, monkeypatch):
+    model = _compressed(QuantFormat(bits=4, group_size=32))
+    monkeypatch.setattr(checkpoint, "write_shards", lambda *a: (_ for _ in ()).throw(OSError("No space left on device")))
+    with pytest.raises(OSError, match="No space"):
+        export(model, tmp_path / "ct", format="compressed-tensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+# Runs in a fresh interpreter: transformers (+ compressed-tensors) and peft read the export with
+# no llmcompress code, and score the same token windows as our model.
+_THEIR_PERPLEXITY = textwrap.dedent("""
+    import json, math, sys, torch
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+    directory, windows_file, adapter, dtype = sys.argv[1], sys.argv[2], sys.argv[3] == "1", getattr(torch, sys.argv[4])
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype,
+                                                 quantization_config=CompressedTensorsConfig(dequantize=True))
+    if adapter:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, directory + "/adapter")
+    windows = torch.load(windows_file)
+    nll = 0.0
+    with torch.no_grad():
+        for window in windows:
+            logits = model(input_ids=window.unsqueeze(0)).logits[0, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum"))
+    print(json.dumps({"perplexity": math.exp(nll / (windows.shape[0] * (windows.shape[1] - 1))),
+                      "llmcompress_imported": "llmcompress" in sys.modules}))
+""")
+
+
+# compressed-tensors decompresses NVFP4 weights to bfloat16 whatever the model's dtype, so that
+# row compares both models in bfloat16 (then their weights and ours are the same numbers).
+@pytest.mark.slow
+@pytest.mark.parametrize(("fmt", "rank", "dtype"), [(QuantFormat(bits=4, group_size=64, symmetric=True), 0, "float16"),
+                                                    (QuantFormat(bits=4, group_size=64), 0, "float16"),
+                                                    (QuantFormat(kind="nvfp4"), 0, "bfloat16"),
+                                                    (QuantFormat(bits=4, group_size=64, symmetric=True), 32, "float16")],
+                         ids=["w4g64-sym", "w4g64-asym", "nvfp4", "w4g64-sym-lorc32-adapter"])
+def test_smollm2_export_loads_in_transformers_and_peft_with_our_perplexity(fmt, rank, dtype, smollm2_dir, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    pytest.importorskip("peft")
+    from llmcompress.calib import read_text, tokenize
+    from llmcompress.evaluate import perplexity
+    from llmcompress.models import load_model
+
+    model, tokenizer = load_model(smollm2_dir)
+    lowrank = LowRankConfig(rank=rank, method="lorc") if rank else LowRankConfig()
+    llmcompress.compress(model, CompressConfig(quant=fmt, lowrank=lowrank), calibration="none", progress=False)
+    out = export(model, tmp_path / "ct", format="compressed-tensors", tokenizer=tokenizer)
+    windows = tokenize(read_text("austen:test"), tokenizer)[: 4 * 256].reshape(4, 256)
+    torch.save(windows, tmp_path / "windows.pt")
+    ours = perplexity(model.to(getattr(torch, dtype)), tokenizer, windows.reshape(-1), seqlen=256, progress=False).perplexity
+    run = subprocess.run([sys.executable, "-c", _THEIR_PERPLEXITY, str(out), str(tmp_path / "windows.pt"), "1" if rank else "0", dtype],
+                         capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    theirs = json.loads(run.stdout.strip().splitlines()[-1])
+    assert not theirs["llmcompress_imported"]
+    assert theirs["perplexity"] == pytest.approx(ours, rel=1e-3)
