@@ -33,6 +33,9 @@ from .config import (
 )
 from .errors import ConfigError, LLMCompressError
 from .evaluate import PerplexityResult, perplexity
+from .export import FORMATS as EXPORT_FORMATS
+from .export import ExportError, export
+from .export import padded_branches as export_padded
 from .models import DEFAULT_MODEL_NAME, load_model
 from .pipeline import find_decoder_blocks, plan_targets
 from .summary import SizeSummary, size_summary
@@ -83,7 +86,9 @@ def _parse_override(text: str) -> ModuleOverride:
               help="GPTQ with act-order: fix group parameters up front (contiguous groups, no g_idx), or fit each group as reached (g_idx).")
 @click.option("--damp", type=float, default=GPTQConfig.damp, show_default=True, help="GPTQ: dampening, a fraction of the mean Hessian diagonal.")
 @click.option("--awq-grid", type=int, default=AWQConfig.grid, show_default=True, help="AWQ: grid points for the scale exponent.")
-@click.option("--no-awq-clip", is_flag=True, help="AWQ: skip the clipping search.")
+@click.option("--gptq-clip/--no-gptq-clip", default=None,
+              help="GPTQ: search each static group's range (shrunk by up to 20%) on the calibration output error [default: on with static groups].")
+@click.option("--no-awq-clip", is_flag=True, help="AWQ: skip the clipping search before RTN.")
 @click.option("--lowrank", "rank", type=int, default=0, show_default=True, help="Rank of the 16-bit error branch beside each layer; 0 = none.")
 @click.option("--lowrank-method", type=click.Choice(LOWRANK_METHODS), default=None,
               help="How the branch is fitted [default: eora with calibration text, lorc with --calib none].")
@@ -109,12 +114,17 @@ def _parse_override(text: str) -> ModuleOverride:
 @click.option("--eval-seqlen", type=int, default=1024, show_default=True, help="Tokens per evaluation window.")
 @click.option("--eval-windows", type=int, default=40, show_default=True, help="Evaluation windows to score; 0 = the whole text.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where blocks are compressed and evaluated.")
+@click.option("--export", "export_format", type=click.Choice(EXPORT_FORMATS), default="native", show_default=True,
+              help="Checkpoint format to write: ours (keeps everything), or compressed-tensors for transformers and vLLM.")
+@click.option("--adapter/--no-adapter", default=True, show_default=True,
+              help="compressed-tensors: write low-rank branches as a PEFT LoRA adapter in OUT/adapter (else refuse them).")
 def run(model: str | None, out_dir: str | None, overwrite: bool, kind: str, bits: int, group_size: int | None,
-        symmetric: bool | None, method: str, act_order: bool, static_groups: bool, damp: float, awq_grid: int, no_awq_clip: bool,
+        symmetric: bool | None, method: str, act_order: bool, static_groups: bool, damp: float, awq_grid: int,
+        gptq_clip: bool | None, no_awq_clip: bool,
         rank: int, lowrank_method: str | None, lowrank_alloc: str, lowrank_dtype: str, act_bits: str | None,
         prune_method: str | None, sparsity: float | None, pattern: str, skips: tuple[str, ...], overrides: tuple[str, ...], calib: str | None,
         nsamples: int, seqlen: int, seed: int, batch_size: int, run_eval: bool, eval_text: str, eval_seqlen: int,
-        eval_windows: int, device: str) -> None:
+        eval_windows: int, device: str, export_format: str, adapter: bool) -> None:
     """Compress MODEL (a Hugging Face directory, a .gguf file or a hub id; default: the bundled
     SmolLM2-135M-Instruct) and write a packed checkpoint that `llmcompress.load` reads."""
     started = time.perf_counter()
@@ -125,7 +135,7 @@ def run(model: str | None, out_dir: str | None, overwrite: bool, kind: str, bits
             method=method,
             calib=CalibConfig(source=calib or CalibConfig.source, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size),
             overrides=tuple(ModuleOverride(pattern=p, skip=True) for p in skips) + tuple(_parse_override(o) for o in overrides),
-            gptq=GPTQConfig(damp=damp, act_order=act_order, static_groups=static_groups),
+            gptq=GPTQConfig(damp=damp, act_order=act_order, static_groups=static_groups, clip=gptq_clip),
             awq=AWQConfig(grid=awq_grid, clip=not no_awq_clip),
             lowrank=LowRankConfig(rank=rank, method=lowrank_method, alloc=lowrank_alloc, dtype=lowrank_dtype),
             act_bits=None if act_bits is None else int(act_bits),
@@ -157,11 +167,47 @@ def run(model: str | None, out_dir: str | None, overwrite: bool, kind: str, bits
             "perplexity_before": before_ppl.to_dict() if before_ppl else None,
             "perplexity_after": after_ppl.to_dict() if after_ppl else None,
         }
-        click.echo(f"writing {out}")
-        checkpoint.save(compressed, out, compressed.llmcompress_config, tokenizer=tokenizer, report=report, overwrite=overwrite)
+        click.echo(f"writing {out} ({export_format})")
+        _write(compressed, out, export_format, tokenizer, report, overwrite, adapter)
     except LLMCompressError as err:
         raise click.ClickException(str(err)) from err
     click.echo(_summary_table(before, after, before_ppl, after_ppl, time.perf_counter() - started, out, config.prune))
+
+
+def _write(model, out: Path, export_format: str, tokenizer, report: dict, overwrite: bool, adapter: bool) -> None:  # noqa: ANN001
+    """Write the chosen format; when the export refuses a layer, keep the work as a native checkpoint."""
+    if export_format == "native":
+        checkpoint.save(model, out, model.llmcompress_config, tokenizer=tokenizer, report=report, overwrite=overwrite)
+        return
+    try:
+        export(model, out, export_format, tokenizer=tokenizer, adapter=adapter, overwrite=overwrite, report=report)
+    except ExportError as err:
+        checkpoint.save(model, out, model.llmcompress_config, tokenizer=tokenizer, report=report, overwrite=overwrite)
+        raise ExportError(f"{err}. The compressed model was written to {out} as a native checkpoint instead; "
+                          f"`compress export {out} --format {export_format}` converts it once the cause is fixed") from err
+    for name, (rank, served) in export_padded(model).items():
+        click.echo(f"adapter: {name} rank {rank} padded with zeros to {served}, a rank vLLM serves")
+
+
+@main.command(name="export")
+@click.argument("checkpoint_dir", metavar="CHECKPOINT", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "export_format", type=click.Choice(EXPORT_FORMATS), required=True, help="Format to write.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Output directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--adapter/--no-adapter", default=True, show_default=True,
+              help="compressed-tensors: write low-rank branches as a PEFT LoRA adapter in OUT/adapter (else refuse them).")
+def export_command(checkpoint_dir: str, export_format: str, out_dir: str, overwrite: bool, adapter: bool) -> None:
+    """Convert a checkpoint of ours (native or an earlier export) into another format."""
+    try:
+        click.echo(f"loading {checkpoint_dir}")
+        model, tokenizer = checkpoint.load(checkpoint_dir)
+        click.echo(f"writing {out_dir} ({export_format})")
+        out = export(model, out_dir, export_format, tokenizer=tokenizer, adapter=adapter, overwrite=overwrite)
+    except LLMCompressError as err:
+        raise click.ClickException(str(err)) from err
+    for name, (rank, served) in export_padded(model).items():
+        click.echo(f"adapter: {name} rank {rank} padded with zeros to {served}, a rank vLLM serves")
+    click.echo(f"wrote: {out}")
 
 
 def _default_out_dir(model: str | None, config: CompressConfig) -> str:

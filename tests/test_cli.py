@@ -96,3 +96,28 @@ def test_calibrated_methods_from_the_command_line(tiny_model_dir, tmp_path, meth
     assert f"method {method}, calibration austen:train" in result.output
     config = llmcompress.load(out)[0].llmcompress_config
     assert not config.gptq.static_groups and config.gptq.damp == 0.05 and config.awq.grid == 4 and config.calib.nsamples == 4
+
+
+def test_export_from_the_command_line_and_the_native_fallback(tiny_model_dir, tmp_path):
+    out = tmp_path / "ct"
+    result = _run(tiny_model_dir, "--out", out, "--group-size", 32, "--lowrank", 12, "--calib", "none", "--no-eval",
+                  "--export", "compressed-tensors")
+    assert result.exit_code == 0, result.output
+    assert "writing" in result.output and "rank 12 padded with zeros to 16, a rank vLLM serves" in result.output
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "compression_report.json").is_file()
+    model, _ = llmcompress.load(out)
+    assert model.llmcompress_config is None and isinstance(model.model.layers[0].mlp.up_proj, CompressedLinear)
+
+    native = tmp_path / "native"
+    assert _run(tiny_model_dir, "--out", native, "--group-size", 32, "--calib", "none", "--no-eval").exit_code == 0
+    result = _run("export", native, "--format", "compressed-tensors", "--out", tmp_path / "converted")
+    assert result.exit_code == 0, result.output
+    assert f"wrote: {tmp_path / 'converted'}" in result.output
+
+    # Without --adapter a branch has no place in compressed-tensors: refused, and the work is kept as a native checkpoint.
+    kept = tmp_path / "kept"
+    result = _run(tiny_model_dir, "--out", kept, "--group-size", 32, "--lowrank", 8, "--calib", "none", "--no-eval",
+                  "--export", "compressed-tensors", "--no-adapter")
+    assert result.exit_code == 1 and "low-rank branch" in result.output and "as a native checkpoint instead" in result.output
+    assert llmcompress.load(kept)[0].llmcompress_config is not None

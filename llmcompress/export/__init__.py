@@ -33,7 +33,7 @@ class ExportError(CheckpointError):
 
 
 def export(model: nn.Module, out_dir: str | os.PathLike, format: str = "native", tokenizer: Any = None,
-           adapter: bool = True, overwrite: bool = False) -> Path:
+           adapter: bool = True, overwrite: bool = False, report: dict | None = None) -> Path:
     """Write ``model`` (from ``llmcompress.compress`` or ``llmcompress.load``) as ``format``.
 
     With ``adapter`` the low-rank branches of a compressed-tensors export go to ``adapter/`` as
@@ -46,11 +46,11 @@ def export(model: nn.Module, out_dir: str | os.PathLike, format: str = "native",
         config = getattr(model, "llmcompress_config", None)
         if config is None:
             raise ExportError("this model was not compressed by llmcompress (no llmcompress config): there is nothing native to write")
-        return checkpoint.save(model, out, config, tokenizer=tokenizer, overwrite=overwrite)
-    return _export_compressed_tensors(model, out, tokenizer, adapter)
+        return checkpoint.save(model, out, config, tokenizer=tokenizer, report=report, overwrite=overwrite)
+    return _export_compressed_tensors(model, out, tokenizer, adapter, report)
 
 
-def _export_compressed_tensors(model: nn.Module, out: Path, tokenizer: Any, adapter: bool) -> Path:
+def _export_compressed_tensors(model: nn.Module, out: Path, tokenizer: Any, adapter: bool, report: dict | None) -> Path:
     layers = {name: m for name, m in model.named_modules() if isinstance(m, CompressedLinear)}
     problems = []
     for name, layer in layers.items():
@@ -85,6 +85,8 @@ def _export_compressed_tensors(model: nn.Module, out: Path, tokenizer: Any, adap
             tokenizer.save_pretrained(staging)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(staging)
+        if report is not None:
+            (staging / checkpoint.REPORT_FILE).write_text(json.dumps(report, indent=2))
         if adapter_tensors:
             adapter_dir = staging / ADAPTER_DIR
             adapter_dir.mkdir()
