@@ -42,7 +42,7 @@ CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 REPORT_FILE = "compression_report.json"
-CT_QUANT_METHOD = "compressed-tensors"  # read here, written by llmcompress.export
+EXPORT_QUANT_METHODS = ("compressed-tensors", "gptq")  # read here, written by llmcompress.export
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
@@ -148,13 +148,13 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
 
     A plain Hugging Face directory (no llmcompress ``quantization_config``) loads as a float model.
     ``dtype`` converts the unquantized parameters only; packed tensors keep their stored dtype.
-    A compressed-tensors export of ours (INT or NVFP4) loads too, with ``llmcompress_config`` None.
+    Our compressed-tensors and GPTQ exports load too, with ``llmcompress_config`` None.
     """
     path = Path(path).expanduser()
     raw = read_config(path)
     quantization = raw.get("quantization_config") or {}
-    if quantization.get("quant_method") == CT_QUANT_METHOD:
-        tensors, quantization = _native_from_compressed_tensors(path, raw, quantization)
+    if quantization.get("quant_method") in EXPORT_QUANT_METHODS:
+        tensors, quantization = _native_from_export(path, raw, quantization)
         return _build(path, quantization, tensors, None, device, dtype)
     if quantization.get("quant_method") != QUANT_METHOD:
         from .models import load_model
@@ -200,30 +200,38 @@ def _build(path: Path, quantization: dict, tensors: dict[str, Tensor], compress_
     return model.to(device).eval(), _load_tokenizer(path)
 
 
-def _native_from_compressed_tensors(path: Path, raw: dict, quantization: dict) -> tuple[dict[str, Tensor], dict]:
-    """A compressed-tensors directory (as ``llmcompress.export`` writes it) as our tensors and
-    ``quantization_config``: the packed layers' tensors converted, the rest as they are."""
-    from .export import compressed_tensors
+def _native_from_export(path: Path, raw: dict, quantization: dict) -> tuple[dict[str, Tensor], dict]:
+    """A compressed-tensors or GPTQ directory (as ``llmcompress.export`` writes them) as our
+    tensors and ``quantization_config``: the packed layers' tensors converted, the rest as they are."""
+    from .export import compressed_tensors, gptq
 
+    method = quantization["quant_method"]
     tensors = _read_tensors(path)
-    packed_modules = sorted(name[: -len(".weight_packed")] for name in tensors if name.endswith(".weight_packed"))
+    marker = ".qweight" if method == gptq.QUANT_METHOD else ".weight_packed"
+    packed_modules = sorted(name[: -len(marker)] for name in tensors if name.endswith(marker))
     try:
-        formats = compressed_tensors.module_formats(quantization, packed_modules)
-    except ValueError as err:
-        raise CheckpointError(f"{path / CONFIG_FILE}: {err}: llmcompress reads compressed-tensors INT and NVFP4 exports") from err
+        if method == gptq.QUANT_METHOD:
+            formats = dict.fromkeys(packed_modules, gptq.format_from_config(quantization))
+        else:
+            formats = compressed_tensors.module_formats(quantization, packed_modules)
+    except (ConfigError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{path / CONFIG_FILE}: {err}: llmcompress reads the {method} exports it writes") from err
     modules = {}
     for name in packed_modules:
         fmt = formats[name]
         local = {key.rpartition(".")[2]: tensors.pop(key) for key in [k for k in tensors if k.rpartition(".")[0] == name]}
         bias = local.pop("bias", None)
         try:
-            native = compressed_tensors.native_tensors(fmt, local)
+            if method == gptq.QUANT_METHOD:
+                in_features = local["g_idx"].numel()
+                native, has_g_idx = gptq.native_tensors(fmt, local, in_features)
+            else:
+                native, has_g_idx = compressed_tensors.native_tensors(fmt, local), False
+                in_features = int(local["weight_shape"][1]) if "weight_shape" in local else native["weight_packed"].shape[1] * 2
         except KeyError as err:
-            raise CheckpointError(f"{path}: compressed-tensors layer {name} lacks {err}: the export is corrupt") from err
-        out_features = native["weight_packed"].shape[0]
-        in_features = int(local["weight_shape"][1]) if "weight_shape" in local else native["weight_packed"].shape[1] * 2
-        modules[name] = {"format": dataclasses.asdict(fmt), "in_features": in_features, "out_features": out_features, "g_idx": False,
-                         "layout": dataclasses.asdict(LayerLayout())}
+            raise CheckpointError(f"{path}: {method} layer {name} lacks {err}: the export is corrupt") from err
+        modules[name] = {"format": dataclasses.asdict(fmt), "in_features": in_features, "out_features": native["weight_scale"].shape[0],
+                         "g_idx": has_g_idx, "layout": dataclasses.asdict(LayerLayout())}
         tensors.update({f"{name}.{key}": tensor for key, tensor in native.items()})
         if bias is not None:
             tensors[f"{name}.bias"] = bias
@@ -232,7 +240,7 @@ def _native_from_compressed_tensors(path: Path, raw: dict, quantization: dict) -
         embedding = next((k for k in tensors if k.endswith("embed_tokens.weight")), None)
         if embedding is not None:
             tied["lm_head.weight"] = embedding
-    return tensors, {"quant_method": compressed_tensors.QUANT_METHOD, "modules": modules, "tied": tied,
+    return tensors, {"quant_method": method, "modules": modules, "tied": tied,
                      "source": {key: value for key, value in quantization.items() if key != "config_groups"}}
 
 

@@ -136,7 +136,7 @@ def test_act_order_g_idx_is_refused(tmp_path, tokenizer):
 
 
 def test_native_export_needs_our_config_and_unknown_formats_are_named(tmp_path):
-    with pytest.raises(ExportError, match="choose one of native, compressed-tensors"):
+    with pytest.raises(ExportError, match="choose one of native, compressed-tensors, gptq"):
         export(tiny_model("llama"), tmp_path / "x", format="gguf")
     with pytest.raises(ExportError, match="not compressed by llmcompress"):
         export(tiny_model("llama"), tmp_path / "x", format="native")
@@ -200,3 +200,69 @@ def test_smollm2_export_loads_in_transformers_and_peft_with_our_perplexity(fmt, 
     theirs = json.loads(run.stdout.strip().splitlines()[-1])
     assert not theirs["llmcompress_imported"]
     assert theirs["perplexity"] == pytest.approx(ours, rel=1e-3)
+
+
+def _gptq_reference_weight(tensors, prefix, bits, in_features):
+    """Dequantize one GPTQ v1 layer by the published rules, written apart from our packing code."""
+    qweight, qzeros, scales, g_idx = (tensors[f"{prefix}.{n}"] for n in ("qweight", "qzeros", "scales", "g_idx"))
+    per_word, mask = 32 // bits, (1 << bits) - 1
+    k = torch.arange(in_features)
+    n = torch.arange(scales.shape[1])
+    words = qweight.to(torch.int64) & 0xFFFFFFFF
+    codes = (words[k // per_word] >> (bits * (k % per_word)).unsqueeze(1)) & mask  # [K, N]
+    zero_words = qzeros.to(torch.int64) & 0xFFFFFFFF
+    zeros = ((zero_words[:, n // per_word] >> (bits * (n % per_word))) & mask) + 1  # [G, N]
+    groups = g_idx.long()
+    return ((codes - zeros[groups]).float() * scales[groups].float()).T  # [N, K]
+
+
+@pytest.mark.parametrize("fmt", [QuantFormat(bits=4, group_size=32), QuantFormat(bits=4, group_size=32, symmetric=True),
+                                 QuantFormat(bits=8, group_size=-1, symmetric=True), QuantFormat(bits=2, group_size=32, symmetric=True)],
+                         ids=lambda f: f.describe())
+def test_gptq_export_matches_the_published_packing_and_loads_back(fmt, tmp_path):
+    model = _compressed(fmt)
+    out = export(model, tmp_path / "gptq", format="gptq")
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config == {**config, "quant_method": "gptq", "bits": fmt.bits, "sym": fmt.symmetric, "desc_act": False, "checkpoint_format": "gptq",
+                      "group_size": fmt.group_size}
+    tensors = checkpoint._read_tensors(out)
+    for name, layer in model.named_modules():
+        if isinstance(layer, CompressedLinear):
+            assert tensors[f"{name}.qweight"].dtype == torch.int32 and tensors[f"{name}.scales"].dtype == torch.float16
+            reference = _gptq_reference_weight(tensors, name, fmt.bits, layer.in_features)
+            assert torch.equal(reference, layer.dequantized_weight()), name
+    loaded, _ = llmcompress.load(out)
+    tokens = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(_logits(loaded, tokens), _logits(model, tokens))
+
+
+def test_gptq_export_keeps_act_order(tmp_path, tokenizer):
+    model = tiny_model("llama")
+    config = CompressConfig(quant=QuantFormat(bits=4, group_size=32, symmetric=True), method="gptq",
+                            gptq=GPTQConfig(act_order=True, static_groups=False), calib=llmcompress.CalibConfig(nsamples=2, seqlen=32))
+    llmcompress.compress(model, config, tokenizer=tokenizer, progress=False)
+    out = export(model, tmp_path / "gptq", format="gptq")
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["desc_act"] is True
+    tensors = checkpoint._read_tensors(out)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert torch.equal(_gptq_reference_weight(tensors, "model.layers.0.self_attn.q_proj", 4, 64), layer.dequantized_weight())
+    loaded, _ = llmcompress.load(out)
+    assert loaded.model.layers[0].self_attn.q_proj.has_g_idx
+    tokens = torch.randint(0, 384, (1, 16), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(_logits(loaded, tokens), _logits(model, tokens))
+
+
+def test_what_gptq_cannot_hold_is_refused(tmp_path):
+    with pytest.raises(ExportError, match="GPTQ stores integer codes only"):
+        export(_compressed(QuantFormat(kind="nvfp4")), tmp_path / "a", format="gptq")
+    with pytest.raises(ExportError, match="3-bit needs compressed-tensors"):
+        export(_compressed(QuantFormat(bits=3, group_size=32)), tmp_path / "b", format="gptq")
+    mixed = _compressed(QuantFormat(bits=4, group_size=32), overrides=(ModuleOverride(pattern=r"down_proj", bits=8),))
+    with pytest.raises(ExportError, match="one format per model"):
+        export(mixed, tmp_path / "c", format="gptq")
+    model = _compressed(QuantFormat(bits=4, group_size=32))
+    layer = model.model.layers[1].mlp.up_proj
+    layer.weight_zero_point[0, 0] &= ~0xF  # the first group of row 0 now has zero point 0
+    with pytest.raises(ExportError, match="1 of its zero points are 0.*--sym"):
+        export(model, tmp_path / "d", format="gptq")
+    assert list(tmp_path.iterdir()) == []

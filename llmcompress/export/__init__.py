@@ -1,8 +1,9 @@
 """Write a compressed model in a format that the serving ecosystem loads with no code of ours.
 
 ``native`` is our own checkpoint (it keeps everything). ``compressed-tensors`` is what
-transformers (with the ``compressed-tensors`` package) and vLLM load; a low-rank branch goes
-beside it as a PEFT LoRA adapter in ``adapter/``. Whatever a format cannot hold is refused with
+transformers (with the ``compressed-tensors`` package) and vLLM load; ``gptq`` is the GPTQ v1
+layout of AutoGPTQ / GPTQModel that transformers and vLLM also load. A low-rank branch goes
+beside either as a PEFT LoRA adapter in ``adapter/``. Whatever a format cannot hold is refused with
 the layer and the reason, before anything is written, and every export is written atomically.
 """
 
@@ -22,9 +23,9 @@ from ..errors import CheckpointError
 from ..fileio import staged_directory
 from ..nn import CompressedLinear
 from ..packing import unpack_branch
-from . import compressed_tensors, peft
+from . import compressed_tensors, gptq, peft
 
-FORMATS = ("native", "compressed-tensors")
+FORMATS = ("native", "compressed-tensors", "gptq")
 ADAPTER_DIR = "adapter"
 
 
@@ -47,21 +48,22 @@ def export(model: nn.Module, out_dir: str | os.PathLike, format: str = "native",
         if config is None:
             raise ExportError("this model was not compressed by llmcompress (no llmcompress config): there is nothing native to write")
         return checkpoint.save(model, out, config, tokenizer=tokenizer, report=report, overwrite=overwrite)
-    return _export_compressed_tensors(model, out, tokenizer, adapter, report)
+    return _export_serving(model, out, format, tokenizer, adapter, report)
 
 
-def _export_compressed_tensors(model: nn.Module, out: Path, tokenizer: Any, adapter: bool, report: dict | None) -> Path:
+def _export_serving(model: nn.Module, out: Path, format: str, tokenizer: Any, adapter: bool, report: dict | None) -> Path:
+    """compressed-tensors or GPTQ: the packed layers converted, the rest of the state dict as it is."""
     layers = {name: m for name, m in model.named_modules() if isinstance(m, CompressedLinear)}
-    problems = []
-    for name, layer in layers.items():
-        reason = compressed_tensors.refusal(layer.fmt, layer.layout, layer.in_features, layer.has_g_idx, branch_exported=adapter)
-        if reason:
-            problems.append(f"{name}: {reason}")
+    problems = [f"{name}: {reason}" for name, layer in layers.items() if (reason := _refusal(format, layer, adapter))]
     if problems:
         more = f" (and {len(problems) - 3} more layers)" if len(problems) > 3 else ""
-        raise ExportError(f"compressed-tensors cannot hold {len(problems)} layer(s): " + "; ".join(problems[:3]) + more)
+        raise ExportError(f"{format} cannot hold {len(problems)} layer(s): " + "; ".join(problems[:3]) + more)
     if not layers:
-        raise ExportError("the model has no quantized layers: there is nothing for compressed-tensors to describe")
+        raise ExportError(f"the model has no quantized layers: there is nothing for {format} to describe")
+    ignore = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in layers]
+    hf_config = model.config.to_dict()
+    hf_config["dtype"] = str(layer_dtype(model)).replace("torch.", "")
+    hf_config["quantization_config"] = _quantization_config(format, layers, ignore)
     tensors, _ = checkpoint.unique_state_dict(model)
     adapter_tensors: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
@@ -69,16 +71,11 @@ def _export_compressed_tensors(model: nn.Module, out: Path, tokenizer: Any, adap
         packed = layer.packed()
         for local in layer.packed_names:
             tensors.pop(f"{name}.{local}")
-        converted = compressed_tensors.layer_tensors(layer.fmt, packed, layer.out_features, layer.in_features)
-        tensors.update({f"{name}.{local}": tensor.contiguous() for local, tensor in converted.items()})
+        tensors.update({f"{name}.{local}": tensor.contiguous() for local, tensor in _layer_tensors(format, layer, packed).items()})
         if layer.layout.rank:
             a, b = unpack_branch(packed, torch.float16)
             ranks[name] = peft.served_rank(layer.layout.rank)
             adapter_tensors.update(peft.adapter_tensors(name, a, b, ranks[name]))
-    ignore = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in layers]
-    hf_config = model.config.to_dict()
-    hf_config["dtype"] = str(layer_dtype(model)).replace("torch.", "")
-    hf_config["quantization_config"] = compressed_tensors.quantization_config({n: m.fmt for n, m in layers.items()}, ignore)
     with staged_directory(out) as staging:
         checkpoint.write_shards(tensors, staging, checkpoint.DEFAULT_SHARD_BYTES)
         if tokenizer is not None:
@@ -95,6 +92,30 @@ def _export_compressed_tensors(model: nn.Module, out: Path, tokenizer: Any, adap
             (adapter_dir / peft.ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
         (staging / checkpoint.CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True, default=str))
     return out
+
+
+def _refusal(format: str, layer: CompressedLinear, adapter: bool) -> str | None:
+    if format == "gptq":
+        groups = None if layer.fmt is None or layer.fmt.is_fp4 else layer.packed()["weight_scale"].shape[1]
+        zeros = None if groups is None or layer.fmt.bits not in gptq.BITS else gptq.unpack_zeros(layer.fmt, layer.packed(), groups)
+        return gptq.refusal(layer.fmt, layer.layout, layer.in_features, zeros, branch_exported=adapter)
+    return compressed_tensors.refusal(layer.fmt, layer.layout, layer.in_features, layer.has_g_idx, branch_exported=adapter)
+
+
+def _layer_tensors(format: str, layer: CompressedLinear, packed: dict[str, Tensor]) -> dict[str, Tensor]:
+    if format == "gptq":
+        return gptq.layer_tensors(layer.fmt, packed, layer.in_features)
+    return compressed_tensors.layer_tensors(layer.fmt, packed, layer.out_features, layer.in_features)
+
+
+def _quantization_config(format: str, layers: dict[str, CompressedLinear], ignore: list[str]) -> dict:
+    if format == "gptq":
+        formats = {layer.fmt for layer in layers.values()}
+        if len(formats) > 1:
+            raise ExportError(f"GPTQ describes one format per model, and this one mixes {len(formats)} "
+                              f"({', '.join(sorted(f.describe() for f in formats))}): export compressed-tensors or native")
+        return gptq.quantization_config(formats.pop(), act_order=any(layer.has_g_idx for layer in layers.values()))
+    return compressed_tensors.quantization_config({n: m.fmt for n, m in layers.items()}, ignore)
 
 
 def padded_branches(model: nn.Module) -> dict[str, tuple[int, int]]:

@@ -1,0 +1,102 @@
+"""The GPTQ v1 layout (``quant_method: "gptq"``, ``checkpoint_format: "gptq"``) that
+transformers (through optimum / GPTQModel) and vLLM (its GPTQ and Marlin kernels) load.
+
+Per layer, with b in {2, 4, 8}, G = K / group_size groups (one per channel: G = 1):
+
+- ``qweight`` int32 [K*b/32, N]: column n's codes packed along the input dimension, code k in
+  bits (k mod 32/b)*b of word k*b/32: exactly our ``weight_packed`` [N, K*b/32] transposed.
+- ``qzeros`` int32 [G, N*b/32]: the zero points minus one, packed the same way along N (v1
+  readers add the one back). A zero point of 0 cannot be stored: it would wrap to 2^b - 1.
+- ``scales`` float16 [G, N]: our ``weight_scale`` transposed.
+- ``g_idx`` int32 [K]: the group of each input column (k // group_size, or act-order's).
+
+Pure functions on packed tensors, and the ``quantization_config`` block.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..config import PER_CHANNEL, QuantFormat
+from ..formats import group_index, implicit_zero
+from ..packing import LayerLayout, pack_int, unpack_int
+
+QUANT_METHOD = "gptq"
+BITS = (2, 4, 8)
+
+
+def refusal(fmt: QuantFormat | None, layout: LayerLayout, in_features: int, zeros: Tensor | None, branch_exported: bool) -> str | None:
+    """Why GPTQ v1 cannot hold this layer, or None when it can; ``zeros`` are the unpacked zero points."""
+    if fmt is None or fmt.is_fp4:
+        return "GPTQ stores integer codes only (FP4 and 16-bit sparse weights need compressed-tensors or native)"
+    if fmt.bits not in BITS:
+        return f"GPTQ v1 packs {', '.join(map(str, BITS))}-bit codes; {fmt.bits}-bit needs compressed-tensors or native"
+    if layout.sparsity is not None:
+        return f"its {layout.sparsity} sparse storage has no place in GPTQ: export native"
+    if layout.smoothed or layout.act_format is not None:
+        return "its in-layer smoothing or activation quantization has no place in GPTQ: export native"
+    if layout.rank and not branch_exported:
+        return "it has a low-rank branch: export the branch as a PEFT adapter (--adapter) or export native"
+    if fmt.group_size != PER_CHANNEL and in_features % fmt.group_size:
+        return f"its {in_features} inputs are not a whole number of groups of {fmt.group_size}: use a group size dividing {in_features}"
+    if zeros is not None and bool((zeros == 0).any()):
+        count = int((zeros == 0).sum())
+        return (f"{count} of its zero points are 0, which GPTQ v1 (it stores zero - 1) cannot hold: compress with --sym, "
+                "or export compressed-tensors")
+    return None
+
+
+def layer_tensors(fmt: QuantFormat, packed: dict[str, Tensor], in_features: int) -> dict[str, Tensor]:
+    """One layer's GPTQ v1 tensors (names local to the module) from our packed ones."""
+    scales = packed["weight_scale"]
+    out_features, groups = scales.shape
+    zeros = unpack_zeros(fmt, packed, groups)
+    g_idx = packed.get("weight_g_idx")
+    if g_idx is None:
+        g_idx = group_index(None, fmt, in_features, scales.device)
+    return {
+        "qweight": packed["weight_packed"].T.contiguous(),
+        "qzeros": pack_int((zeros.to(torch.int16) - 1).to(torch.uint8).T.contiguous(), fmt.bits),
+        "scales": scales.T.contiguous(),
+        "g_idx": g_idx.to(torch.int32).contiguous(),
+    }
+
+
+def unpack_zeros(fmt: QuantFormat, packed: dict[str, Tensor], groups: int) -> Tensor:
+    """Zero points uint8 [N, G]: stored ones, or the implicit midpoint of a symmetric format."""
+    if "weight_zero_point" in packed:
+        return unpack_int(packed["weight_zero_point"], fmt.bits, groups)
+    out_features = packed["weight_scale"].shape[0]
+    return torch.full((out_features, groups), implicit_zero(fmt), dtype=torch.uint8, device=packed["weight_scale"].device)
+
+
+def native_tensors(fmt: QuantFormat, tensors: dict[str, Tensor], in_features: int) -> tuple[dict[str, Tensor], bool]:
+    """The inverse of ``layer_tensors``: our packed tensors, and whether the layer keeps a g_idx."""
+    scales = tensors["scales"].T.contiguous()
+    out_features, groups = scales.shape
+    packed = {"weight_packed": tensors["qweight"].T.contiguous(), "weight_scale": scales}
+    if not fmt.symmetric:
+        stored = unpack_int(tensors["qzeros"], fmt.bits, out_features).T  # [N, G], zero - 1
+        packed["weight_zero_point"] = pack_int(((stored.to(torch.int16) + 1) % 2**fmt.bits).to(torch.uint8).contiguous(), fmt.bits)
+    g_idx = tensors["g_idx"].to(torch.int32)
+    contiguous = group_index(None, fmt, in_features, g_idx.device).to(torch.int32)
+    if not torch.equal(g_idx, contiguous):
+        packed["weight_g_idx"] = g_idx
+        return packed, True
+    return packed, False
+
+
+def quantization_config(fmt: QuantFormat, act_order: bool) -> dict:
+    """The keys transformers (GPTQConfig) and vLLM read."""
+    return {"quant_method": QUANT_METHOD, "checkpoint_format": "gptq", "bits": fmt.bits,
+            "group_size": -1 if fmt.group_size == PER_CHANNEL else fmt.group_size, "desc_act": act_order,
+            "sym": fmt.symmetric, "static_groups": False, "true_sequential": True, "lm_head": False, "pack_dtype": "int32"}
+
+
+def format_from_config(config: dict) -> QuantFormat:
+    """Our format for a GPTQ v1 ``quantization_config`` (2/4/8 bits: the packings written here)."""
+    if config.get("checkpoint_format", "gptq") != "gptq" or int(config["bits"]) not in BITS:
+        raise ValueError(f"GPTQ {config.get('checkpoint_format', 'gptq')} with {config['bits']}-bit codes is not a layout llmcompress reads "
+                         f"(v1 with {', '.join(map(str, BITS))} bits)")
+    return QuantFormat(kind="int", bits=int(config["bits"]), group_size=int(config.get("group_size", 128)), symmetric=bool(config.get("sym", True)))
