@@ -66,8 +66,13 @@ class _Groups:
 
 def gptq(weight: Tensor, hessian: Tensor, fmt: QuantFormat | None, damp: float = 0.01, block_size: int = 128,
          act_order: bool = False, static_groups: bool = False, mask: Tensor | None = None,
-         sparsity: float | None = None, n_m: tuple[int, int] | None = None) -> GPTQResult:
+         sparsity: float | None = None, n_m: tuple[int, int] | None = None, ranges: Tensor | None = None) -> GPTQResult:
     """GPTQ-quantize a [N, K] weight given its inputs' second moment H = mean x x^T [K, K].
+
+    ``ranges`` (static groups only) is a [N, K] weight whose groups set the parameters instead
+    of the weight's own, e.g. the weight with each group's range shrunk by a clipping search:
+    GPTQ still targets the original weight, and what falls outside a shrunk range is clamped
+    and its error spread over the later columns like any rounding error.
 
     Pruning rides on the same column loop (SparseGPT, Frantar & Alistarh, 2023): a fixed
     ``mask`` (True = kept, e.g. Wanda's) zeroes its weights as they are reached, and ``sparsity``
@@ -86,6 +91,9 @@ def gptq(weight: Tensor, hessian: Tensor, fmt: QuantFormat | None, damp: float =
         raise ValueError(f"mask is {tuple(mask.shape)}, expected {tuple(weight.shape)}")
     if fmt is None and mask is None and sparsity is None:
         raise ValueError("nothing to do: give a format, a mask or a sparsity")
+    if ranges is not None and (not static_groups or ranges.shape != weight.shape):
+        raise ValueError(f"ranges must be a {tuple(weight.shape)} weight and needs static groups "
+                         f"(got {tuple(ranges.shape)}, static_groups={static_groups})")
     work = weight.detach().float().clone()
     hessian = hessian.detach().float().clone()
     dead = torch.diagonal(hessian) == 0
@@ -105,7 +113,11 @@ def gptq(weight: Tensor, hessian: Tensor, fmt: QuantFormat | None, damp: float =
         global_scale = nvfp4_global_scale(work) if fmt.kind == "nvfp4" else None
         groups = _Groups(fmt, rows, num_groups(fmt, in_features), global_scale, work.device)
         if static_groups:
-            scales, zeros = group_params(grouped(work, width), fmt, global_scale)
+            source = work
+            if ranges is not None:
+                source = ranges.to(work.device, torch.float32) * keep
+                source[:, dead] = 0.0
+            scales, zeros = group_params(grouped(source, width), fmt, global_scale)
             groups.scales.copy_(scales)
             if groups.zeros is not None:
                 groups.zeros.copy_(zeros)

@@ -1,6 +1,6 @@
 """One quantization stage's layers, as tensors: the configured methods applied in order.
 
-For each layer: (SVDQuant's split) -> pruning -> (AWQ's clipping) -> GPTQ or RTN -> the
+For each layer: (SVDQuant's split) -> pruning -> AWQ's clipping and RTN, or GPTQ with its range search -> the
 low-rank branch fitted to what is left (so it compensates pruning and quantization together).
 Magnitude and Wanda fix a mask first; SparseGPT chooses its mask inside GPTQ's column loop,
 quantizing in the same pass under GPTQ, or pruning alone before RTN. No module is touched
@@ -135,7 +135,8 @@ def _batches(jobs: list[LayerJob], working: list[_Working], config: CompressConf
 
 def _compress(fmt: QuantFormat | None, weights: list[Tensor], hessian: Tensor | None,
               config: CompressConfig) -> tuple[list[_Compressed], str, str]:
-    """Pruning, then (AWQ clipping and) GPTQ or RTN, for weights sharing one H: (results, method, note)."""
+    """Pruning, then AWQ clipping and RTN, or GPTQ (with its range search), for weights sharing one H:
+    (results, method, note)."""
     sizes = [w.shape[0] for w in weights]
     prune, options = config.prune, config.gptq
     notes = [_fallback_note(fmt, hessian, config)]
@@ -153,15 +154,18 @@ def _compress(fmt: QuantFormat | None, weights: list[Tensor], hessian: Tensor | 
         notes.append(_damp_note(result.damp, options.damp))
     if fmt is None:
         return [_Compressed(None, w, m) for w, m in zip(weights, masks, strict=True)], "none", _joined(notes)
-    if hessian is not None and config.uses_awq and config.awq.clip:
-        weights = [search_clipping(w, hessian, fmt, grid=config.awq.clip_grid, max_shrink=config.awq.max_shrink) for w in weights]
     if not gptq_quantizes:
+        if hessian is not None and config.uses_awq and config.awq.clip:
+            weights = [search_clipping(w, hessian, fmt, grid=config.awq.clip_grid, max_shrink=config.awq.max_shrink) for w in weights]
         method = "rtn" if hessian is None else config.method
         return [_rounded(rtn(w, fmt), fmt, m) for w, m in zip(weights, masks, strict=True)], method, _joined(notes)
+    ranges = None
+    if options.clip:
+        ranges = torch.cat([search_clipping(w, hessian, fmt, grid=options.clip_grid, max_shrink=options.max_shrink) for w in weights])
     result = gptq(torch.cat(weights), hessian, fmt, damp=options.damp, block_size=options.block_size,
                   act_order=options.act_order, static_groups=options.static_groups,
                   mask=None if masks[0] is None else torch.cat(masks),
-                  sparsity=prune.sparsity if sparsegpt else None, n_m=prune.n_m if sparsegpt else None)
+                  sparsity=prune.sparsity if sparsegpt else None, n_m=prune.n_m if sparsegpt else None, ranges=ranges)
     notes += [_damp_note(result.damp, options.damp), f"{result.dead_columns} dead input channels" if result.dead_columns else ""]
     if sparsegpt and prune.n_m is not None and options.act_order:
         notes.append("act-order off: SparseGPT's N:M runs follow the input order")
