@@ -5,9 +5,6 @@ an export with transformers and peft in a separate process that never imports ll
 """
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -18,6 +15,7 @@ from llmcompress import checkpoint
 from llmcompress.config import CompressConfig, GPTQConfig, LowRankConfig, ModuleOverride, PruneConfig, QuantFormat
 from llmcompress.export import ADAPTER_DIR, ExportError, export, padded_branches
 from llmcompress.export.peft import VLLM_RANKS, served_rank
+from llmcompress.export.verify import their_perplexity
 from llmcompress.nn import CompressedLinear
 
 CT_FORMATS = [QuantFormat(bits=4, group_size=32), QuantFormat(bits=4, group_size=32, symmetric=True),
@@ -150,28 +148,6 @@ def test_a_failed_export_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-# Runs in a fresh interpreter: transformers (+ compressed-tensors) and peft read the export with
-# no llmcompress code, and score the same token windows as our model.
-_THEIR_PERPLEXITY = textwrap.dedent("""
-    import json, math, sys, torch
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
-    directory, windows_file, adapter, dtype = sys.argv[1], sys.argv[2], sys.argv[3] == "1", getattr(torch, sys.argv[4])
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype,
-                                                 quantization_config=CompressedTensorsConfig(dequantize=True))
-    if adapter:
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(model, directory + "/adapter")
-    windows = torch.load(windows_file)
-    nll = 0.0
-    with torch.no_grad():
-        for window in windows:
-            logits = model(input_ids=window.unsqueeze(0)).logits[0, :-1].float()
-            nll += float(torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum"))
-    print(json.dumps({"perplexity": math.exp(nll / (windows.shape[0] * (windows.shape[1] - 1))),
-                      "llmcompress_imported": "llmcompress" in sys.modules}))
-""")
-
-
 # compressed-tensors decompresses NVFP4 weights to bfloat16 whatever the model's dtype, so that
 # row compares both models in bfloat16 (then their weights and ours are the same numbers).
 @pytest.mark.slow
@@ -192,14 +168,9 @@ def test_smollm2_export_loads_in_transformers_and_peft_with_our_perplexity(fmt, 
     llmcompress.compress(model, CompressConfig(quant=fmt, lowrank=lowrank), calibration="none", progress=False)
     out = export(model, tmp_path / "ct", format="compressed-tensors", tokenizer=tokenizer)
     windows = tokenize(read_text("austen:test"), tokenizer)[: 4 * 256].reshape(4, 256)
-    torch.save(windows, tmp_path / "windows.pt")
     ours = perplexity(model.to(getattr(torch, dtype)), tokenizer, windows.reshape(-1), seqlen=256, progress=False).perplexity
-    run = subprocess.run([sys.executable, "-c", _THEIR_PERPLEXITY, str(out), str(tmp_path / "windows.pt"), "1" if rank else "0", dtype],
-                         capture_output=True, text=True, check=False)
-    assert run.returncode == 0, run.stderr[-3000:]
-    theirs = json.loads(run.stdout.strip().splitlines()[-1])
-    assert not theirs["llmcompress_imported"]
-    assert theirs["perplexity"] == pytest.approx(ours, rel=1e-3)
+    theirs = their_perplexity(out, windows, getattr(torch, dtype), adapter=bool(rank))
+    assert theirs == pytest.approx(ours, rel=1e-3)
 
 
 def _gptq_reference_weight(tensors, prefix, bits, in_features):

@@ -75,7 +75,7 @@ def native_tensors(fmt: QuantFormat, tensors: dict[str, Tensor]) -> dict[str, Te
     if fmt.kind == "nvfp4":
         packed["weight_global_scale"] = tensors["weight_global_scale"]
     elif not fmt.symmetric:
-        out_features, groups = int(tensors["weight_shape"][0]), tensors["weight_scale"].shape[1]
+        out_features = int(tensors["weight_shape"][0])
         zeros = unpack_int(tensors["weight_zero_point"].T.contiguous(), fmt.bits, out_features)  # [G, N]
         packed["weight_zero_point"] = pack_int(zeros.T.contiguous(), fmt.bits)
     return packed
