@@ -35,7 +35,7 @@ from .errors import ConfigError, LLMCompressError
 from .evaluate import PerplexityResult, perplexity
 from .export import FORMATS as EXPORT_FORMATS
 from .export import ExportError, export
-from .export import padded_branches as export_padded
+from .export import notes as export_notes
 from .models import DEFAULT_MODEL_NAME, load_model
 from .pipeline import find_decoder_blocks, plan_targets
 from .summary import SizeSummary, size_summary
@@ -115,9 +115,9 @@ def _parse_override(text: str) -> ModuleOverride:
 @click.option("--eval-windows", type=int, default=40, show_default=True, help="Evaluation windows to score; 0 = the whole text.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where blocks are compressed and evaluated.")
 @click.option("--export", "export_format", type=click.Choice(EXPORT_FORMATS), default="native", show_default=True,
-              help="Checkpoint format to write: ours (keeps everything), or compressed-tensors for transformers and vLLM.")
+              help="Checkpoint format to write: ours (keeps everything), or compressed-tensors / gptq, which transformers and vLLM load.")
 @click.option("--adapter/--no-adapter", default=True, show_default=True,
-              help="compressed-tensors: write low-rank branches as a PEFT LoRA adapter in OUT/adapter (else refuse them).")
+              help="compressed-tensors / gptq: write low-rank branches as a PEFT LoRA adapter in OUT/adapter (else refuse them).")
 def run(model: str | None, out_dir: str | None, overwrite: bool, kind: str, bits: int, group_size: int | None,
         symmetric: bool | None, method: str, act_order: bool, static_groups: bool, damp: float, awq_grid: int,
         gptq_clip: bool | None, no_awq_clip: bool,
@@ -185,8 +185,12 @@ def _write(model, out: Path, export_format: str, tokenizer, report: dict, overwr
         checkpoint.save(model, out, model.llmcompress_config, tokenizer=tokenizer, report=report, overwrite=overwrite)
         raise ExportError(f"{err}. The compressed model was written to {out} as a native checkpoint instead; "
                           f"`compress export {out} --format {export_format}` converts it once the cause is fixed") from err
-    for name, (rank, served) in export_padded(model).items():
-        click.echo(f"adapter: {name} rank {rank} padded with zeros to {served}, a rank vLLM serves")
+    _report_notes(model, export_format)
+
+
+def _report_notes(model, export_format: str) -> None:  # noqa: ANN001
+    for line in export_notes(model, export_format):
+        click.echo(line)
 
 
 @main.command(name="export")
@@ -195,7 +199,7 @@ def _write(model, out: Path, export_format: str, tokenizer, report: dict, overwr
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Output directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--adapter/--no-adapter", default=True, show_default=True,
-              help="compressed-tensors: write low-rank branches as a PEFT LoRA adapter in OUT/adapter (else refuse them).")
+              help="compressed-tensors / gptq: write low-rank branches as a PEFT LoRA adapter in OUT/adapter (else refuse them).")
 def export_command(checkpoint_dir: str, export_format: str, out_dir: str, overwrite: bool, adapter: bool) -> None:
     """Convert a checkpoint of ours (native or an earlier export) into another format."""
     try:
@@ -205,8 +209,7 @@ def export_command(checkpoint_dir: str, export_format: str, out_dir: str, overwr
         out = export(model, out_dir, export_format, tokenizer=tokenizer, adapter=adapter, overwrite=overwrite)
     except LLMCompressError as err:
         raise click.ClickException(str(err)) from err
-    for name, (rank, served) in export_padded(model).items():
-        click.echo(f"adapter: {name} rank {rank} padded with zeros to {served}, a rank vLLM serves")
+    _report_notes(model, export_format)
     click.echo(f"wrote: {out}")
 
 

@@ -121,3 +121,10 @@ def test_export_from_the_command_line_and_the_native_fallback(tiny_model_dir, tm
                   "--export", "compressed-tensors", "--no-adapter")
     assert result.exit_code == 1 and "low-rank branch" in result.output and "as a native checkpoint instead" in result.output
     assert llmcompress.load(kept)[0].llmcompress_config is not None
+
+
+def test_gptq_export_says_how_asymmetric_layers_are_stored(tiny_model_dir, tmp_path):
+    result = _run(tiny_model_dir, "--out", tmp_path / "g", "--group-size", 32, "--calib", "none", "--no-eval", "--export", "gptq")
+    assert result.exit_code == 0, result.output
+    assert "zero point minus one" in result.output and "--sym" in result.output
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"

@@ -37,8 +37,9 @@ def export(model: nn.Module, out_dir: str | os.PathLike, format: str = "native",
            adapter: bool = True, overwrite: bool = False, report: dict | None = None) -> Path:
     """Write ``model`` (from ``llmcompress.compress`` or ``llmcompress.load``) as ``format``.
 
-    With ``adapter`` the low-rank branches of a compressed-tensors export go to ``adapter/`` as
-    a PEFT LoRA adapter; without it a layer with a branch is refused. Returns the directory.
+    With ``adapter`` the low-rank branches of a compressed-tensors or GPTQ export go to
+    ``adapter/`` as a PEFT LoRA adapter; without it a layer with a branch is refused. Returns
+    the directory.
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}")
@@ -116,6 +117,17 @@ def _quantization_config(format: str, layers: dict[str, CompressedLinear], ignor
                               f"({', '.join(sorted(f.describe() for f in formats))}): export compressed-tensors or native")
         return gptq.quantization_config(formats.pop(), act_order=any(layer.has_g_idx for layer in layers.values()))
     return compressed_tensors.quantization_config({n: m.fmt for n, m in layers.items()}, ignore)
+
+
+def notes(model: nn.Module, format: str) -> list[str]:
+    """What a user should know about an export that succeeded: padded adapter ranks, and the
+    GPTQ v1 convention for asymmetric layers."""
+    lines = [f"adapter: {name} rank {rank} padded with zeros to {served}, a rank vLLM serves"
+             for name, (rank, served) in padded_branches(model).items()] if format != "native" else []
+    if format == "gptq" and any(not m.fmt.symmetric for m in model.modules() if isinstance(m, CompressedLinear)):
+        lines.append("gptq: asymmetric layers are stored as GPTQ v1 does, zero point minus one (no zero point was 0); "
+                     "vLLM's fastest GPTQ kernels (Marlin) take symmetric weights only: compress with --sym for them")
+    return lines
 
 
 def padded_branches(model: nn.Module) -> dict[str, tuple[int, int]]:
