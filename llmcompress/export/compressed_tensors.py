@@ -102,7 +102,8 @@ def format_from_scheme(weights: dict) -> QuantFormat:
     kind, bits, strategy = weights.get("type"), weights.get("num_bits"), weights.get("strategy")
     if kind == "float" and bits == 4 and weights.get("group_size") == 16:
         return QuantFormat(kind="nvfp4")
-    if kind == "int" and strategy in ("group", "channel") and not weights.get("actorder") and not weights.get("dynamic"):
+    # "static" and "weight" act-order (llm-compressor's GPTQ) reorder only during calibration: no g_idx is stored.
+    if kind == "int" and strategy in ("group", "channel") and weights.get("actorder") in (None, "static", "weight") and not weights.get("dynamic"):
         group = PER_CHANNEL if strategy == "channel" else weights["group_size"]
         return QuantFormat(kind="int", bits=bits, group_size=group, symmetric=bool(weights.get("symmetric", True)))
     raise ValueError(f"compressed-tensors weights {weights} are not a format llmcompress reads (INT group/channel, NVFP4)")
