@@ -96,6 +96,8 @@ def _export_serving(model: nn.Module, out: Path, format: str, tokenizer: Any, ad
 
 
 def _refusal(format: str, layer: CompressedLinear, adapter: bool) -> str | None:
+    if adapter and layer.layout.rank > peft.VLLM_RANKS[-1]:
+        return f"its rank-{layer.layout.rank} branch is above the largest LoRA rank vLLM serves ({peft.VLLM_RANKS[-1]}): export native"
     if format == "gptq":
         groups = None if layer.fmt is None or layer.fmt.is_fp4 else layer.packed()["weight_scale"].shape[1]
         zeros = None if groups is None or layer.fmt.bits not in gptq.BITS else gptq.unpack_zeros(layer.fmt, layer.packed(), groups)
