@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .. import checkpoint
+from ..config import PER_CHANNEL
 from ..errors import CheckpointError
 from ..fileio import staged_directory
 from ..nn import CompressedLinear
@@ -96,13 +97,31 @@ def _export_serving(model: nn.Module, out: Path, format: str, tokenizer: Any, ad
 
 
 def _refusal(format: str, layer: CompressedLinear, adapter: bool) -> str | None:
-    if adapter and layer.layout.rank > peft.VLLM_RANKS[-1]:
-        return f"its rank-{layer.layout.rank} branch is above the largest LoRA rank vLLM serves ({peft.VLLM_RANKS[-1]}): export native"
+    """Why ``format`` cannot hold this layer: its number format first, then what its layout adds."""
     if format == "gptq":
-        groups = None if layer.fmt is None or layer.fmt.is_fp4 else layer.packed()["weight_scale"].shape[1]
-        zeros = None if groups is None or layer.fmt.bits not in gptq.BITS else gptq.unpack_zeros(layer.fmt, layer.packed(), groups)
-        return gptq.refusal(layer.fmt, layer.layout, layer.in_features, zeros, branch_exported=adapter)
-    return compressed_tensors.refusal(layer.fmt, layer.layout, layer.in_features, layer.has_g_idx, branch_exported=adapter)
+        reason = gptq.format_refusal(layer.fmt, layer.packed())
+    else:
+        reason = compressed_tensors.format_refusal(layer.fmt, layer.has_g_idx)
+    return reason or _layout_refusal(format, layer, adapter)
+
+
+def _layout_refusal(format: str, layer: CompressedLinear, adapter: bool) -> str | None:
+    """What neither serving format holds beside a plain grouped weight."""
+    layout, fmt = layer.layout, layer.fmt
+    if layout.sparsity is not None:
+        return f"its {layout.sparsity} sparse storage has no place in {format}: compress without --pattern N:M, or export native"
+    if layout.smoothed:
+        return f"its SVDQuant smoothing stayed in the layer (no norm or linear could absorb it), which {format} cannot express: export native"
+    if layout.act_format is not None:
+        return f"its activations are quantized (W4A4), which {format} does not hold here: export native"
+    if layout.rank and not adapter:
+        return "it has a low-rank branch: export the branch as a PEFT adapter (--adapter) or export native"
+    if layout.rank > peft.VLLM_RANKS[-1]:
+        return f"its rank-{layout.rank} branch is above the largest LoRA rank vLLM serves ({peft.VLLM_RANKS[-1]}): export native"
+    if fmt.group_size != PER_CHANNEL and layer.in_features % fmt.group_size:
+        return (f"its {layer.in_features} inputs are not a whole number of groups of {fmt.group_size}, and {format} refuses "
+                f"partial groups: compress with a group size dividing {layer.in_features} (e.g. 64 or 32), or export native")
+    return None
 
 
 def _layer_tensors(format: str, layer: CompressedLinear, packed: dict[str, Tensor]) -> dict[str, Tensor]:

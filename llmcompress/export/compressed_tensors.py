@@ -17,7 +17,7 @@ tensors carry over as they are:
 compressed-tensors groups must tile the layer (it raises on a width that is not a multiple of
 the group size), has no act-order ``g_idx`` for static formats since its 2026 releases, and has
 no place for our low-rank branch, in-layer smoothing, activation quantization or N:M storage:
-``refusal`` names which of these stops a layer.
+``format_refusal`` and ``llmcompress.export``'s layout checks name which of these stops a layer.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..config import PER_CHANNEL, QuantFormat
-from ..packing import LayerLayout, pack_int, unpack_int
+from ..packing import pack_int, unpack_int
 
 QUANT_METHOD = "compressed-tensors"
 INT_FORMAT = "pack-quantized"
@@ -34,25 +34,14 @@ NVFP4_FORMAT = "nvfp4-pack-quantized"
 MIXED_FORMAT = "mixed-precision"
 
 
-def refusal(fmt: QuantFormat | None, layout: LayerLayout, in_features: int, has_g_idx: bool, branch_exported: bool) -> str | None:
-    """Why compressed-tensors cannot hold this layer, or None when it can."""
+def format_refusal(fmt: QuantFormat | None, has_g_idx: bool) -> str | None:
+    """Why compressed-tensors cannot hold this layer's number format or grouping, or None."""
     if fmt is None:
         return "it is a 16-bit N:M sparse weight, and pack-quantized has no sparsity (export it native)"
     if fmt.kind == "mxfp4":
         return "MXFP4 export is not implemented here (INT and NVFP4 are); export it native"
-    if layout.sparsity is not None:
-        return f"its {layout.sparsity} sparse storage has no place in {INT_FORMAT}: compress without --pattern N:M, or export native"
     if has_g_idx:
         return "its act-order g_idx needs dynamic groups, which compressed-tensors dropped: compress with static groups (the default)"
-    if layout.smoothed:
-        return "its SVDQuant smoothing stayed in the layer (no norm or linear could absorb it), which the format cannot express"
-    if layout.act_format is not None:
-        return "its activations are quantized (W4A4), which this export does not write"
-    if layout.rank and not branch_exported:
-        return "it has a low-rank branch: export the branch as a PEFT adapter (--adapter) or export native"
-    if fmt.group_size != PER_CHANNEL and in_features % fmt.group_size:
-        return (f"its {in_features} inputs are not a whole number of groups of {fmt.group_size}, and compressed-tensors "
-                f"refuses partial groups: compress with a group size dividing {in_features} (e.g. 64 or 32), or export native")
     return None
 
 

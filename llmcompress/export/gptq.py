@@ -20,27 +20,20 @@ from torch import Tensor
 
 from ..config import PER_CHANNEL, QuantFormat
 from ..formats import group_index, implicit_zero
-from ..packing import LayerLayout, pack_int, unpack_int
+from ..packing import pack_int, unpack_int
 
 QUANT_METHOD = "gptq"
 BITS = (2, 4, 8)
 
 
-def refusal(fmt: QuantFormat | None, layout: LayerLayout, in_features: int, zeros: Tensor | None, branch_exported: bool) -> str | None:
-    """Why GPTQ v1 cannot hold this layer, or None when it can; ``zeros`` are the unpacked zero points."""
+def format_refusal(fmt: QuantFormat | None, packed: dict[str, Tensor]) -> str | None:
+    """Why GPTQ v1 cannot hold this layer's number format or zero points, or None."""
     if fmt is None or fmt.is_fp4:
         return "GPTQ stores integer codes only (FP4 and 16-bit sparse weights need compressed-tensors or native)"
     if fmt.bits not in BITS:
         return f"GPTQ v1 packs {', '.join(map(str, BITS))}-bit codes; {fmt.bits}-bit needs compressed-tensors or native"
-    if layout.sparsity is not None:
-        return f"its {layout.sparsity} sparse storage has no place in GPTQ: export native"
-    if layout.smoothed or layout.act_format is not None:
-        return "its in-layer smoothing or activation quantization has no place in GPTQ: export native"
-    if layout.rank and not branch_exported:
-        return "it has a low-rank branch: export the branch as a PEFT adapter (--adapter) or export native"
-    if fmt.group_size != PER_CHANNEL and in_features % fmt.group_size:
-        return f"its {in_features} inputs are not a whole number of groups of {fmt.group_size}: use a group size dividing {in_features}"
-    if zeros is not None and bool((zeros == 0).any()):
+    zeros = unpack_zeros(fmt, packed, packed["weight_scale"].shape[1])
+    if bool((zeros == 0).any()):
         count = int((zeros == 0).sum())
         return (f"{count} of its zero points are 0, which GPTQ v1 (it stores zero - 1) cannot hold: compress with --sym, "
                 "or export compressed-tensors")
