@@ -206,14 +206,12 @@ def _native_from_export(path: Path, raw: dict, quantization: dict) -> tuple[dict
     from .export import compressed_tensors, gptq
 
     method = quantization["quant_method"]
+    reader = gptq if method == gptq.QUANT_METHOD else compressed_tensors
     tensors = _read_tensors(path)
-    marker = ".qweight" if method == gptq.QUANT_METHOD else ".weight_packed"
+    marker = f".{reader.PACKED_TENSOR}"
     packed_modules = sorted(name[: -len(marker)] for name in tensors if name.endswith(marker))
     try:
-        if method == gptq.QUANT_METHOD:
-            formats = dict.fromkeys(packed_modules, gptq.format_from_config(quantization))
-        else:
-            formats = compressed_tensors.module_formats(quantization, packed_modules)
+        formats = reader.module_formats(quantization, packed_modules)
     except (ConfigError, KeyError, ValueError) as err:
         raise CheckpointError(f"{path / CONFIG_FILE}: {err}: llmcompress reads the {method} exports it writes") from err
     modules = {}
@@ -222,12 +220,7 @@ def _native_from_export(path: Path, raw: dict, quantization: dict) -> tuple[dict
         local = {key.rpartition(".")[2]: tensors.pop(key) for key in [k for k in tensors if k.rpartition(".")[0] == name]}
         bias = local.pop("bias", None)
         try:
-            if method == gptq.QUANT_METHOD:
-                in_features = local["g_idx"].numel()
-                native, has_g_idx = gptq.native_tensors(fmt, local, in_features)
-            else:
-                native, has_g_idx = compressed_tensors.native_tensors(fmt, local), False
-                in_features = int(local["weight_shape"][1]) if "weight_shape" in local else native["weight_packed"].shape[1] * 2
+            native, in_features, has_g_idx = reader.native_layer(fmt, local)
         except KeyError as err:
             raise CheckpointError(f"{path}: {method} layer {name} lacks {err}: the export is corrupt") from err
         modules[name] = {"format": dataclasses.asdict(fmt), "in_features": in_features, "out_features": native["weight_scale"].shape[0],

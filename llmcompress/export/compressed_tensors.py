@@ -29,6 +29,7 @@ from ..config import PER_CHANNEL, QuantFormat
 from ..packing import pack_int, unpack_int
 
 QUANT_METHOD = "compressed-tensors"
+PACKED_TENSOR = "weight_packed"  # the tensor that marks a quantized layer
 INT_FORMAT = "pack-quantized"
 NVFP4_FORMAT = "nvfp4-pack-quantized"
 MIXED_FORMAT = "mixed-precision"
@@ -58,16 +59,17 @@ def layer_tensors(fmt: QuantFormat, packed: dict[str, Tensor], out_features: int
     return tensors
 
 
-def native_tensors(fmt: QuantFormat, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The inverse of ``layer_tensors``: our packed tensors from one compressed-tensors layer."""
+def native_layer(fmt: QuantFormat, tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], int, bool]:
+    """The inverse of ``layer_tensors``: our packed tensors, in_features, and whether a g_idx is kept (never)."""
     packed = {name: tensors[name] for name in ("weight_packed", "weight_scale")}
     if fmt.kind == "nvfp4":
         packed["weight_global_scale"] = tensors["weight_global_scale"]
-    elif not fmt.symmetric:
+        return packed, packed["weight_packed"].shape[1] * 2, False
+    if not fmt.symmetric:
         out_features = int(tensors["weight_shape"][0])
         zeros = unpack_int(tensors["weight_zero_point"].T.contiguous(), fmt.bits, out_features)  # [G, N]
         packed["weight_zero_point"] = pack_int(zeros.T.contiguous(), fmt.bits)
-    return packed
+    return packed, int(tensors["weight_shape"][1]), False
 
 
 def weights_scheme(fmt: QuantFormat) -> dict:

@@ -23,6 +23,7 @@ from ..formats import group_index, implicit_zero
 from ..packing import pack_int, unpack_int
 
 QUANT_METHOD = "gptq"
+PACKED_TENSOR = "qweight"  # the tensor that marks a quantized layer
 BITS = (2, 4, 8)
 
 
@@ -64,8 +65,9 @@ def unpack_zeros(fmt: QuantFormat, packed: dict[str, Tensor], groups: int) -> Te
     return torch.full((out_features, groups), implicit_zero(fmt), dtype=torch.uint8, device=packed["weight_scale"].device)
 
 
-def native_tensors(fmt: QuantFormat, tensors: dict[str, Tensor], in_features: int) -> tuple[dict[str, Tensor], bool]:
-    """The inverse of ``layer_tensors``: our packed tensors, and whether the layer keeps a g_idx."""
+def native_layer(fmt: QuantFormat, tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], int, bool]:
+    """The inverse of ``layer_tensors``: our packed tensors, in_features, and whether the layer keeps a g_idx."""
+    in_features = tensors["g_idx"].numel()
     scales = tensors["scales"].T.contiguous()
     out_features, groups = scales.shape
     packed = {"weight_packed": tensors["qweight"].T.contiguous(), "weight_scale": scales}
@@ -76,8 +78,8 @@ def native_tensors(fmt: QuantFormat, tensors: dict[str, Tensor], in_features: in
     contiguous = group_index(None, fmt, in_features, g_idx.device).to(torch.int32)
     if not torch.equal(g_idx, contiguous):
         packed["weight_g_idx"] = g_idx
-        return packed, True
-    return packed, False
+        return packed, in_features, True
+    return packed, in_features, False
 
 
 def quantization_config(fmt: QuantFormat, act_order: bool) -> dict:
@@ -85,6 +87,11 @@ def quantization_config(fmt: QuantFormat, act_order: bool) -> dict:
     return {"quant_method": QUANT_METHOD, "checkpoint_format": "gptq", "bits": fmt.bits,
             "group_size": -1 if fmt.group_size == PER_CHANNEL else fmt.group_size, "desc_act": act_order,
             "sym": fmt.symmetric, "static_groups": False, "true_sequential": True, "lm_head": False, "pack_dtype": "int32"}
+
+
+def module_formats(config: dict, packed_modules: list[str]) -> dict[str, QuantFormat]:
+    """Each packed module's format: GPTQ has one per model."""
+    return dict.fromkeys(packed_modules, format_from_config(config))
 
 
 def format_from_config(config: dict) -> QuantFormat:
