@@ -175,14 +175,13 @@ def run(model: str | None, out_dir: str | None, overwrite: bool, kind: str, bits
 
 
 def _write(model, out: Path, export_format: str, tokenizer, report: dict, overwrite: bool, adapter: bool) -> None:  # noqa: ANN001
-    """Write the chosen format; when the export refuses a layer, keep the work as a native checkpoint."""
-    if export_format == "native":
-        checkpoint.save(model, out, model.llmcompress_config, tokenizer=tokenizer, report=report, overwrite=overwrite)
-        return
+    """Write the chosen format; when a serving export refuses a layer, keep the work as a native checkpoint."""
     try:
         export(model, out, export_format, tokenizer=tokenizer, adapter=adapter, overwrite=overwrite, report=report)
     except ExportError as err:
-        checkpoint.save(model, out, model.llmcompress_config, tokenizer=tokenizer, report=report, overwrite=overwrite)
+        if export_format == "native":
+            raise
+        export(model, out, "native", tokenizer=tokenizer, overwrite=overwrite, report=report)
         raise ExportError(f"{err}. The compressed model was written to {out} as a native checkpoint instead; "
                           f"`compress export {out} --format {export_format}` converts it once the cause is fixed") from err
     _report_notes(model, export_format)
