@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from . import __version__
 from .calib import calibration_windows
-from .checkpoint import check_output_dir, save
+from .checkpoint import check_output_dir, checkpoint_config, save, unique_state_dict
 from .config import CompressConfig
-from .errors import CalibrationError, ConfigError
-from .models import load_model
-from .pipeline import compress_blocks
+from .errors import CalibrationError, ConfigError, ModelError
+from .memory import pin_mmap_threshold
+from .models import load_model, load_tokenizer, resolve_model_dir
+from .pipeline import CompressionReport, compress_blocks, find_decoder_blocks, plan_targets
+from .pipeline.sharded import ShardedWeights, materialize_head, materialize_outside, meta_model
+from .rundir import RunDirectory
+from .streaming import DiskStream
 
 
 def compress(model: nn.Module | str | os.PathLike | None, config: CompressConfig | None = None, *,
              calibration: str | Tensor | None = None, output_dir: str | os.PathLike | None = None,
-             tokenizer=None, device: str = "cpu", overwrite: bool = False, progress: bool = True) -> nn.Module:  # noqa: ANN001
+             tokenizer=None, device: str = "cpu", overwrite: bool = False, progress: bool = True, activations: str = "auto",  # noqa: ANN001
+             offload_dir: str | os.PathLike | None = None) -> nn.Module:
     """Compress ``model`` (a module, a path / hub id, or None for the bundled default) in place.
 
     ``calibration`` is a text source (see ``llmcompress.calib``) or token windows
@@ -26,27 +34,88 @@ def compress(model: nn.Module | str | os.PathLike | None, config: CompressConfig
     data-free methods (RTN) skip the calibration pass. With calibration, every layer's output
     error on it is measured and reported. The returned model carries ``compression_report``
     and ``llmcompress_config``; with ``output_dir`` it is also saved there as a checkpoint.
+    ``activations`` and ``offload_dir`` say where the calibration activations between blocks
+    are kept (see ``pipeline.compress_blocks``).
     """
     config = config or CompressConfig()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} but PyTorch sees no CUDA GPU: use device='cpu'")
+    _check_device(device)
     if output_dir is not None:
         check_output_dir(output_dir, overwrite)
+    source_model = None
     if model is None or isinstance(model, (str, os.PathLike)):
+        source_model = resolve_model_dir(model)
         model, loaded_tokenizer = load_model(model)
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
     windows = _calibration_windows(config, calibration, tokenizer)
+    effective = _effective_config(config, calibration, windows)
+    report = compress_blocks(model, effective, windows, device=device, progress=progress, activations=activations, offload_dir=offload_dir)
+    model.llmcompress_config = effective
+    model.compression_report = report
+    model.llmcompress_source_model = source_model
+    if output_dir is not None:
+        save(model, output_dir, effective, tokenizer=tokenizer, report=report.to_dict(), overwrite=overwrite)
+    return model
+
+
+def compress_to_disk(model: str | os.PathLike | None, config: CompressConfig | None, output_dir: str | os.PathLike, *,
+                     calibration: str | Tensor | None = None, device: str = "cpu", resume: bool = False, overwrite: bool = False,
+                     progress: bool = True, command: str | None = None, activations: str = "auto",
+                     offload_dir: str | os.PathLike | None = None) -> tuple[Path, CompressionReport]:
+    """Compress a model directory (or .gguf, or None for the bundled default) into a native
+    checkpoint at ``output_dir`` without ever holding the whole model in memory.
+
+    Blocks are read from the safetensors shards one at a time and committed to
+    ``output_dir + ".partial"`` as they finish; ``resume=True`` continues an interrupted run
+    from its last committed block (same model, config and calibration, which is checked) and
+    gives a checkpoint byte-identical to an uninterrupted run. ``command`` is the command line
+    that started the run, quoted back to the user when it has to be resumed. ``activations`` and
+    ``offload_dir`` say where the calibration activations between blocks are kept (see
+    ``pipeline.compress_blocks``).
+    """
+    pin_mmap_threshold()  # first: tokenising the calibration text fragments the heap too
+    config = config or CompressConfig()
+    _check_device(device)
+    if model is not None and not Path(model).expanduser().exists() and str(model) != "default":
+        raise ModelError(f"model path {str(model)!r} does not exist: check the path (compressing block by block needs a local model)")
+    model_dir = Path(resolve_model_dir(model))
+    weights = ShardedWeights(model_dir)
+    skeleton = meta_model(model_dir)
+    blocks_path, blocks = find_decoder_blocks(skeleton)
+    plan_targets(blocks, blocks_path, config)  # bad shapes and ranks fail here, before any file is touched
+    tokenizer = load_tokenizer(model_dir)
+    windows = _calibration_windows(config, calibration, tokenizer)
+    effective = _effective_config(config, calibration, windows)
+    identity = {
+        "model": str(model_dir.resolve()),
+        "model_files": {file.name: file.stat().st_size for file in weights.files},
+        "config": effective.to_dict(),
+        "calibration_sha256": None if windows is None else hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
+        "num_blocks": len(blocks),
+        "llmcompress_version": __version__,
+        "torch_version": torch.__version__,
+    }
+    run = RunDirectory(output_dir, identity, resume=resume, overwrite=overwrite, command=command)
+    materialize_outside(skeleton, blocks_path, weights, "cpu")
+    report = compress_blocks(skeleton, effective, windows, device=device, progress=progress,
+                             stream=DiskStream(weights, run, blocks_path), activations=activations, offload_dir=offload_dir)
+    materialize_head(skeleton, weights)
+    outside, tied = unique_state_dict(skeleton, exclude=f"{blocks_path}.")
+    hf_config = checkpoint_config(skeleton, effective, run.modules(), tied, source_model=str(model_dir.resolve()))
+    return run.finish(outside, hf_config, tokenizer, report.to_dict()), report
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but PyTorch sees no CUDA GPU: use device='cpu'")
+
+
+def _effective_config(config: CompressConfig, calibration: str | Tensor | None, windows: Tensor | None) -> CompressConfig:
+    """The configuration as run: the calibration it really used."""
     source = "none" if windows is None else ("token windows" if isinstance(calibration, Tensor) else calibration or config.calib.source)
     calib = dataclasses.replace(config.calib, source=source)
     if windows is not None:
         calib = dataclasses.replace(calib, nsamples=windows.shape[0], seqlen=windows.shape[1])
-    effective = dataclasses.replace(config, calib=calib)
-    report = compress_blocks(model, effective, windows, device=device, progress=progress)
-    model.llmcompress_config = effective
-    model.compression_report = report
-    if output_dir is not None:
-        save(model, output_dir, effective, tokenizer=tokenizer, report=report.to_dict(), overwrite=overwrite)
-    return model
+    return dataclasses.replace(config, calib=calib)
 
 
 def _calibration_windows(config: CompressConfig, calibration: str | Tensor | None, tokenizer) -> Tensor | None:  # noqa: ANN001

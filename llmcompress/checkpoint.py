@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from . import __version__
 from .config import CompressConfig, QuantFormat, _from_dict
 from .errors import CheckpointError, ConfigError
-from .fileio import staged_directory
+from .fileio import staged_directory, staged_file
 from .nn import CompressedLinear
 from .packing import LayerLayout, packed_spec
 
@@ -56,12 +56,15 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
-def unique_state_dict(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The state dict without aliases (tied weights), and the aliases as {dropped: kept}."""
+def unique_state_dict(model: nn.Module, exclude: str | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The state dict without aliases (tied weights), and the aliases as {dropped: kept};
+    names starting with ``exclude`` are left out."""
     tensors: dict[str, Tensor] = {}
     tied: dict[str, str] = {}
     owner: dict[tuple, str] = {}
     for name, tensor in model.state_dict().items():
+        if exclude is not None and name.startswith(exclude):
+            continue
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
         if key in owner:
             tied[name] = owner[key]
@@ -73,14 +76,41 @@ def unique_state_dict(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, st
 
 def save(model: nn.Module, out_dir: str | os.PathLike, config: CompressConfig, tokenizer: Any = None,
          report: dict | None = None, overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Write a compressed model as a native checkpoint; returns the directory."""
+    """Write a compressed model as a native checkpoint; returns the directory. Where ``compress``
+    read the float model from is recorded, so that ``compress eval --baseline`` finds it."""
     out = check_output_dir(out_dir, overwrite)
     tensors, tied = unique_state_dict(model)
-    modules = {
-        name: {"format": None if m.fmt is None else dataclasses.asdict(m.fmt), "in_features": m.in_features, "out_features": m.out_features, "g_idx": m.has_g_idx,
-               "layout": dataclasses.asdict(m.layout)}
-        for name, m in model.named_modules() if isinstance(m, CompressedLinear)
+    hf_config = checkpoint_config(model, config, module_entries(model), tied, getattr(model, "llmcompress_source_model", None))
+    with staged_directory(out) as staging:
+        write_shards(tensors, staging, max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if report is not None:
+            (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        write_config(hf_config, staging)
+    return out
+
+
+def add_to_report(path: str | os.PathLike, extra: dict) -> None:
+    """Merge ``extra`` into a checkpoint's compression report (measurements taken after it was written)."""
+    report_file = Path(path) / REPORT_FILE
+    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    with staged_file(report_file) as temporary:
+        temporary.write_text(json.dumps({**report, **extra}, indent=2))
+
+
+def module_entries(module: nn.Module, prefix: str = "") -> dict[str, dict]:
+    """The ``quantization_config["modules"]`` entries of every ``CompressedLinear`` in ``module``."""
+    return {
+        f"{prefix}{name}": {"format": None if m.fmt is None else dataclasses.asdict(m.fmt), "in_features": m.in_features,
+                            "out_features": m.out_features, "g_idx": m.has_g_idx, "layout": dataclasses.asdict(m.layout)}
+        for name, m in module.named_modules() if isinstance(m, CompressedLinear)
     }
+
+
+def checkpoint_config(model: nn.Module, config: CompressConfig, modules: dict[str, dict], tied: dict[str, str],
+                      source_model: str | None = None) -> dict:
+    """config.json of a native checkpoint: the model's config plus our ``quantization_config``."""
     hf_config = model.config.to_dict()
     # The config's dtype can be stale after a .to(dtype); record what the tensors really are.
     hf_config["dtype"] = str(model.get_input_embeddings().weight.dtype).replace("torch.", "")
@@ -91,15 +121,13 @@ def save(model: nn.Module, out_dir: str | os.PathLike, config: CompressConfig, t
         "config": config.to_dict(),
         "modules": modules,
         "tied": tied,
+        "source_model": source_model,
     }
-    with staged_directory(out) as staging:
-        write_shards(tensors, staging, max_shard_bytes)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        if report is not None:
-            (staging / REPORT_FILE).write_text(json.dumps(report, indent=2))
-        (staging / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True, default=str))
-    return out
+    return hf_config
+
+
+def write_config(hf_config: dict, directory: Path) -> None:
+    (directory / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True, default=str))
 
 
 def write_shards(tensors: dict[str, Tensor], directory: Path, max_shard_bytes: int) -> None:
@@ -120,20 +148,31 @@ def write_shards(tensors: dict[str, Tensor], directory: Path, max_shard_bytes: i
         filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, directory / filename, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, filename))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    write_index(weight_map, sum(t.numel() * t.element_size() for t in tensors.values()), directory)
+
+
+def write_index(weight_map: dict[str, str], total_bytes: int, directory: Path) -> None:
+    (directory / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=2))
 
 
 # ----------------------------------------------------------------------------- loading
 
 
 def read_config(path: Path) -> dict:
+    from .rundir import describe_unfinished, partial_path, unfinished_run  # rundir writes checkpoints: it imports this module
+
     if not path.exists():
+        run = unfinished_run(partial_path(path))
+        if run is not None:
+            raise CheckpointError(f"checkpoint {path} does not exist yet: its run is unfinished in {partial_path(path)} ({describe_unfinished(run)})")
         raise CheckpointError(f"checkpoint {path} does not exist: check the path")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} is not a directory")
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
+        run = unfinished_run(path)
+        if run is not None:
+            raise CheckpointError(f"{path} is an unfinished run, not a checkpoint ({describe_unfinished(run)})")
         if any(path.glob("*.safetensors")) or ".incomplete-" in path.name:
             raise CheckpointError(f"{path} has weights but no {CONFIG_FILE}: it is an unfinished checkpoint; compress again")
         raise CheckpointError(f"{path} has no {CONFIG_FILE}: it is not a model checkpoint")
@@ -161,21 +200,39 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
 
         model, tokenizer = load_model(path, device=str(device))
         return (model.to(dtype) if dtype is not None else model), tokenizer
+    compress_config = _native_config(path, quantization)
+    return _build(path, quantization, _read_tensors(path), compress_config, device, dtype)
+
+
+def skeleton(path: str | os.PathLike) -> nn.Module:
+    """The model of a native checkpoint with every tensor on the meta device: its layers, shapes
+    and dtypes, without reading a weight (for size accounting of models larger than memory)."""
+    path = Path(path).expanduser()
+    quantization = read_config(path).get("quantization_config") or {}
+    if quantization.get("quant_method") != QUANT_METHOD:
+        raise CheckpointError(f"{path} is not a native llmcompress checkpoint")
+    _native_config(path, quantization)
+    model = _empty_model(path, quantization)
+    for dropped, kept in quantization.get("tied", {}).items():
+        _alias(model, dropped, kept)
+    return model
+
+
+def _native_config(path: Path, quantization: dict) -> CompressConfig:
     if quantization.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path} uses checkpoint format {quantization.get('format_version')}; this llmcompress reads format {FORMAT_VERSION}: upgrade llmcompress")
     missing_keys = [key for key in ("config", "modules") if key not in quantization]
     if missing_keys:
         raise CheckpointError(f"{path / CONFIG_FILE}: quantization_config lacks {', '.join(missing_keys)}: the checkpoint is corrupt")
     try:
-        compress_config = CompressConfig.from_dict(quantization["config"])
+        return CompressConfig.from_dict(quantization["config"])
     except ConfigError as err:
         raise CheckpointError(f"{path / CONFIG_FILE}: its compression config is invalid ({err}): the checkpoint is corrupt") from err
-    return _build(path, quantization, _read_tensors(path), compress_config, device, dtype)
 
 
-def _build(path: Path, quantization: dict, tensors: dict[str, Tensor], compress_config: CompressConfig | None,
-           device: str | torch.device, dtype: torch.dtype | None):  # noqa: ANN202 - (model, tokenizer)
-    """The model of ``path``'s config with ``CompressedLinear`` layers as ``quantization["modules"]`` says."""
+def _empty_model(path: Path, quantization: dict) -> nn.Module:
+    """The model of ``path``'s config on the meta device, with ``CompressedLinear`` layers as
+    ``quantization["modules"]`` says."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -189,6 +246,13 @@ def _build(path: Path, quantization: dict, tensors: dict[str, Tensor], compress_
         model = AutoModelForCausalLM.from_config(hf_config, dtype=stored_dtype)
     for name, entry in quantization["modules"].items():
         _install_compressed(model, name, entry, stored_dtype)
+    return model
+
+
+def _build(path: Path, quantization: dict, tensors: dict[str, Tensor], compress_config: CompressConfig | None,
+           device: str | torch.device, dtype: torch.dtype | None):  # noqa: ANN202 - (model, tokenizer)
+    """The model of ``path``'s config with ``CompressedLinear`` layers as ``quantization["modules"]`` says."""
+    model = _empty_model(path, quantization)
     _check_tensors(model, tensors, quantization.get("tied", {}), path)
     model.load_state_dict(tensors, strict=False, assign=True)
     for dropped, kept in quantization.get("tied", {}).items():
@@ -252,8 +316,9 @@ def _install_compressed(model: nn.Module, name: str, entry: dict, dtype: torch.d
         raise CheckpointError(f"config entry of quantized module {name} is invalid ({err}): the checkpoint is corrupt") from err
     if (original.in_features, original.out_features) != (entry["in_features"], entry["out_features"]):
         raise CheckpointError(f"{name} is {entry['out_features']}x{entry['in_features']} in the checkpoint but {original.out_features}x{original.in_features} in the model config")
+    # On the meta device: loading assigns the stored tensors, so nothing is allocated twice.
     setattr(parent, child, CompressedLinear(entry["in_features"], entry["out_features"], fmt, bias=original.bias is not None,
-                                            dtype=dtype, has_g_idx=bool(entry.get("g_idx", False)), layout=layout))
+                                            dtype=dtype, device="meta", has_g_idx=bool(entry.get("g_idx", False)), layout=layout))
 
 
 def _read_tensors(path: Path) -> dict[str, Tensor]:

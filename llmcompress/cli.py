@@ -6,7 +6,10 @@ reached as ``compress NAME ...``.
 
 from __future__ import annotations
 
+import json
 import re
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +17,9 @@ import click
 import torch
 
 from . import checkpoint
+from . import rundir
 from .api import compress as compress_model
+from .api import compress_to_disk
 from .calib import DEFAULT_EVALUATION
 from .config import (
     ACT_BITS,
@@ -36,11 +41,15 @@ from .evaluate import PerplexityResult, perplexity
 from .export import FORMATS as EXPORT_FORMATS
 from .export import ExportError, export
 from .export import notes as export_notes
-from .models import DEFAULT_MODEL_NAME, load_model
+from .memory import pin_mmap_threshold
+from .models import DEFAULT_MODEL_NAME, load_model, resolve_model_dir
 from .pipeline import find_decoder_blocks, plan_targets
+from .pipeline.activations import PLACES
+from .pipeline.sharded import meta_model
 from .summary import SizeSummary, size_summary
 
 DEFAULT_COMMAND = "run"
+ARGUMENTS_KEY = "llmcompress.arguments"
 NO_QUANT_BITS = 16
 
 
@@ -48,6 +57,7 @@ class DefaultCommandGroup(click.Group):
     """A group whose first argument, when it is not a subcommand, goes to the default command."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta[ARGUMENTS_KEY] = list(args)  # quoted back in the command that resumes a run
         if not args or args[0] not in self.commands:
             args = [DEFAULT_COMMAND, *args]
         return super().parse_args(ctx, args)
@@ -75,7 +85,8 @@ def _parse_override(text: str) -> ModuleOverride:
 @main.command(name=DEFAULT_COMMAND)
 @click.argument("model", required=False)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output directory [default: out/<model>-<format>].")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory (or an unfinished run).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last committed block (same model and options).")
 @click.option("--format", "kind", type=click.Choice(FORMAT_KINDS), default="int", show_default=True, help="Weight number format.")
 @click.option("--bits", type=int, default=4, show_default=True, help="Bits per weight: 2-8 (int), 4 (fp4), 16 = no quantization.")
 @click.option("--group-size", type=int, default=None, help="Inputs per scale; -1 per channel [default: 128 int, 16 nvfp4, 32 mxfp4].")
@@ -114,20 +125,24 @@ def _parse_override(text: str) -> ModuleOverride:
 @click.option("--eval-seqlen", type=int, default=1024, show_default=True, help="Tokens per evaluation window.")
 @click.option("--eval-windows", type=int, default=40, show_default=True, help="Evaluation windows to score; 0 = the whole text.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where blocks are compressed and evaluated.")
+@click.option("--activations", type=click.Choice(PLACES), default="auto", show_default=True,
+              help="Where calibration activations between blocks are kept: on the device if they fit, else the host, else --offload-dir.")
+@click.option("--offload-dir", type=click.Path(file_okay=False), default=None, help="Directory for calibration activations that fit nowhere else.")
 @click.option("--export", "export_format", type=click.Choice(EXPORT_FORMATS), default="native", show_default=True,
               help="Checkpoint format to write: ours (keeps everything), or compressed-tensors / gptq, which transformers and vLLM load.")
 @click.option("--adapter/--no-adapter", default=True, show_default=True,
               help="compressed-tensors / gptq: write low-rank branches as a PEFT LoRA adapter in OUT/adapter (else refuse them).")
-def run(model: str | None, out_dir: str | None, overwrite: bool, kind: str, bits: int, group_size: int | None,
+def run(model: str | None, out_dir: str | None, overwrite: bool, resume: bool, kind: str, bits: int, group_size: int | None,
         symmetric: bool | None, method: str, act_order: bool, static_groups: bool, damp: float, awq_grid: int,
         gptq_clip: bool, no_awq_clip: bool,
         rank: int, lowrank_method: str | None, lowrank_alloc: str, lowrank_dtype: str, act_bits: str | None,
         prune_method: str | None, sparsity: float | None, pattern: str, skips: tuple[str, ...], overrides: tuple[str, ...], calib: str | None,
         nsamples: int, seqlen: int, seed: int, batch_size: int, run_eval: bool, eval_text: str, eval_seqlen: int,
-        eval_windows: int, device: str, export_format: str, adapter: bool) -> None:
+        eval_windows: int, device: str, activations: str, offload_dir: str | None, export_format: str, adapter: bool) -> None:
     """Compress MODEL (a Hugging Face directory, a .gguf file or a hub id; default: the bundled
     SmolLM2-135M-Instruct) and write a packed checkpoint that `llmcompress.load` reads."""
     started = time.perf_counter()
+    out, streaming = None, False
     try:
         quant = None if bits == NO_QUANT_BITS else QuantFormat(kind=kind, bits=bits, group_size=group_size, symmetric=symmetric)
         config = CompressConfig(
@@ -143,35 +158,105 @@ def run(model: str | None, out_dir: str | None, overwrite: bool, kind: str, bits
         )
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda, but PyTorch sees no CUDA GPU: use --device cpu")
+        if activations == "disk" and offload_dir is None:
+            raise ConfigError("--activations disk needs a directory for them: add --offload-dir DIR")
         out = Path(out_dir or _default_out_dir(model, config))
-        checkpoint.check_output_dir(out, overwrite)
-        click.echo(f"loading {model or DEFAULT_MODEL_NAME + ' (bundled default)'}")
-        float_model, tokenizer = load_model(model, device=device)
+        # A native checkpoint of a model on disk is written block by block as the blocks are
+        # compressed (resumable, memory of one block); the serving formats need the whole model.
+        streaming = export_format == "native" and _has_safetensors(model)
+        if resume and not streaming:
+            raise ConfigError("--resume continues a native run of a local safetensors model: drop --export, or drop --resume")
+        if streaming:
+            rundir.check_start(out, resume, overwrite)
+        else:
+            checkpoint.check_output_dir(out, overwrite)
         eval_limit = eval_windows or None
-        before_ppl = _evaluate(float_model, tokenizer, "float model", eval_text, eval_seqlen, eval_limit) if run_eval else None
-        layer_names = _target_names(float_model, config)
-        before = size_summary(float_model, layer_names)
-        data = "data-free" if not config.needs_calibration and (calib is None or config.calib.is_none) else f"calibration {calib or config.calib.source}"
-        branch = f", {config.lowrank.method} rank {rank} ({lowrank_alloc})" if config.wants_lowrank else ""
-        activations = f", activations {config.act_format(quant).describe()}" if quant and config.act_bits else ""
-        pruning = f", pruning {config.prune.describe()}" if config.prune.enabled else ""
-        weights = f"{quant.describe()}, method {method}" if quant else "16-bit weights"
-        click.echo(f"compressing: {weights}{pruning}{branch}{activations}, {data}")
-        compressed = compress_model(float_model, config, calibration=calib, tokenizer=tokenizer, device=device)
-        after_ppl = _evaluate(compressed, tokenizer, "compressed model", eval_text, eval_seqlen, eval_limit) if run_eval else None
-        after = size_summary(compressed)
-        report = {
-            **compressed.compression_report.to_dict(),
-            "size_before": before.to_dict(),
-            "size_after": after.to_dict(),
-            "perplexity_before": before_ppl.to_dict() if before_ppl else None,
-            "perplexity_after": after_ppl.to_dict() if after_ppl else None,
-        }
-        click.echo(f"writing {out} ({export_format})")
-        _write(compressed, out, export_format, tokenizer, report, overwrite, adapter)
+        describe = _describe_run(config, quant, method, calib, rank, lowrank_alloc)
+        evaluation = (eval_text, eval_seqlen, eval_limit) if run_eval else None
+        placement = {"activations": activations, "offload_dir": offload_dir}
+        if streaming:
+            before, after, before_ppl, after_ppl = _run_streaming(model, config, out, calib, device, resume, overwrite, describe,
+                                                                  evaluation, placement)
+        else:
+            before, after, before_ppl, after_ppl = _run_in_memory(model, config, out, calib, device, overwrite, export_format, adapter,
+                                                                  describe, evaluation, placement)
+    except KeyboardInterrupt:
+        unfinished = rundir.unfinished_run(rundir.partial_path(out)) if streaming else None
+        state = f"; {rundir.describe_unfinished(unfinished)}" if unfinished else ""
+        click.echo(f"interrupted{state}", err=True)
+        sys.exit(130)
     except LLMCompressError as err:
         raise click.ClickException(str(err)) from err
     click.echo(_summary_table(before, after, before_ppl, after_ppl, time.perf_counter() - started, out, config.prune))
+
+
+def _has_safetensors(model: str | None) -> bool:
+    """Whether the model can be read block by block: a local directory with safetensors weights,
+    or a source we convert to one (the bundled default, a .gguf file)."""
+    if model is None or model == "default" or model.lower().endswith(".gguf"):
+        return True
+    path = Path(model).expanduser()
+    return (path / checkpoint.SINGLE_FILE).is_file() or (path / checkpoint.INDEX_FILE).is_file()
+
+
+def _describe_run(config: CompressConfig, quant: QuantFormat | None, method: str, calib: str | None, rank: int, lowrank_alloc: str) -> str:
+    data = "data-free" if not config.needs_calibration and (calib is None or config.calib.is_none) else f"calibration {calib or config.calib.source}"
+    branch = f", {config.lowrank.method} rank {rank} ({lowrank_alloc})" if config.wants_lowrank else ""
+    activations = f", activations {config.act_format(quant).describe()}" if quant and config.act_bits else ""
+    pruning = f", pruning {config.prune.describe()}" if config.prune.enabled else ""
+    weights = f"{quant.describe()}, method {method}" if quant else "16-bit weights"
+    return f"compressing: {weights}{pruning}{branch}{activations}, {data}"
+
+
+def _run_in_memory(model: str | None, config: CompressConfig, out: Path, calib: str | None, device: str, overwrite: bool,
+                   export_format: str, adapter: bool, describe: str, evaluation: tuple | None, placement: dict) -> tuple:
+    click.echo(f"loading {model or DEFAULT_MODEL_NAME + ' (bundled default)'}")
+    float_model, tokenizer = load_model(model, device=device)
+    before_ppl = _evaluate(float_model, tokenizer, "float model", *evaluation) if evaluation else None
+    before = size_summary(float_model, _target_names(float_model, config))
+    click.echo(describe)
+    compressed = compress_model(float_model, config, calibration=calib, tokenizer=tokenizer, device=device, **placement)
+    after_ppl = _evaluate(compressed, tokenizer, "compressed model", *evaluation) if evaluation else None
+    after = size_summary(compressed)
+    report = {**compressed.compression_report.to_dict(), **_report_extras(before, after, before_ppl, after_ppl)}
+    click.echo(f"writing {out} ({export_format})")
+    _write(compressed, out, export_format, tokenizer, report, overwrite, adapter)
+    return before, after, before_ppl, after_ppl
+
+
+def _run_streaming(model: str | None, config: CompressConfig, out: Path, calib: str | None, device: str, resume: bool,
+                   overwrite: bool, describe: str, evaluation: tuple | None, placement: dict) -> tuple:
+    pin_mmap_threshold()
+    float_skeleton = meta_model(resolve_model_dir(model))
+    before = size_summary(float_skeleton, _target_names(float_skeleton, config))
+    before_ppl = None
+    if evaluation:
+        click.echo(f"loading {model or DEFAULT_MODEL_NAME + ' (bundled default)'} whole, to evaluate it (--no-eval skips this)")
+        float_model, tokenizer = load_model(model, device=device)
+        before_ppl = _evaluate(float_model, tokenizer, "float model", *evaluation)
+        del float_model
+    click.echo(describe)
+    click.echo(f"{'resuming' if resume else 'committing'} each block in {rundir.partial_path(out)}; {out} appears when all are done")
+    arguments = [a for a in click.get_current_context().meta[ARGUMENTS_KEY] if a not in ("--resume", "--overwrite")]
+    compress_to_disk(model, config, out, calibration=calib, device=device, resume=resume, overwrite=overwrite,
+                     command=shlex.join(["compress", *arguments]), **placement)
+    after = size_summary(checkpoint.skeleton(out))
+    after_ppl = None
+    if evaluation:
+        compressed, tokenizer = checkpoint.load(out, device=device)
+        after_ppl = _evaluate(compressed, tokenizer, "compressed model", *evaluation)
+    checkpoint.add_to_report(out, _report_extras(before, after, before_ppl, after_ppl))
+    return before, after, before_ppl, after_ppl
+
+
+def _report_extras(before: SizeSummary, after: SizeSummary, before_ppl: PerplexityResult | None,
+                   after_ppl: PerplexityResult | None) -> dict:
+    return {
+        "size_before": before.to_dict(),
+        "size_after": after.to_dict(),
+        "perplexity_before": before_ppl.to_dict() if before_ppl else None,
+        "perplexity_after": after_ppl.to_dict() if after_ppl else None,
+    }
 
 
 def _write(model, out: Path, export_format: str, tokenizer, report: dict, overwrite: bool, adapter: bool) -> None:  # noqa: ANN001
@@ -212,6 +297,54 @@ def export_command(checkpoint_dir: str, export_format: str, out_dir: str, overwr
     click.echo(f"wrote: {out}")
 
 
+@main.command(name="eval")
+@click.argument("model", metavar="MODEL_OR_CHECKPOINT", required=False)
+@click.option("--text", default=DEFAULT_EVALUATION, show_default=True, metavar="SOURCE", help="Evaluation text source.")
+@click.option("--seqlen", type=int, default=2048, show_default=True, help="Tokens per window.")
+@click.option("--windows", type=int, default=40, show_default=True, help="Windows to score; 0 = the whole text.")
+@click.option("--baseline", is_flag=True, help="Also score the float model and print the difference.")
+@click.option("--float-model", default=None, metavar="MODEL",
+              help="The float model for --baseline [default: the one the checkpoint was compressed from].")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the numbers as JSON.")
+def eval_command(model: str | None, text: str, seqlen: int, windows: int, baseline: bool, float_model: str | None, device: str,
+                 json_path: str | None) -> None:
+    """Perplexity of a model (directory, .gguf, default) or of a checkpoint of ours, with its protocol."""
+    try:
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda, but PyTorch sees no CUDA GPU: use --device cpu")
+        click.echo(f"loading {model or DEFAULT_MODEL_NAME + ' (bundled default)'}")
+        loaded, tokenizer = _load_any(model, device)
+        result = _evaluate(loaded, tokenizer, "model", text, seqlen, windows or None)
+        record = {"model": model or DEFAULT_MODEL_NAME, "perplexity": result.to_dict()}
+        click.echo(f"perplexity {result.perplexity:.3f}")
+        if baseline:
+            quantization = getattr(loaded.config, "quantization_config", None) or {}
+            source = float_model or (quantization.get("source_model") if isinstance(quantization, dict) else None)
+            if source is None:
+                raise ConfigError(f"{model} does not record the float model it came from: pass --float-model MODEL")
+            del loaded
+            click.echo(f"loading the float model {source}")
+            float_loaded, float_tokenizer = load_model(source, device=device)
+            reference = _evaluate(float_loaded, float_tokenizer, "float model", text, seqlen, windows or None)
+            delta = result.perplexity - reference.perplexity
+            record.update(float_model=source, baseline=reference.to_dict(), delta=delta, relative_delta=delta / reference.perplexity)
+            click.echo(f"float model perplexity {reference.perplexity:.3f}; difference {delta:+.3f} ({delta / reference.perplexity:+.2%})")
+        click.echo(f"protocol: {result.protocol}")
+    except LLMCompressError as err:
+        raise click.ClickException(str(err)) from err
+    if json_path:
+        Path(json_path).write_text(json.dumps(record, indent=2))
+        click.echo(f"wrote: {json_path}")
+
+
+def _load_any(model: str | None, device: str) -> tuple:
+    """A checkpoint of ours or an export (``checkpoint.load``), or a float model of any source."""
+    if model is None or model == "default" or model.lower().endswith(".gguf"):
+        return load_model(model, device=device)
+    return checkpoint.load(model, device=device)
+
+
 def _default_out_dir(model: str | None, config: CompressConfig) -> str:
     name = Path(model).stem if model else "smollm2-135m-instruct"
     tag = re.sub(r"[^a-z0-9]+", "-", (config.quant.describe() if config.quant else "16bit").lower()).strip("-")
@@ -232,7 +365,8 @@ def _target_names(model: torch.nn.Module, config: CompressConfig) -> list[str]:
 
 def _evaluate(model, tokenizer, label: str, text: str, seqlen: int, windows: int | None) -> PerplexityResult:  # noqa: ANN001
     if tokenizer is None:
-        raise ConfigError("the model has no tokenizer, so perplexity cannot be measured: pass --no-eval")
+        raise ConfigError("the model has no tokenizer, so perplexity cannot be measured: add its tokenizer files, "
+                          "or pass --no-eval when compressing")
     click.echo(f"evaluating the {label}")
     return perplexity(model, tokenizer, text, seqlen=seqlen, max_windows=windows)
 

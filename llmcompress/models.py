@@ -96,7 +96,7 @@ def resolve_model_dir(source: str | os.PathLike | None) -> str:
 
 def load_model(source: str | os.PathLike | None = None, device: str = "cpu"):  # noqa: ANN201 - (model, tokenizer)
     """Load a float causal LM and its tokenizer (None if it has none) in the dtype it was stored in."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     location = resolve_model_dir(source)
     is_local = Path(location).is_dir()
@@ -111,9 +111,15 @@ def load_model(source: str | os.PathLike | None = None, device: str = "cpu"):  #
         raise ModelError(f"could not read the model in {location}: {err}") from err
     except (ValueError, RuntimeError, KeyError) as err:
         raise ModelError(f"could not load the model in {location}: {err}") from err
+    return model.to(device).eval(), load_tokenizer(location)
+
+
+def load_tokenizer(location: str | os.PathLike):  # noqa: ANN201 - a tokenizer or None
+    """The model's tokenizer, or None when it has none."""
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=is_local)
+        return AutoTokenizer.from_pretrained(location, local_files_only=Path(location).is_dir())
     except (OSError, ValueError, KeyError):
         # A model without a tokenizer can still be compressed data-free; users of text get a clear error.
-        tokenizer = None
-    return model.to(device).eval(), tokenizer
+        return None

@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from .checkpoint import unique_state_dict
 from .nn import CompressedLinear
 from .packing import BRANCH_TENSOR_PREFIXES
 
@@ -42,7 +41,10 @@ class SizeSummary:
 def size_summary(model: nn.Module, layer_names: Collection[str] | None = None) -> SizeSummary:
     """Sizes as stored (tied tensors once). The "layer" figures cover the weights of the modules
     named in ``layer_names`` (default: every ``CompressedLinear``), biases excluded."""
-    tensors, _ = unique_state_dict(model)
+    stored = set(model.state_dict())
+    # Tied tensors are one object, which named_parameters lists once; nothing is copied, so a
+    # model on the meta device (larger than memory) is measured as well.
+    tensors = {name: tensor for name, tensor in (*model.named_parameters(), *model.named_buffers()) if name in stored}
     modules = dict(model.named_modules())
     if layer_names is None:
         layer_names = [name for name, module in modules.items() if isinstance(module, CompressedLinear)]

@@ -128,3 +128,21 @@ def test_gptq_export_says_how_asymmetric_layers_are_stored(tiny_model_dir, tmp_p
     assert result.exit_code == 0, result.output
     assert "zero point minus one" in result.output and "--sym" in result.output
     assert json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
+
+
+def test_eval_scores_a_checkpoint_against_its_float_model(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    result = _run(tiny_model_dir, "--out", out, "--bits", 3, "--group-size", 32, "--calib", "none", "--eval-seqlen", 64, "--eval-windows", 3)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "compression_report.json").read_text())
+    numbers = tmp_path / "eval.json"
+    result = _run("eval", out, "--seqlen", 64, "--windows", 3, "--baseline", "--json", numbers)
+    assert result.exit_code == 0, result.output
+    record = json.loads(numbers.read_text())
+    # The same numbers as the compress run's own evaluation, which used the same protocol.
+    assert record["perplexity"]["perplexity"] == report["perplexity_after"]["perplexity"]
+    assert record["baseline"]["perplexity"] == report["perplexity_before"]["perplexity"]
+    assert record["float_model"] == str(tiny_model_dir.resolve())
+    assert f"difference {record['delta']:+.3f}" in result.output and "protocol: austen:test, 3 non-overlapping windows of 64 tokens" in result.output
+    result = _run("eval", tiny_model_dir, "--seqlen", 64, "--windows", 2, "--baseline")
+    assert result.exit_code == 1 and "does not record the float model it came from: pass --float-model" in result.output

@@ -15,6 +15,11 @@
    c. the block is run again on the compressed weights; its outputs are the next block's inputs.
 
 Without calibration windows (data-free RTN, LoRC), step 2 and the re-runs are skipped.
+
+With a ``BlockStream`` the model arrives with its blocks on the meta device: each block is read
+when its turn comes and handed to the stream once compressed, which commits it to disk and
+drops it, so memory holds one block whatever the depth. A stream may also resume a run: the
+committed blocks are skipped and the activations entering the next one come from disk.
 """
 
 from __future__ import annotations
@@ -22,16 +27,20 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..config import CompressConfig
+from ..errors import ModelError
 from ..methods.awq import search_scales
 from ..methods.lowrank import hessian_error, sampled_error, search_smoothing
 from ..nn import CompressedLinear, dequantized_weights
 from ..stats import ABS_MAX, ABS_MEAN, HESSIAN, SAMPLES, LayerStats, output_error, weight_error
+from .activations import Activations, choose_place
 from .folding import Fold, apply_fold, find_fold
 from .layers import LayerJob, LayerResult, compress_stage
 from .runner import BlockInputs, catch_block_inputs, device_of, gather_statistics, run_block
@@ -61,38 +70,92 @@ class CompressionReport:
     num_blocks: int
     calibration_tokens: int
     seconds: float = 0.0
+    activations: str = "none"  # where the calibration activations between blocks were kept
     layers: list[LayerRecord] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+class BlockStream(Protocol):
+    """Where blocks come from and go to when the model is not whole in memory."""
+
+    def first_block(self) -> int:
+        """Blocks before this one are already committed (a resumed run)."""
+
+    def resumed_inputs(self, device: torch.device, place: str, offload_dir: Path | None) -> BlockInputs:
+        """The calibration activations entering ``first_block``, when it is not 0, kept at ``place``."""
+
+    def resumed_records(self) -> list[LayerRecord]: ...
+
+    def load(self, index: int, block: nn.Module, device: torch.device) -> None:
+        """Read block ``index``'s tensors onto ``device``."""
+
+    def commit(self, index: int, block: nn.Module, records: list[LayerRecord], next_inputs: BlockInputs | None) -> None:
+        """Persist the compressed block (and the activations entering the next), then drop its tensors."""
+
+
 def compress_blocks(model: nn.Module, config: CompressConfig, windows: Tensor | None, device: str | torch.device = "cpu",
-                    progress: bool = True) -> CompressionReport:
-    """Compress every targeted Linear of ``model`` in place, block by block."""
+                    progress: bool = True, stream: BlockStream | None = None, activations: str = "auto",
+                    offload_dir: str | Path | None = None) -> CompressionReport:
+    """Compress every targeted Linear of ``model`` in place, block by block.
+
+    ``activations`` says where the calibration activations between blocks are kept: "auto"
+    (on the device when they fit, else on the host, else in ``offload_dir``), "device",
+    "host" or "disk" (files in ``offload_dir``)."""
     device = torch.device(device)
     started = time.perf_counter()
     blocks_path, blocks = find_decoder_blocks(model)
     targets = plan_targets(blocks, blocks_path, config)
     report = CompressionReport(blocks_path=blocks_path, num_blocks=len(blocks),
                                calibration_tokens=0 if windows is None else windows.numel())
-    inputs = None if windows is None else catch_block_inputs(model, blocks, windows, config.calib.batch_size, device)
+    start = 0 if stream is None else stream.first_block()
+    if stream is not None:
+        report.layers.extend(stream.resumed_records())
+        if start == 0:
+            stream.load(0, blocks[0], device)  # catching its inputs calls it
+    inputs = None
+    if windows is not None:
+        offload_dir = None if offload_dir is None else Path(offload_dir)
+        embeddings = model.get_input_embeddings()
+        hidden_bytes = windows.numel() * getattr(model.config, "hidden_size", embeddings.embedding_dim) * embeddings.weight.element_size()
+        report.activations = choose_place(activations, hidden_bytes, device, offload_dir)
+        if start == 0:
+            store = Activations(device, report.activations, offload_dir)
+            inputs = catch_block_inputs(model, blocks, windows, config.calib.batch_size, device, into=store)
+        elif start < len(blocks):
+            inputs = stream.resumed_inputs(device, report.activations, offload_dir)
     folds: dict[tuple[str, ...], Fold | None] = {}
     passes = " + ".join(p for p in (config.prune.describe() if config.prune.enabled else "", config.method if config.quant else "") if p)
-    bar = tqdm(blocks, desc=f"compressing blocks ({passes})", unit="block", disable=not progress)
-    for index, block in enumerate(bar):
+    bar = tqdm(range(start, len(blocks)), initial=start, total=len(blocks), desc=f"compressing blocks ({passes})", unit="block",
+               disable=not progress)
+    for index in bar:
+        block = blocks[index]
         home = device_of(block)
+        if stream is not None and home.type == "meta":
+            stream.load(index, block, device)
         block.to(device)
-        records = _compress_block(block, [t for t in targets if t.block == index], inputs, config, folds)
+        block_targets = [t for t in targets if t.block == index]
+        _check_finite(block, block_targets)
+        records = _compress_block(block, block_targets, inputs, config, folds)
         report.layers.extend(records)
         if inputs is not None and index + 1 < len(blocks):
-            with dequantized_weights(block, inputs[0][0].dtype):
+            with dequantized_weights(block, inputs.dtype):
                 inputs = run_block(block, inputs)
-        block.to(home)
+        if stream is not None:
+            stream.commit(index, block, records, inputs if index + 1 < len(blocks) else None)
+        else:
+            block.to(home)
         if progress:
             bar.write(_block_line(index, len(blocks), records))
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _check_finite(block: nn.Module, targets: list[Target]) -> None:
+    for target in targets:
+        if not torch.isfinite(block.get_submodule(target.local_name).weight).all():
+            raise ModelError(f"weight {target.name}.weight contains NaN or Inf: repair or re-export the model before compressing")
 
 
 def _block_line(index: int, count: int, records: list[LayerRecord]) -> str:
@@ -121,7 +184,7 @@ def _compress_block(block: nn.Module, targets: list[Target], inputs: BlockInputs
     stages = groups if sequential else [[t for group in groups for t in group]]
     records = []
     for stage in stages:
-        with dequantized_weights(block, inputs[0][0].dtype):
+        with dequantized_weights(block, inputs.dtype):
             stats = gather_statistics(block, stage, inputs, frozenset({HESSIAN}), stop_after_last=True, one_input=sequential)
         records += _compress_stage(block, stage, stats, config, notes, smooths)
     return records

@@ -10,22 +10,25 @@ from torch import Tensor, nn
 
 from ..errors import ModelError
 from ..stats import LayerStats
+from .activations import Activations
 
 if TYPE_CHECKING:
     from .structure import Target
 
-BlockInputs = list[tuple[Tensor, dict]]
+BlockInputs = Activations
 
 
 class _StopForward(Exception):
     """Raised from a hook once a forward pass has produced everything that is wanted."""
 
 
-def catch_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: Tensor, batch_size: int, device: torch.device) -> BlockInputs:
-    """Run the model up to block 0 on each micro-batch and keep what block 0 was called with.
+def catch_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: Tensor, batch_size: int, device: torch.device,
+                       into: Activations | None = None) -> BlockInputs:
+    """Run the model up to block 0 on each micro-batch and keep what block 0 was called with
+    (in ``into``, default: on ``device``).
 
     Everything outside the blocks visits ``device`` for this and returns where it was."""
-    caught: BlockInputs = []
+    caught = into if into is not None else Activations(device)
     home = device_of(model)
 
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -34,7 +37,7 @@ def catch_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: Tensor,
         kwargs.pop("past_key_values", None)
         kwargs.pop("past_key_value", None)
         kwargs["use_cache"] = False
-        caught.append((hidden.detach(), kwargs))
+        caught.append(hidden, kwargs)
         raise _StopForward
 
     move_outside_blocks(model, blocks, device)
@@ -66,12 +69,12 @@ def call_block(block: nn.Module, inputs: Sequence[tuple[Tensor, dict]]) -> None:
 
 
 def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
-    """The block's outputs for each micro-batch, paired with the same keywords."""
-    outputs = []
+    """The block's outputs for each micro-batch, paired with the same keywords, stored like the inputs."""
+    outputs = inputs.successor()
     with torch.no_grad():
         for hidden, kwargs in inputs:
             out = block(hidden, **kwargs)
-            outputs.append((out[0] if isinstance(out, tuple) else out, kwargs))
+            outputs.append(out[0] if isinstance(out, tuple) else out, kwargs)
     return outputs
 
 
@@ -149,13 +152,14 @@ def device_of(module: nn.Module) -> torch.device:
 
 
 def move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
-    """Move every parameter and buffer not inside ``blocks`` (embeddings, norms, rotary tables)."""
+    """Move every parameter and buffer not inside ``blocks`` (embeddings, norms, rotary tables);
+    tensors not read yet (on the meta device) stay where they are."""
     inside = {id(t) for t in (*blocks.parameters(), *blocks.buffers())}
     moved: dict[int, Tensor] = {}  # keeps tied weights tied
     for module in model.modules():
         for store in (module._parameters, module._buffers):
             for key, tensor in store.items():
-                if tensor is None or id(tensor) in inside or tensor.device == device:
+                if tensor is None or id(tensor) in inside or tensor.device == device or tensor.is_meta:
                     continue
                 if id(tensor) not in moved:
                     data = tensor.data.to(device)

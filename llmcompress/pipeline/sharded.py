@@ -1,0 +1,143 @@
+"""Reading a Hugging Face safetensors model a block at a time, so it is never whole in memory.
+
+The model is built on the meta device (shapes only); a module's tensors are read from the
+shards when its turn comes and dropped back to meta when it is done. Each read opens the shard
+and closes it again: a memory map held open for the whole run would keep every page it ever
+touched counted in the process's resident memory, which then grows with depth.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor, nn
+
+from ..checkpoint import INDEX_FILE, SINGLE_FILE
+from ..errors import ModelError
+
+
+class ShardedWeights:
+    """Where each tensor of a model directory lives, and reading tensors by name."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.files = self._shard_files()
+        self.location: dict[str, Path] = {}
+        for file in self.files:
+            for name in self._header_names(file):
+                self.location[name] = file
+
+    def _shard_files(self) -> list[Path]:
+        index = self.directory / INDEX_FILE
+        if index.is_file():
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError) as err:
+                raise ModelError(f"{index} is corrupt ({err}): re-download or re-save the model") from err
+            files = [self.directory / name for name in names]
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise ModelError(f"{index} lists shards that are missing: {', '.join(missing[:3])}: the download is incomplete")
+            return files
+        if (self.directory / SINGLE_FILE).is_file():
+            return [self.directory / SINGLE_FILE]
+        raise ModelError(f"{self.directory} has no {SINGLE_FILE} or {INDEX_FILE}: only safetensors models are read block by block "
+                         "(convert .bin weights with transformers' save_pretrained)")
+
+    @staticmethod
+    def _header_names(file: Path) -> list[str]:
+        try:
+            with safe_open(file, framework="pt") as handle:
+                return list(handle.keys())
+        except (SafetensorError, OSError) as err:
+            raise ModelError(f"cannot read {file}: {err}; the file is truncated or corrupt: re-download or re-save the model") from err
+
+    def read(self, names: Iterable[str], device: torch.device | str = "cpu") -> dict[str, Tensor]:
+        """The named tensors, in their stored dtype, each shard opened once and closed again."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.location[name], []).append(name)
+        tensors = {}
+        for file, file_names in by_file.items():
+            try:
+                with safe_open(file, framework="pt", device=str(device)) as handle:
+                    for name in file_names:
+                        tensors[name] = handle.get_tensor(name)
+            except (SafetensorError, OSError, RuntimeError) as err:
+                raise ModelError(f"cannot read {', '.join(file_names[:2])} from {file}: {err}; the file is truncated or corrupt: "
+                                 "re-download or re-save the model") from err
+        return tensors
+
+
+def meta_model(directory: str | Path) -> nn.Module:
+    """The model of ``directory``'s config.json with every parameter on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelError(f"cannot read {Path(directory) / 'config.json'}: {err}") from err
+    stored = getattr(config, "dtype", None) or torch.float32
+    stored = getattr(torch, stored) if isinstance(stored, str) else stored
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=stored)
+    except ValueError as err:
+        raise ModelError(f"transformers cannot build a causal LM from {directory}'s config.json: {err}") from err
+    model.tie_weights()  # from_config leaves a tied head its own (meta) tensor
+    return model.eval()
+
+
+def materialize(module: nn.Module, prefix: str, weights: ShardedWeights, device: torch.device | str) -> None:
+    """Read ``module``'s tensors (state-dict names under ``prefix``) from the shards onto ``device``."""
+    wanted = {f"{prefix}{name}": name for name in module.state_dict()}
+    missing = sorted(name for name in wanted if name not in weights.location)
+    if missing:
+        raise ModelError(f"{weights.directory} lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}: its tensor names "
+                         "do not match the transformers model (an old or converted checkpoint): load it with transformers and "
+                         "save_pretrained it, then compress that directory")
+    tensors = weights.read(wanted, device)
+    module.load_state_dict({wanted[name]: tensor for name, tensor in tensors.items()}, assign=True)
+
+
+def materialize_outside(model: nn.Module, blocks_path: str, weights: ShardedWeights, device: torch.device | str) -> None:
+    """Read every tensor outside the decoder blocks that the forward pass uses before block 0
+    (embeddings, position tables), and re-tie tied ones: a tied head has no tensor of its own
+    in the shards. An untied output head stays on the meta device (``materialize_head``):
+    compression never calls it, and it is among the largest tensors of the model."""
+    inside = f"{blocks_path}."
+    head = _untied_head_names(model)
+    names = [name for name in model.state_dict() if not name.startswith(inside) and name not in head]
+    model.load_state_dict(weights.read([n for n in names if n in weights.location], device), assign=True, strict=False)
+    model.tie_weights()
+    still_meta = [name for name, tensor in model.state_dict().items() if name in names and tensor.is_meta]
+    if still_meta:
+        raise ModelError(f"{weights.directory} lacks {', '.join(still_meta[:3])}: the checkpoint is incomplete or its tensor names "
+                         "do not match the transformers model")
+
+
+def materialize_head(model: nn.Module, weights: ShardedWeights) -> None:
+    """Read the untied output head that ``materialize_outside`` left out, onto the CPU."""
+    head = _untied_head_names(model)
+    missing = sorted(head - weights.location.keys())
+    if missing:
+        raise ModelError(f"{weights.directory} lacks {', '.join(missing)}: the checkpoint is incomplete")
+    model.load_state_dict(weights.read(sorted(head), "cpu"), assign=True, strict=False)
+
+
+def _untied_head_names(model: nn.Module) -> set[str]:
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or head.weight is embeddings.weight:
+        return set()
+    module_name = next(name for name, module in model.named_modules() if module is head)
+    return {f"{module_name}.{name}" for name in head.state_dict()}
+
+
+def release(module: nn.Module) -> None:
+    """Drop ``module``'s tensors, keeping only their shapes."""
+    module.to("meta")

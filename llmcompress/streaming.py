@@ -1,0 +1,44 @@
+"""The pipeline's ``BlockStream`` for a model on disk: blocks read from the model's safetensors
+shards, compressed blocks committed to a ``RunDirectory``."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import module_entries
+from .pipeline import BlockInputs, LayerRecord
+from .pipeline.activations import Activations
+from .pipeline.sharded import ShardedWeights, materialize, release
+from .rundir import RunDirectory
+
+
+class DiskStream:
+    def __init__(self, weights: ShardedWeights, run: RunDirectory, blocks_path: str) -> None:
+        self.weights = weights
+        self.run = run
+        self.blocks_path = blocks_path
+
+    def _prefix(self, index: int) -> str:
+        return f"{self.blocks_path}.{index}."
+
+    def first_block(self) -> int:
+        return self.run.committed
+
+    def resumed_inputs(self, device: torch.device, place: str, offload_dir: Path | None) -> BlockInputs:
+        return Activations.load(self.run.resumed_inputs_dir(), device, place, offload_dir)
+
+    def resumed_records(self) -> list[LayerRecord]:
+        return [LayerRecord(**record) for record in self.run.committed_records()]
+
+    def load(self, index: int, block: nn.Module, device: torch.device) -> None:
+        materialize(block, self._prefix(index), self.weights, device)
+
+    def commit(self, index: int, block: nn.Module, records: list[LayerRecord], next_inputs: BlockInputs | None) -> None:
+        prefix = self._prefix(index)
+        tensors = {f"{prefix}{name}": tensor.detach().to("cpu").contiguous() for name, tensor in block.state_dict().items()}
+        self.run.commit_block(index, tensors, module_entries(block, prefix), [dataclasses.asdict(r) for r in records], next_inputs)
+        release(block)
