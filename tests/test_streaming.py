@@ -271,3 +271,11 @@ def test_command_line_offloads_activations_and_loads_back(five_block_dir, tmp_pa
     assert result.exit_code == 1 and "already exists" in result.output
     result = CliRunner().invoke(main, [str(five_block_dir), "--out", str(tmp_path / "other"), "--activations", "disk"])
     assert result.exit_code == 1 and "--activations disk needs a directory for them: add --offload-dir DIR" in result.output
+
+
+def test_a_finished_but_unrenamed_run_is_named(tmp_path):
+    partial = rundir.partial_path(tmp_path / "out")
+    partial.mkdir()
+    (partial / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="holds a finished checkpoint that was not renamed: rename it to out"):
+        rundir.check_start(tmp_path / "out", resume=False, overwrite=False)
