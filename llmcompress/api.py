@@ -18,7 +18,8 @@ from .errors import CalibrationError, ConfigError, ModelError
 from .memory import pin_mmap_threshold
 from .models import load_model, load_tokenizer, resolve_model_dir
 from .pipeline import CompressionReport, compress_blocks, find_decoder_blocks, plan_targets
-from .pipeline.sharded import ShardedWeights, materialize_head, materialize_outside, meta_model
+from .pipeline.sharded import materialize_head, materialize_outside, meta_model
+from .shards import ShardedWeights
 from .rundir import RunDirectory
 from .streaming import DiskStream
 

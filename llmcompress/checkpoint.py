@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -35,12 +34,11 @@ from .errors import CheckpointError, ConfigError
 from .fileio import staged_directory, staged_file
 from .nn import CompressedLinear
 from .packing import LayerLayout, packed_spec
+from .shards import INDEX_FILE, SINGLE_FILE, ShardedWeights
 
 QUANT_METHOD = "llmcompress"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 REPORT_FILE = "compression_report.json"
 EXPORT_QUANT_METHODS = ("compressed-tensors", "gptq")  # read here, written by llmcompress.export
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -322,28 +320,8 @@ def _install_compressed(model: nn.Module, name: str, entry: dict, dtype: torch.d
 
 
 def _read_tensors(path: Path) -> dict[str, Tensor]:
-    index = path / INDEX_FILE
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as err:
-            raise CheckpointError(f"{index} is corrupt ({err}): compress again") from err
-    elif (path / SINGLE_FILE).is_file():
-        files = [SINGLE_FILE]
-    else:
-        raise CheckpointError(f"{path} has no {SINGLE_FILE} or {INDEX_FILE}: the checkpoint is incomplete")
-    tensors = {}
-    for filename in files:
-        file = path / filename
-        if not file.is_file():
-            raise CheckpointError(f"shard {file} is missing: the checkpoint is incomplete")
-        try:
-            with safe_open(file, framework="pt") as handle:
-                for key in handle.keys():
-                    tensors[key] = handle.get_tensor(key)
-        except (SafetensorError, OSError, RuntimeError) as err:
-            raise CheckpointError(f"cannot read {file}: {err}; the file is truncated or corrupt, compress again") from err
-    return tensors
+    weights = ShardedWeights(path, error=CheckpointError, remedy="compress again", when_absent="the checkpoint is incomplete")
+    return weights.read(weights.location)
 
 
 def _check_tensors(model: nn.Module, tensors: dict[str, Tensor], tied: dict[str, str], path: Path) -> None:

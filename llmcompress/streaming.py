@@ -12,7 +12,8 @@ from torch import nn
 from .checkpoint import module_entries
 from .pipeline import BlockInputs, LayerRecord
 from .pipeline.activations import Activations
-from .pipeline.sharded import ShardedWeights, materialize, release
+from .pipeline.sharded import materialize, release
+from .shards import ShardedWeights
 from .rundir import RunDirectory
 
 

@@ -1,76 +1,18 @@
 """Reading a Hugging Face safetensors model a block at a time, so it is never whole in memory.
 
 The model is built on the meta device (shapes only); a module's tensors are read from the
-shards when its turn comes and dropped back to meta when it is done. Each read opens the shard
-and closes it again: a memory map held open for the whole run would keep every page it ever
-touched counted in the process's resident memory, which then grows with depth.
+shards (``llmcompress.shards``) when its turn comes and dropped back to meta when it is done.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from torch import Tensor, nn
+from torch import nn
 
-from ..checkpoint import INDEX_FILE, SINGLE_FILE
 from ..errors import ModelError
-
-
-class ShardedWeights:
-    """Where each tensor of a model directory lives, and reading tensors by name."""
-
-    def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
-        self.files = self._shard_files()
-        self.location: dict[str, Path] = {}
-        for file in self.files:
-            for name in self._header_names(file):
-                self.location[name] = file
-
-    def _shard_files(self) -> list[Path]:
-        index = self.directory / INDEX_FILE
-        if index.is_file():
-            try:
-                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError) as err:
-                raise ModelError(f"{index} is corrupt ({err}): re-download or re-save the model") from err
-            files = [self.directory / name for name in names]
-            missing = [str(f) for f in files if not f.is_file()]
-            if missing:
-                raise ModelError(f"{index} lists shards that are missing: {', '.join(missing[:3])}: the download is incomplete")
-            return files
-        if (self.directory / SINGLE_FILE).is_file():
-            return [self.directory / SINGLE_FILE]
-        raise ModelError(f"{self.directory} has no {SINGLE_FILE} or {INDEX_FILE}: only safetensors models are read block by block "
-                         "(convert .bin weights with transformers' save_pretrained)")
-
-    @staticmethod
-    def _header_names(file: Path) -> list[str]:
-        try:
-            with safe_open(file, framework="pt") as handle:
-                return list(handle.keys())
-        except (SafetensorError, OSError) as err:
-            raise ModelError(f"cannot read {file}: {err}; the file is truncated or corrupt: re-download or re-save the model") from err
-
-    def read(self, names: Iterable[str], device: torch.device | str = "cpu") -> dict[str, Tensor]:
-        """The named tensors, in their stored dtype, each shard opened once and closed again."""
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.location[name], []).append(name)
-        tensors = {}
-        for file, file_names in by_file.items():
-            try:
-                with safe_open(file, framework="pt", device=str(device)) as handle:
-                    for name in file_names:
-                        tensors[name] = handle.get_tensor(name)
-            except (SafetensorError, OSError, RuntimeError) as err:
-                raise ModelError(f"cannot read {', '.join(file_names[:2])} from {file}: {err}; the file is truncated or corrupt: "
-                                 "re-download or re-save the model") from err
-        return tensors
+from ..shards import ShardedWeights
 
 
 def meta_model(directory: str | Path) -> nn.Module:
