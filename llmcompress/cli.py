@@ -6,6 +6,7 @@ reached as ``compress NAME ...``.
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import shlex
@@ -46,6 +47,8 @@ from .models import DEFAULT_MODEL_NAME, load_model, resolve_model_dir
 from .pipeline import find_decoder_blocks, plan_targets
 from .pipeline.activations import PLACES
 from .pipeline.sharded import meta_model
+from . import reports
+from .fileio import staged_file
 from .summary import SizeSummary, size_summary
 
 DEFAULT_COMMAND = "run"
@@ -144,18 +147,11 @@ def run(model: str | None, out_dir: str | None, overwrite: bool, resume: bool, k
     started = time.perf_counter()
     out, streaming = None, False
     try:
-        quant = None if bits == NO_QUANT_BITS else QuantFormat(kind=kind, bits=bits, group_size=group_size, symmetric=symmetric)
-        config = CompressConfig(
-            quant=quant,
-            method=method,
-            calib=CalibConfig(source=calib or CalibConfig.source, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size),
-            overrides=tuple(ModuleOverride(pattern=p, skip=True) for p in skips) + tuple(_parse_override(o) for o in overrides),
-            gptq=GPTQConfig(damp=damp, act_order=act_order, static_groups=static_groups, clip=gptq_clip),
-            awq=AWQConfig(grid=awq_grid, clip=not no_awq_clip),
-            lowrank=LowRankConfig(rank=rank, method=lowrank_method, alloc=lowrank_alloc, dtype=lowrank_dtype),
-            act_bits=None if act_bits is None else int(act_bits),
-            prune=PruneConfig(method=prune_method, sparsity=sparsity, pattern=pattern),
-        )
+        config = build_config(kind=kind, bits=bits, group_size=group_size, symmetric=symmetric, method=method, act_order=act_order,
+                              static_groups=static_groups, damp=damp, awq_grid=awq_grid, gptq_clip=gptq_clip, no_awq_clip=no_awq_clip,
+                              rank=rank, lowrank_method=lowrank_method, lowrank_alloc=lowrank_alloc, lowrank_dtype=lowrank_dtype,
+                              act_bits=act_bits, prune_method=prune_method, sparsity=sparsity, pattern=pattern, skips=skips,
+                              overrides=overrides, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda, but PyTorch sees no CUDA GPU: use --device cpu")
         if activations == "disk" and offload_dir is None:
@@ -171,7 +167,7 @@ def run(model: str | None, out_dir: str | None, overwrite: bool, resume: bool, k
         else:
             checkpoint.check_output_dir(out, overwrite)
         eval_limit = eval_windows or None
-        describe = _describe_run(config, quant, method, calib, rank, lowrank_alloc)
+        describe = _describe_run(config, config.quant, method, calib, rank, lowrank_alloc)
         evaluation = (eval_text, eval_seqlen, eval_limit) if run_eval else None
         placement = {"activations": activations, "offload_dir": offload_dir}
         if streaming:
@@ -188,6 +184,25 @@ def run(model: str | None, out_dir: str | None, overwrite: bool, resume: bool, k
     except LLMCompressError as err:
         raise click.ClickException(str(err)) from err
     click.echo(_summary_table(before, after, before_ppl, after_ppl, time.perf_counter() - started, out, config.prune))
+
+
+def build_config(*, kind: str, bits: int, group_size: int | None, symmetric: bool | None, method: str, act_order: bool,
+                 static_groups: bool, damp: float, awq_grid: int, gptq_clip: bool, no_awq_clip: bool, rank: int,
+                 lowrank_method: str | None, lowrank_alloc: str, lowrank_dtype: str, act_bits: str | None, prune_method: str | None,
+                 sparsity: float | None, pattern: str, skips: tuple[str, ...], overrides: tuple[str, ...], calib: str | None,
+                 nsamples: int, seqlen: int, seed: int, batch_size: int) -> CompressConfig:
+    """The configuration that the command line's options describe (validated on construction)."""
+    return CompressConfig(
+        quant=None if bits == NO_QUANT_BITS else QuantFormat(kind=kind, bits=bits, group_size=group_size, symmetric=symmetric),
+        method=method,
+        calib=CalibConfig(source=calib or CalibConfig.source, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size),
+        overrides=tuple(ModuleOverride(pattern=p, skip=True) for p in skips) + tuple(_parse_override(o) for o in overrides),
+        gptq=GPTQConfig(damp=damp, act_order=act_order, static_groups=static_groups, clip=gptq_clip),
+        awq=AWQConfig(grid=awq_grid, clip=not no_awq_clip),
+        lowrank=LowRankConfig(rank=rank, method=lowrank_method, alloc=lowrank_alloc, dtype=lowrank_dtype),
+        act_bits=None if act_bits is None else int(act_bits),
+        prune=PruneConfig(method=prune_method, sparsity=sparsity, pattern=pattern),
+    )
 
 
 def _has_safetensors(model: str | None) -> bool:
@@ -336,6 +351,65 @@ def eval_command(model: str | None, text: str, seqlen: int, windows: int, baseli
     if json_path:
         Path(json_path).write_text(json.dumps(record, indent=2))
         click.echo(f"wrote: {json_path}")
+
+
+@main.command(name="report")
+@click.option("--grid", "grid_path", type=click.Path(dir_okay=False), default=None,
+              help="YAML grid of configurations [default: the bundled grid, SmolLM2 on the CPU].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Directory for report.md, report.json, plots and runs/.")
+@click.option("--model", default=None, help="Run the grid on this model instead of the one it names.")
+@click.option("--checkpoints", "checkpoints_dir", type=click.Path(file_okay=False), default=None,
+              help="Where each configuration's checkpoint is written [default: OUT/checkpoints].")
+@click.option("--keep-checkpoints/--no-keep-checkpoints", default=False, show_default=True,
+              help="Keep each checkpoint after it is evaluated (its per-layer statistics are kept either way).")
+def report_command(grid_path: str | None, out_dir: str, model: str | None, checkpoints_dir: str | None, keep_checkpoints: bool) -> None:
+    """Run a grid of configurations on one model and write report.md, report.json and PNG plots.
+
+    Each configuration is a separate `compress` run and a separate `compress eval` run. Rerunning
+    the same command resumes an interrupted grid: finished configurations are kept."""
+    out = Path(out_dir)
+    try:
+        grid = reports.load_grid(grid_path or reports.DEFAULT_GRID)
+        if model:
+            grid = grid.with_model(model)
+        _check_grid(grid)
+        command = shlex.join(["compress", "report", *click.get_current_context().meta[ARGUMENTS_KEY][1:]])
+        click.echo(f"report grid {grid_path or reports.DEFAULT_GRID}: {len(grid.configurations)} configurations on "
+                   f"{grid.model or DEFAULT_MODEL_NAME + ' (bundled default)'}; each run's output goes to {out / 'runs'}/NAME/log.txt")
+        records = reports.run_grid(grid, out, Path(checkpoints_dir) if checkpoints_dir else out / "checkpoints", keep_checkpoints,
+                                   echo=click.echo)
+        report = reports.build_report(grid, records, out / "runs", command)
+        plots = reports.draw_all(report, out)
+        for name, text in (("report.json", json.dumps({**report, "plots": plots}, indent=2)), ("report.md", reports.markdown(report, plots))):
+            with staged_file(out / name) as staging:
+                staging.write_text(text)
+    except KeyboardInterrupt:
+        click.echo("interrupted: run the same command again to go on; finished configurations are kept", err=True)
+        sys.exit(130)
+    except LLMCompressError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"wrote: {out / 'report.md'}, {out / 'report.json'}, " + ", ".join(str(out / p) for p in plots.values()))
+    failed = [r["name"] for r in records if r["status"] != "ok"]
+    if failed:
+        raise click.ClickException(f"{len(failed)} configuration(s) failed: {', '.join(failed)} (see report.md); "
+                                   "fix them and rerun the same command: the others are kept")
+
+
+def _check_grid(grid: reports.Grid) -> None:
+    """Every configuration's options must parse and make a valid config for this model, before hours are spent on the others."""
+    skeleton = meta_model(resolve_model_dir(grid.model))
+    blocks_path, blocks = find_decoder_blocks(skeleton)
+    config_options = inspect.signature(build_config).parameters
+    for configuration in grid.configurations:
+        if configuration.is_float:
+            continue
+        try:
+            with run.make_context("compress", list(configuration.args)) as ctx:
+                config = build_config(**{name: ctx.params[name] for name in config_options})
+            plan_targets(blocks, blocks_path, config)
+        except (click.ClickException, LLMCompressError) as err:
+            message = err.format_message() if isinstance(err, click.ClickException) else str(err)
+            raise ConfigError(f"grid configuration {configuration.name!r} ({shlex.join(configuration.args)}): {message}") from err
 
 
 def _load_any(model: str | None, device: str) -> tuple:

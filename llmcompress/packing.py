@@ -97,6 +97,9 @@ def unpack_nibbles(packed: Tensor, count: int) -> Tensor:
 
 
 BRANCH_TENSOR_PREFIXES = ("lowrank_", "smooth_")
+# The tensors holding the weights themselves; the rest of a layer is the branch or metadata
+# (scales, zero points, g_idx, sparsity masks).
+VALUE_TENSORS = ("weight_packed", "weight_values", "weight")
 VALUES_DTYPES = ("float16", "bfloat16", "float32")
 
 

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from .nn import CompressedLinear
-from .packing import BRANCH_TENSOR_PREFIXES
+from .packing import BRANCH_TENSOR_PREFIXES, VALUE_TENSORS
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,7 @@ class SizeSummary:
     layer_parameters: int
     layer_bytes: int
     branch_bytes: int = 0  # of layer_bytes: the low-rank branches and smoothing vectors
+    metadata_bytes: int = 0  # of layer_bytes: scales, zero points, g_idx and sparsity masks
 
     @property
     def bits_per_weight(self) -> float:
@@ -33,9 +34,19 @@ class SizeSummary:
     def branch_bits_per_weight(self) -> float:
         return 8 * self.branch_bytes / self.layer_parameters if self.layer_parameters else 0.0
 
+    @property
+    def metadata_bits_per_weight(self) -> float:
+        return 8 * self.metadata_bytes / self.layer_parameters if self.layer_parameters else 0.0
+
+    @property
+    def base_bits_per_weight(self) -> float:
+        """The weights' own codes (or kept values), without their metadata or the branch."""
+        return self.layer_bits_per_weight - self.branch_bits_per_weight - self.metadata_bits_per_weight
+
     def to_dict(self) -> dict:
         return {**asdict(self), "bits_per_weight": self.bits_per_weight, "layer_bits_per_weight": self.layer_bits_per_weight,
-                "branch_bits_per_weight": self.branch_bits_per_weight}
+                "branch_bits_per_weight": self.branch_bits_per_weight, "metadata_bits_per_weight": self.metadata_bits_per_weight,
+                "base_bits_per_weight": self.base_bits_per_weight}
 
 
 def size_summary(model: nn.Module, layer_names: Collection[str] | None = None) -> SizeSummary:
@@ -58,6 +69,8 @@ def size_summary(model: nn.Module, layer_names: Collection[str] | None = None) -
     parameters = layer_parameters + sum(t.numel() for n, t in tensors.items() if n not in layer_tensors)
     nbytes = {n: t.numel() * t.element_size() for n, t in tensors.items()}
     layer_bytes = sum(nbytes[n] for n in layer_tensors)
-    branch_bytes = sum(nbytes[n] for n in layer_tensors if n.rpartition(".")[2].startswith(BRANCH_TENSOR_PREFIXES))
+    kinds = {n: n.rpartition(".")[2] for n in layer_tensors}
+    branch_bytes = sum(nbytes[n] for n, kind in kinds.items() if kind.startswith(BRANCH_TENSOR_PREFIXES))
+    value_bytes = sum(nbytes[n] for n, kind in kinds.items() if kind in VALUE_TENSORS)
     return SizeSummary(parameters=parameters, bytes=sum(nbytes.values()), layer_parameters=layer_parameters, layer_bytes=layer_bytes,
-                       branch_bytes=branch_bytes)
+                       branch_bytes=branch_bytes, metadata_bytes=layer_bytes - branch_bytes - value_bytes)

@@ -1,0 +1,123 @@
+"""The report's PNG plots, drawn from report.json's numbers alone (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from ..errors import ConfigError
+
+DPI = 100  # small files: the plots are committed and shown in READMEs
+METHOD_COLOURS = {"float": "black", "rtn": "tab:blue", "gptq": "tab:orange", "awq": "tab:green", "awq+gptq": "tab:red", "none": "tab:purple"}
+
+
+def _pyplot():  # noqa: ANN202 - matplotlib.pyplot
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ConfigError("the report's plots need matplotlib: pip install 'llmcompress[report]' (or pip install matplotlib)") from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def draw_all(report: dict, out: Path) -> dict[str, str]:
+    """Write every plot the report's rows allow; return {kind: file name}."""
+    plots = {"pareto": draw_pareto(report, out / "pareto.png")}
+    if draw_rank(report, out / "rank.png"):
+        plots["rank"] = "rank.png"
+    if report["heatmaps"]:
+        draw_layer_errors(report, out / "layer_error.png")
+        plots["layers"] = "layer_error.png"
+    return plots
+
+
+def _finished(report: dict) -> list[dict]:
+    return [row for row in report["rows"] if row["status"] == "ok"]
+
+
+def draw_pareto(report: dict, path: Path) -> str:
+    plt = _pyplot()
+    rows = _finished(report)
+    figure, axes = plt.subplots(figsize=(9, 5.5))
+    for method in dict.fromkeys(row["method"] for row in rows):
+        members = [row for row in rows if row["method"] == method]
+        axes.scatter([r["bits_per_weight"]["layers"] for r in members], [r["perplexity"] for r in members],
+                     color=METHOD_COLOURS.get(method, "tab:gray"), label="16-bit weights (pruning only)" if method == "none" else method,
+                     zorder=3)
+    for row in rows:
+        axes.annotate(row["name"], (row["bits_per_weight"]["layers"], row["perplexity"]), fontsize=7, xytext=(4, 2),
+                      textcoords="offset points")
+    front = [next(r for r in rows if r["name"] == name) for name in report["pareto_front"]]
+    axes.step([r["bits_per_weight"]["layers"] for r in front], [r["perplexity"] for r in front], where="post", color="gray",
+              linestyle="--", label="Pareto front", zorder=2)
+    axes.set_yscale("log")
+    axes.set_xlabel("bits per weight of the compressed layers (codes + metadata + low-rank branch)")
+    axes.set_ylabel(f"perplexity on {report['protocol']['evaluation']['text']} (log scale)")
+    axes.set_title(f"{report['model']}: quality against size")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(title="method", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=DPI)
+    plt.close(figure)
+    return path.name
+
+
+def rank_series(report: dict) -> dict[str, list[tuple[int, float]]]:
+    """Perplexity against rank for each (quantizer, weights, pruning, branch method), with the
+    same configuration without a branch as rank 0 when the grid has it."""
+    rows = _finished(report)
+    base = {(r["method"], r["weights"], r["pruning"]): r["perplexity"] for r in rows if r["rank"] == 0}
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for row in rows:
+        if row["rank"]:
+            key = (row["method"], row["weights"], row["pruning"])
+            label = f"{row['method'].upper()} {row['weights']}{' + ' + row['pruning'] if row['pruning'] else ''} + {row['lowrank_method']}"
+            series[label].append((row["rank"], row["perplexity"]))
+            if key in base and (0, base[key]) not in series[label]:
+                series[label].append((0, base[key]))
+    return {label: sorted(points) for label, points in series.items()}
+
+
+def draw_rank(report: dict, path: Path) -> bool:
+    series = rank_series(report)
+    if not series:
+        return False
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for label, points in series.items():
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    if report["float_perplexity"] is not None:
+        axes.axhline(report["float_perplexity"], color="black", linestyle=":", label="float model")
+    axes.set_xlabel("rank of the 16-bit low-rank branch (0: no branch)")
+    axes.set_ylabel(f"perplexity on {report['protocol']['evaluation']['text']}")
+    axes.set_title("Perplexity against the rank of the error branch")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=DPI)
+    plt.close(figure)
+    return True
+
+
+def draw_layer_errors(report: dict, path: Path) -> None:
+    """One heatmap per chosen configuration, layer types x blocks, on one shared log colour scale."""
+    plt = _pyplot()
+    from matplotlib.colors import LogNorm
+
+    heatmaps = report["heatmaps"]
+    values = [v for h in heatmaps.values() for row in h["output_error"] for v in row if v]
+    norm = LogNorm(vmin=min(values), vmax=max(values))
+    figure, axes_list = plt.subplots(len(heatmaps), 1, figsize=(10, 1.2 + 1.6 * len(heatmaps)), squeeze=False)
+    image = None
+    for axes, (name, heatmap) in zip(axes_list[:, 0], heatmaps.items()):
+        matrix = [[v if v else float("nan") for v in row] for row in heatmap["output_error"]]
+        image = axes.imshow(matrix, aspect="auto", norm=norm, cmap="magma", interpolation="nearest")
+        axes.set_yticks(range(len(heatmap["layer_types"])), heatmap["layer_types"], fontsize=7)
+        axes.set_title(name, fontsize=9, loc="left")
+        axes.set_xlabel("decoder block", fontsize=8)
+        axes.tick_params(axis="x", labelsize=7)
+    figure.colorbar(image, ax=axes_list[:, 0].tolist(), label="relative output error ||(W - Q)X|| / ||WX||")
+    figure.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(figure)
