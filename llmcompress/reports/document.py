@@ -49,7 +49,7 @@ class Row:
         """Method, weight format, branch and pruning, in words."""
         config = self.config
         if config is None:
-            return {"method": "float", "weights": "16-bit", "branch": "", "pruning": "", "rank": 0, "lowrank_method": None}
+            return {"method": "float", "weights": "unquantized", "branch": "", "pruning": "", "rank": 0, "lowrank_method": None}
         branch = f"{config.lowrank.method} r{config.lowrank.rank}" if config.wants_lowrank else ""
         if config.lowrank.method == "svdquant" and not config.wants_lowrank and config.lowrank.rank == 0:
             branch = ""
@@ -62,10 +62,11 @@ class Row:
             "lowrank_method": config.lowrank.method if config.wants_lowrank else None,
         }
 
-    def bits(self) -> dict:
-        """Bits per weight of the compressed layers (base codes, low-rank branch, metadata) and of the whole model."""
-        size = self.record.get("size")
-        if size is None:  # the float model: every layer weight in 16 bits, nothing else
+    def bits(self, float_size: dict | None) -> dict:
+        """Bits per weight of the compressed layers (base codes, low-rank branch, metadata) and of the
+        whole model. The float model's row uses ``float_size``, the float sizes a compress run measured."""
+        size = self.record.get("size", float_size)
+        if size is None:  # a float model with no compressed run beside it: assume 16-bit weights
             return {"layers": 16.0, "base": 16.0, "lowrank": 0.0, "metadata": 0.0, "whole_model": 16.0}
         return {"layers": size["layer_bits_per_weight"], "base": size["base_bits_per_weight"], "lowrank": size["branch_bits_per_weight"],
                 "metadata": size["metadata_bits_per_weight"], "whole_model": size["bits_per_weight"]}
@@ -99,13 +100,14 @@ def build_report(grid: Grid, records: list[dict], runs_dir: Path, command: str) 
     rows = [Row(r["name"], r) for r in records]
     float_row = next((r for r in rows if r.ok and r.config is None), None)
     float_ppl = float_row.perplexity if float_row else None
+    float_size = next((r.record["size_float"] for r in rows if r.ok and "size_float" in r.record), None)
     entries = []
     for row in rows:
         entry = {"name": row.name, "args": row.record["spec"]["args"], "status": row.record.get("status"), **row.labels()}
         if not row.ok:
             entries.append({**entry, "error": row.record.get("error"), "log_tail": row.record.get("log_tail")})
             continue
-        entry.update(perplexity=row.perplexity, bits_per_weight=row.bits(), weights_on_disk_bytes=row.record.get("weights_on_disk_bytes"),
+        entry.update(perplexity=row.perplexity, bits_per_weight=row.bits(float_size), weights_on_disk_bytes=row.record.get("weights_on_disk_bytes"),
                      compression_seconds=row.record.get("compression_seconds"),
                      compress_process_seconds=row.record.get("compress", {}).get("seconds"),
                      compress_peak_rss_mb=row.record.get("compress", {}).get("peak_rss_mb"),

@@ -40,6 +40,8 @@ def _finished(report: dict) -> list[dict]:
 def draw_pareto(report: dict, path: Path) -> str:
     plt = _pyplot()
     rows = _finished(report)
+    from matplotlib.ticker import ScalarFormatter
+
     figure, axes = plt.subplots(figsize=(9, 5.5))
     for method in dict.fromkeys(row["method"] for row in rows):
         members = [row for row in rows if row["method"] == method]
@@ -52,9 +54,14 @@ def draw_pareto(report: dict, path: Path) -> str:
     front = [next(r for r in rows if r["name"] == name) for name in report["pareto_front"]]
     axes.step([r["bits_per_weight"]["layers"] for r in front], [r["perplexity"] for r in front], where="post", color="gray",
               linestyle="--", label="Pareto front", zorder=2)
-    axes.set_yscale("log")
+    perplexities = [r["perplexity"] for r in rows]
+    if max(perplexities) > 3 * min(perplexities):  # a log scale only where it keeps the good rows apart
+        axes.set_yscale("log")
+        axes.yaxis.set_major_formatter(ScalarFormatter())
+        axes.yaxis.set_minor_formatter(ScalarFormatter())
+        axes.tick_params(axis="y", which="minor", labelsize=7)
     axes.set_xlabel("bits per weight of the compressed layers (codes + metadata + low-rank branch)")
-    axes.set_ylabel(f"perplexity on {report['protocol']['evaluation']['text']} (log scale)")
+    axes.set_ylabel(f"perplexity on {report['protocol']['evaluation']['text']}")
     axes.set_title(f"{report['model']}: quality against size")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(title="method", fontsize=8)
@@ -109,15 +116,16 @@ def draw_layer_errors(report: dict, path: Path) -> None:
     heatmaps = report["heatmaps"]
     values = [v for h in heatmaps.values() for row in h["output_error"] for v in row if v]
     norm = LogNorm(vmin=min(values), vmax=max(values))
-    figure, axes_list = plt.subplots(len(heatmaps), 1, figsize=(10, 1.2 + 1.6 * len(heatmaps)), squeeze=False)
+    figure, axes_list = plt.subplots(len(heatmaps), 1, figsize=(10, 1.2 + 1.7 * len(heatmaps)), squeeze=False, layout="constrained")
     image = None
     for axes, (name, heatmap) in zip(axes_list[:, 0], heatmaps.items()):
         matrix = [[v if v else float("nan") for v in row] for row in heatmap["output_error"]]
         image = axes.imshow(matrix, aspect="auto", norm=norm, cmap="magma", interpolation="nearest")
         axes.set_yticks(range(len(heatmap["layer_types"])), heatmap["layer_types"], fontsize=7)
         axes.set_title(name, fontsize=9, loc="left")
-        axes.set_xlabel("decoder block", fontsize=8)
-        axes.tick_params(axis="x", labelsize=7)
+        axes.set_xticks(range(heatmap["blocks"]))
+        axes.tick_params(axis="x", labelsize=6)
+    axes_list[-1, 0].set_xlabel("decoder block", fontsize=8)
     figure.colorbar(image, ax=axes_list[:, 0].tolist(), label="relative output error ||(W - Q)X|| / ||WX||")
     figure.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(figure)
