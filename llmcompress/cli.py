@@ -228,11 +228,12 @@ def _run_in_memory(model: str | None, config: CompressConfig, out: Path, calib: 
     click.echo(f"loading {model or DEFAULT_MODEL_NAME + ' (bundled default)'}")
     float_model, tokenizer = load_model(model, device=device)
     before_ppl = _evaluate(float_model, tokenizer, "float model", *evaluation) if evaluation else None
-    before = size_summary(float_model, _target_names(float_model, config))
+    targets = _target_names(float_model, config)
+    before = size_summary(float_model, targets)
     click.echo(describe)
     compressed = compress_model(float_model, config, calibration=calib, tokenizer=tokenizer, device=device, **placement)
     after_ppl = _evaluate(compressed, tokenizer, "compressed model", *evaluation) if evaluation else None
-    after = size_summary(compressed)
+    after = size_summary(compressed, targets)  # a layer that pruning left dense is still nn.Linear, and still counts
     report = {**compressed.compression_report.to_dict(), **_report_extras(before, after, before_ppl, after_ppl)}
     click.echo(f"writing {out} ({export_format})")
     _write(compressed, out, export_format, tokenizer, report, overwrite, adapter)
@@ -243,7 +244,8 @@ def _run_streaming(model: str | None, config: CompressConfig, out: Path, calib: 
                    overwrite: bool, describe: str, evaluation: tuple | None, placement: dict) -> tuple:
     pin_mmap_threshold()
     float_skeleton = meta_model(resolve_model_dir(model))
-    before = size_summary(float_skeleton, _target_names(float_skeleton, config))
+    targets = _target_names(float_skeleton, config)
+    before = size_summary(float_skeleton, targets)
     before_ppl = None
     if evaluation:
         click.echo(f"loading {model or DEFAULT_MODEL_NAME + ' (bundled default)'} whole, to evaluate it (--no-eval skips this)")
@@ -255,7 +257,7 @@ def _run_streaming(model: str | None, config: CompressConfig, out: Path, calib: 
     arguments = [a for a in click.get_current_context().meta[ARGUMENTS_KEY] if a not in ("--resume", "--overwrite")]
     compress_to_disk(model, config, out, calibration=calib, device=device, resume=resume, overwrite=overwrite,
                      command=shlex.join(["compress", *arguments]), **placement)
-    after = size_summary(checkpoint.skeleton(out))
+    after = size_summary(checkpoint.skeleton(out), targets)
     after_ppl = None
     if evaluation:
         compressed, tokenizer = checkpoint.load(out, device=device)

@@ -198,6 +198,13 @@ def test_cli_prunes_alone_with_bits_16(tiny_model_dir, tmp_path):
                                        "--prune", "magnitude", "--sparsity", "0.5", "--no-eval"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "stored dense" in result.output and "no size or speed gain" in result.output
+    # Unstructured pruning alone leaves the layers dense nn.Linear: they still count, at their float bits.
+    result = CliRunner().invoke(main, [str(tiny_model_dir), "--out", str(tmp_path / "d"), "--bits", "16", "--prune", "magnitude",
+                                       "--sparsity", "0.5", "--no-eval"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    sizes = json.loads((tmp_path / "d" / "compression_report.json").read_text())
+    assert sizes["size_after"]["layer_parameters"] == sizes["size_before"]["layer_parameters"] > 0
+    assert sizes["size_after"]["layer_bits_per_weight"] == sizes["size_before"]["layer_bits_per_weight"] == 32  # tiny models are float32
     result = CliRunner().invoke(main, [str(tiny_model_dir), "--out", str(tmp_path / "b"), "--bits", "16", "--prune", "wanda",
                                        "--sparsity", "1.0", "--no-eval"])
     assert result.exit_code == 1 and "PruneConfig.sparsity=1.0 is not allowed" in result.output

@@ -42,15 +42,12 @@ def draw_pareto(report: dict, path: Path) -> str:
     rows = _finished(report)
     from matplotlib.ticker import ScalarFormatter
 
-    figure, axes = plt.subplots(figsize=(9, 5.5))
+    figure, axes = plt.subplots(figsize=(10, 6.5))
     for method in dict.fromkeys(row["method"] for row in rows):
         members = [row for row in rows if row["method"] == method]
         axes.scatter([r["bits_per_weight"]["layers"] for r in members], [r["perplexity"] for r in members],
                      color=METHOD_COLOURS.get(method, "tab:gray"), label="16-bit weights (pruning only)" if method == "none" else method,
                      zorder=3)
-    for row in rows:
-        axes.annotate(row["name"], (row["bits_per_weight"]["layers"], row["perplexity"]), fontsize=7, xytext=(4, 2),
-                      textcoords="offset points")
     front = [next(r for r in rows if r["name"] == name) for name in report["pareto_front"]]
     axes.step([r["bits_per_weight"]["layers"] for r in front], [r["perplexity"] for r in front], where="post", color="gray",
               linestyle="--", label="Pareto front", zorder=2)
@@ -65,10 +62,35 @@ def draw_pareto(report: dict, path: Path) -> str:
     axes.set_title(f"{report['model']}: quality against size")
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(title="method", fontsize=8)
-    figure.tight_layout()
+    figure.tight_layout()  # first, so that labels are placed on the final axes
+    _place_labels(figure, axes, [(row["name"], row["bits_per_weight"]["layers"], row["perplexity"]) for row in rows])
     figure.savefig(path, dpi=DPI)
     plt.close(figure)
     return path.name
+
+
+# Where a point's label may go, in points from the marker: right, left, then above and below each.
+LABEL_OFFSETS = ((5, -3, "left"), (-5, -3, "right"), (5, 5, "left"), (5, -11, "left"), (-5, 5, "right"), (-5, -11, "right"),
+                 (5, 13, "left"), (5, -19, "left"), (-5, 13, "right"), (-5, -19, "right"))
+
+
+def _place_labels(figure, axes, points: list[tuple[str, float, float]]) -> None:  # noqa: ANN001
+    """Label each point at the first offset whose text overlaps no label placed before it (the
+    last offset when all do), so that points at the same bits per weight stay readable."""
+    axes.autoscale_view()
+    renderer = figure.canvas.get_renderer()
+    placed = []
+    for name, x, y in sorted(points, key=lambda point: (point[1], point[2])):
+        for dx, dy, align in LABEL_OFFSETS:
+            label = axes.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7, ha=align)
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+            label.remove()
+        else:
+            label = axes.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7, ha=align)
+            box = label.get_window_extent(renderer)
+        placed.append(box)
 
 
 def rank_series(report: dict) -> dict[str, list[tuple[int, float]]]:
