@@ -57,7 +57,7 @@ def test_report_numbers_equal_separate_runs_and_an_interrupted_grid_resumes(tiny
     assert rows["rtn-w4"]["bits_per_weight"]["base"] == 4.0 and rows["gptq-w3-lorc4"]["bits_per_weight"]["lowrank"] > 0
     assert rows["gptq-w3-lorc4"]["rank"] == 4 and rows["gptq-w3-lorc4"]["lowrank_method"] == "lorc"
     assert rows["rtn-w4"]["compress_peak_rss_mb"] > 100 and rows["rtn-w4"]["compression_seconds"] >= 0
-    assert report["protocol"]["tokens_scored"] == 3 * 63 and report["environment"]["torch"]
+    assert report["protocol"]["tokens_scored"] == 3 * 63 and report["environment"]["torch"] and len(report["run_commits"]) == 1
     assert set(report["heatmaps"]) == {"rtn-w4", "gptq-w3-lorc4"}
     assert len(report["heatmaps"]["rtn-w4"]["output_error"]) == 7 and report["heatmaps"]["rtn-w4"]["blocks"] == 3
     markdown = (out / "report.md").read_text()

@@ -130,6 +130,8 @@ def build_report(grid: Grid, records: list[dict], runs_dir: Path, command: str) 
         "protocol": {**grid.protocol.to_dict(), "perplexity": scored["protocol"] if scored else None,
                      "tokens_scored": scored["tokens_scored"] if scored else None},
         "environment": environment(),
+        # A grid resumed across commits mixes them: each row's record says which one ran it.
+        "run_commits": sorted({r.record["environment"]["commit"] or "unknown" for r in rows if "environment" in r.record}),
         "float_perplexity": float_ppl,
         "rows": entries,
         "pareto_front": pareto_front(points),
@@ -214,7 +216,8 @@ def _protocol_lines(report: dict) -> list[str]:
         "Embeddings and norms stay 16-bit and are not counted; report.json has the whole model's figure too.",
         "- Compression time: the pipeline's own (loading and writing excluded). Peak RSS: the compress process's "
         "(`os.wait4`), or the evaluation's for the float model.",
-        f"- Versions: llmcompress {env['llmcompress']}, torch {env['torch']}, transformers {env['transformers']}, "
-        f"Python {env['python']}; commit {env['commit'] or 'unknown'}.",
+        f"- Versions (of the process that wrote this report): llmcompress {env['llmcompress']}, torch {env['torch']}, "
+        f"transformers {env['transformers']}, Python {env['python']}; commit {env['commit'] or 'unknown'}. "
+        f"Commits that ran the configurations: {', '.join(report['run_commits']) or 'not recorded (runs older than this field)'}.",
         f"- Machine: {env['cpu']}, {env['cpu_count']} CPUs ({env['torch_threads']} torch threads){gpu}; {env['machine']}.",
     ]

@@ -21,6 +21,7 @@ from pathlib import Path
 from ..checkpoint import CONFIG_FILE, REPORT_FILE
 from ..fileio import staged_file
 from ..models import resolve_model_dir
+from .document import environment
 from .grid import Configuration, Grid
 
 RESULT_FILE = "result.json"
@@ -97,7 +98,7 @@ def _read_record(path: Path) -> dict | None:
 
 
 def _run_configuration(grid: Grid, configuration: Configuration, run_dir: Path, checkpoint: Path, keep_checkpoint: bool) -> dict:
-    record: dict = {"name": configuration.name, "spec": _spec(grid, configuration), "status": "failed"}
+    record: dict = {"name": configuration.name, "spec": _spec(grid, configuration), "status": "failed", "environment": environment()}
     log = run_dir / LOG_FILE
     eval_json = run_dir / "perplexity.json"
     if configuration.is_float:
