@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from ..config import CompressConfig
 from ..errors import ModelError
+from ..memory import forward_allocations
 from ..methods.awq import search_scales
 from ..methods.lowrank import hessian_error, sampled_error, search_smoothing
 from ..nn import CompressedLinear, dequantized_weights
@@ -140,7 +141,7 @@ def compress_blocks(model: nn.Module, config: CompressConfig, windows: Tensor | 
         records = _compress_block(block, block_targets, inputs, config, folds)
         report.layers.extend(records)
         if inputs is not None and index + 1 < len(blocks):
-            with dequantized_weights(block, inputs.dtype):
+            with dequantized_weights(block, inputs.dtype), forward_allocations():
                 inputs = run_block(block, inputs)
         if stream is not None:
             stream.commit(index, block, records, inputs if index + 1 < len(blocks) else None)
@@ -184,7 +185,7 @@ def _compress_block(block: nn.Module, targets: list[Target], inputs: BlockInputs
     stages = groups if sequential else [[t for group in groups for t in group]]
     records = []
     for stage in stages:
-        with dequantized_weights(block, inputs.dtype):
+        with dequantized_weights(block, inputs.dtype), forward_allocations():
             stats = gather_statistics(block, stage, inputs, frozenset({HESSIAN}), stop_after_last=True, one_input=sequential)
         records += _compress_stage(block, stage, stats, config, notes, smooths)
     return records
