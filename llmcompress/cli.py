@@ -375,6 +375,7 @@ def report_command(grid_path: str | None, out_dir: str, model: str | None, check
         if model:
             grid = grid.with_model(model)
         _check_grid(grid)
+        reports.check_plotting()
         command = shlex.join(["compress", "report", *click.get_current_context().meta[ARGUMENTS_KEY][1:]])
         click.echo(f"report grid {grid_path or reports.DEFAULT_GRID}: {len(grid.configurations)} configurations on "
                    f"{grid.model or DEFAULT_MODEL_NAME + ' (bundled default)'}; each run's output goes to {out / 'runs'}/NAME/log.txt")

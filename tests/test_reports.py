@@ -1,6 +1,7 @@
 """`compress report`: a grid of real compress runs, resumable, whose numbers are those of separate runs."""
 
 import json
+import sys
 
 import pytest
 import yaml
@@ -126,6 +127,14 @@ def test_every_configuration_is_checked_against_the_model_before_any_runs(tiny_m
         assert not (tmp_path / "report").exists()
     result = _run("report", "--grid", tmp_path / "missing.yaml", "--out", tmp_path / "report")
     assert result.exit_code == 1 and "does not exist" in result.output
+
+
+def test_a_missing_matplotlib_is_named_before_the_grid_runs(tiny_model_dir, tmp_path, monkeypatch):
+    grid = _write_grid(tmp_path / "grid.yaml", tiny_model_dir, [{"name": "rtn-w4", "args": RTN}])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an install without the extra sees
+    result = _run("report", "--grid", grid, "--out", tmp_path / "report")
+    assert result.exit_code == 1 and "pip install 'llmcompress[report]'" in result.output
+    assert not (tmp_path / "report").exists()
 
 
 def test_pareto_front_keeps_the_points_nothing_beats():

@@ -22,6 +22,11 @@ def _pyplot():  # noqa: ANN202 - matplotlib.pyplot
     return plt
 
 
+def check_available() -> None:
+    """Fail before a grid runs, not after it, when matplotlib is missing."""
+    _pyplot()
+
+
 def draw_all(report: dict, out: Path) -> dict[str, str]:
     """Write every plot the report's rows allow; return {kind: file name}."""
     plots = {"pareto": draw_pareto(report, out / "pareto.png")}
