@@ -17,8 +17,7 @@ from pathlib import Path
 import click
 import torch
 
-from . import checkpoint
-from . import rundir
+from . import checkpoint, reports, rundir
 from .api import compress as compress_model
 from .api import compress_to_disk
 from .calib import DEFAULT_EVALUATION
@@ -42,13 +41,12 @@ from .evaluate import PerplexityResult, perplexity
 from .export import FORMATS as EXPORT_FORMATS
 from .export import ExportError, export
 from .export import notes as export_notes
+from .fileio import staged_file
 from .memory import pin_mmap_threshold
 from .models import DEFAULT_MODEL_NAME, load_model, resolve_model_dir
 from .pipeline import find_decoder_blocks, plan_targets
 from .pipeline.activations import PLACES
 from .pipeline.sharded import meta_model
-from . import reports
-from .fileio import staged_file
 from .summary import SizeSummary, size_summary
 
 DEFAULT_COMMAND = "run"
@@ -152,8 +150,7 @@ def run(model: str | None, out_dir: str | None, overwrite: bool, resume: bool, k
                               rank=rank, lowrank_method=lowrank_method, lowrank_alloc=lowrank_alloc, lowrank_dtype=lowrank_dtype,
                               act_bits=act_bits, prune_method=prune_method, sparsity=sparsity, pattern=pattern, skips=skips,
                               overrides=overrides, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda, but PyTorch sees no CUDA GPU: use --device cpu")
+        _require_cuda_if_asked(device)
         if activations == "disk" and offload_dir is None:
             raise ConfigError("--activations disk needs a directory for them: add --offload-dir DIR")
         out = Path(out_dir or _default_out_dir(model, config))
@@ -203,6 +200,11 @@ def build_config(*, kind: str, bits: int, group_size: int | None, symmetric: boo
         act_bits=None if act_bits is None else int(act_bits),
         prune=PruneConfig(method=prune_method, sparsity=sparsity, pattern=pattern),
     )
+
+
+def _require_cuda_if_asked(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but PyTorch sees no CUDA GPU: use --device cpu")
 
 
 def _has_safetensors(model: str | None) -> bool:
@@ -328,8 +330,7 @@ def eval_command(model: str | None, text: str, seqlen: int, windows: int, baseli
                  json_path: str | None) -> None:
     """Perplexity of a model (directory, .gguf, default) or of a checkpoint of ours, with its protocol."""
     try:
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda, but PyTorch sees no CUDA GPU: use --device cpu")
+        _require_cuda_if_asked(device)
         click.echo(f"loading {model or DEFAULT_MODEL_NAME + ' (bundled default)'}")
         loaded, tokenizer = _load_any(model, device)
         result = _evaluate(loaded, tokenizer, "model", text, seqlen, windows or None)

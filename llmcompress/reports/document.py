@@ -51,8 +51,6 @@ class Row:
         if config is None:
             return {"method": "float", "weights": "unquantized", "branch": "", "pruning": "", "rank": 0, "lowrank_method": None}
         branch = f"{config.lowrank.method} r{config.lowrank.rank}" if config.wants_lowrank else ""
-        if config.lowrank.method == "svdquant" and not config.wants_lowrank and config.lowrank.rank == 0:
-            branch = ""
         return {
             "method": config.method if config.quant else "none",
             "weights": config.quant.describe() + (f", A{config.act_bits}" if config.act_bits else "") if config.quant else "16-bit",

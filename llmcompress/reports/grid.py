@@ -16,6 +16,7 @@ configuration is measured the same way and the options that set it are refused i
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 from dataclasses import dataclass
@@ -116,7 +117,7 @@ class Grid:
         return next((c for c in self.configurations if c.is_float), None)
 
     def with_model(self, model: str | None) -> Grid:
-        return Grid(self.configurations, self.protocol, model, self.device, self.heatmaps)
+        return dataclasses.replace(self, model=model)
 
 
 def load_grid(path: str | Path) -> Grid:

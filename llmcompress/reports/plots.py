@@ -89,12 +89,9 @@ def _place_labels(figure, axes, points: list[tuple[str, float, float]]) -> None:
         for dx, dy, align in LABEL_OFFSETS:
             label = axes.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7, ha=align)
             box = label.get_window_extent(renderer)
-            if not any(box.overlaps(other) for other in placed):
+            if not any(box.overlaps(other) for other in placed) or (dx, dy, align) == LABEL_OFFSETS[-1]:
                 break
             label.remove()
-        else:
-            label = axes.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7, ha=align)
-            box = label.get_window_extent(renderer)
         placed.append(box)
 
 
