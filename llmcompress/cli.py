@@ -98,8 +98,9 @@ def _parse_override(text: str) -> ModuleOverride:
               help="GPTQ with act-order: fix group parameters up front (contiguous groups, no g_idx), or fit each group as reached (g_idx).")
 @click.option("--damp", type=float, default=GPTQConfig.damp, show_default=True, help="GPTQ: dampening, a fraction of the mean Hessian diagonal.")
 @click.option("--awq-grid", type=int, default=AWQConfig.grid, show_default=True, help="AWQ: grid points for the scale exponent.")
-@click.option("--gptq-clip/--no-gptq-clip", default=GPTQConfig.clip, show_default=True,
-              help="GPTQ with static groups: search each group's range (shrunk by up to 20%) on the calibration output error.")
+@click.option("--gptq-clip/--no-gptq-clip", default=None,
+              help="GPTQ with static groups: search each group's range (shrunk by up to 20%) on the calibration output error "
+                   "[default: on with static groups].")
 @click.option("--no-awq-clip", is_flag=True, help="AWQ: skip the clipping search before RTN.")
 @click.option("--lowrank", "rank", type=int, default=0, show_default=True, help="Rank of the 16-bit error branch beside each layer; 0 = none.")
 @click.option("--lowrank-method", type=click.Choice(LOWRANK_METHODS), default=None,
@@ -135,7 +136,7 @@ def _parse_override(text: str) -> ModuleOverride:
               help="compressed-tensors / gptq: write low-rank branches as a PEFT LoRA adapter in OUT/adapter (else refuse them).")
 def run(model: str | None, out_dir: str | None, overwrite: bool, resume: bool, kind: str, bits: int, group_size: int | None,
         symmetric: bool | None, method: str, act_order: bool, static_groups: bool, damp: float, awq_grid: int,
-        gptq_clip: bool, no_awq_clip: bool,
+        gptq_clip: bool | None, no_awq_clip: bool,
         rank: int, lowrank_method: str | None, lowrank_alloc: str, lowrank_dtype: str, act_bits: str | None,
         prune_method: str | None, sparsity: float | None, pattern: str, skips: tuple[str, ...], overrides: tuple[str, ...], calib: str | None,
         nsamples: int, seqlen: int, seed: int, batch_size: int, run_eval: bool, eval_text: str, eval_seqlen: int,
@@ -184,7 +185,7 @@ def run(model: str | None, out_dir: str | None, overwrite: bool, resume: bool, k
 
 
 def build_config(*, kind: str, bits: int, group_size: int | None, symmetric: bool | None, method: str, act_order: bool,
-                 static_groups: bool, damp: float, awq_grid: int, gptq_clip: bool, no_awq_clip: bool, rank: int,
+                 static_groups: bool, damp: float, awq_grid: int, gptq_clip: bool | None, no_awq_clip: bool, rank: int,
                  lowrank_method: str | None, lowrank_alloc: str, lowrank_dtype: str, act_bits: str | None, prune_method: str | None,
                  sparsity: float | None, pattern: str, skips: tuple[str, ...], overrides: tuple[str, ...], calib: str | None,
                  nsamples: int, seqlen: int, seed: int, batch_size: int) -> CompressConfig:

@@ -209,7 +209,9 @@ def test_gptq_range_search_needs_static_groups_and_a_matching_shape():
         gptq(weight, hessian, fmt, act_order=True, static_groups=False, ranges=weight)
     with pytest.raises(ValueError, match="ranges must be"):
         gptq(weight, hessian, fmt, static_groups=True, ranges=weight[:4])
-    assert GPTQConfig().clip is False and GPTQConfig(clip=True).clip is True
+    # On with static groups unless turned off; dynamic groups have no ranges to search up front.
+    assert GPTQConfig().clip is True and GPTQConfig(clip=False).clip is False
+    assert GPTQConfig(static_groups=False).clip is False
     with pytest.raises(llmcompress.ConfigError, match="GPTQConfig.clip.*static groups"):
         GPTQConfig(static_groups=False, clip=True)
     with pytest.raises(llmcompress.ConfigError, match="GPTQConfig.max_shrink"):
