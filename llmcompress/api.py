@@ -36,7 +36,8 @@ def compress(model: nn.Module | str | os.PathLike | None, config: CompressConfig
     error on it is measured and reported. The returned model carries ``compression_report``
     and ``llmcompress_config``; with ``output_dir`` it is also saved there as a checkpoint.
     ``activations`` and ``offload_dir`` say where the calibration activations between blocks
-    are kept (see ``pipeline.compress_blocks``).
+    are kept (see ``pipeline.compress_blocks``). ``device``: "cpu", "cuda[:N]", or "auto" (the
+    blocks spread over the visible GPUs, see ``pipeline.placement``).
     """
     config = config or CompressConfig()
     _check_device(device)
@@ -71,7 +72,7 @@ def compress_to_disk(model: str | os.PathLike | None, config: CompressConfig | N
     gives a checkpoint byte-identical to an uninterrupted run. ``command`` is the command line
     that started the run, quoted back to the user when it has to be resumed. ``activations`` and
     ``offload_dir`` say where the calibration activations between blocks are kept (see
-    ``pipeline.compress_blocks``).
+    ``pipeline.compress_blocks``); ``device`` is as for ``compress``.
     """
     pin_mmap_threshold()  # first: tokenising the calibration text fragments the heap too
     config = config or CompressConfig()

@@ -46,6 +46,7 @@ from .memory import pin_mmap_threshold
 from .models import DEFAULT_MODEL_NAME, load_model, resolve_model_dir
 from .pipeline import find_decoder_blocks, plan_targets
 from .pipeline.activations import PLACES
+from .pipeline.placement import AUTO, DEVICES, single_device
 from .pipeline.sharded import meta_model
 from .summary import SizeSummary, size_summary
 
@@ -126,7 +127,9 @@ def _parse_override(text: str) -> ModuleOverride:
 @click.option("--eval-text", default=DEFAULT_EVALUATION, show_default=True, metavar="SOURCE", help="Evaluation text source.")
 @click.option("--eval-seqlen", type=int, default=1024, show_default=True, help="Tokens per evaluation window.")
 @click.option("--eval-windows", type=int, default=40, show_default=True, help="Evaluation windows to score; 0 = the whole text.")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where blocks are compressed and evaluated.")
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
+              help="Where blocks are compressed and evaluated; auto: the blocks spread over the visible GPUs by accelerate's device map "
+                   "(evaluation on the first), the CPU when there is none.")
 @click.option("--activations", type=click.Choice(PLACES), default="auto", show_default=True,
               help="Where calibration activations between blocks are kept: on the device if they fit, else the host, else --offload-dir.")
 @click.option("--offload-dir", type=click.Path(file_okay=False), default=None, help="Directory for calibration activations that fit nowhere else.")
@@ -151,7 +154,9 @@ def run(model: str | None, out_dir: str | None, overwrite: bool, resume: bool, k
                               rank=rank, lowrank_method=lowrank_method, lowrank_alloc=lowrank_alloc, lowrank_dtype=lowrank_dtype,
                               act_bits=act_bits, prune_method=prune_method, sparsity=sparsity, pattern=pattern, skips=skips,
                               overrides=overrides, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)
-        _require_cuda_if_asked(device)
+        single = _single_device(device)
+        if device == AUTO:
+            click.echo(_describe_auto())
         if activations == "disk" and offload_dir is None:
             raise ConfigError("--activations disk needs a directory for them: add --offload-dir DIR")
         out = Path(out_dir or _default_out_dir(model, config))
@@ -169,11 +174,11 @@ def run(model: str | None, out_dir: str | None, overwrite: bool, resume: bool, k
         evaluation = (eval_text, eval_seqlen, eval_limit) if run_eval else None
         placement = {"activations": activations, "offload_dir": offload_dir}
         if streaming:
-            before, after, before_ppl, after_ppl = _run_streaming(model, config, out, calib, device, resume, overwrite, describe,
-                                                                  evaluation, placement)
-        else:
-            before, after, before_ppl, after_ppl = _run_in_memory(model, config, out, calib, device, overwrite, export_format, adapter,
+            before, after, before_ppl, after_ppl = _run_streaming(model, config, out, calib, (device, single), resume, overwrite,
                                                                   describe, evaluation, placement)
+        else:
+            before, after, before_ppl, after_ppl = _run_in_memory(model, config, out, calib, (device, single), overwrite, export_format,
+                                                                  adapter, describe, evaluation, placement)
     except KeyboardInterrupt:
         unfinished = rundir.unfinished_run(rundir.partial_path(out)) if streaming else None
         state = f"; {rundir.describe_unfinished(unfinished)}" if unfinished else ""
@@ -203,9 +208,17 @@ def build_config(*, kind: str, bits: int, group_size: int | None, symmetric: boo
     )
 
 
-def _require_cuda_if_asked(device: str) -> None:
+def _single_device(device: str) -> str:
+    """Check ``--device`` and name the one device that loading and evaluation use."""
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda, but PyTorch sees no CUDA GPU: use --device cpu")
+        raise ConfigError("--device cuda, but PyTorch sees no CUDA GPU: use --device cpu (or auto)")
+    return single_device(device)
+
+
+def _describe_auto() -> str:
+    count = torch.cuda.device_count()
+    return (f"--device auto: the blocks spread over {count} GPU{'s' if count > 1 else ''} by accelerate's device map" if count
+            else "--device auto: PyTorch sees no GPU, so everything runs on the CPU")
 
 
 def _has_safetensors(model: str | None) -> bool:
@@ -226,10 +239,12 @@ def _describe_run(config: CompressConfig, quant: QuantFormat | None, method: str
     return f"compressing: {weights}{pruning}{branch}{activations}, {data}"
 
 
-def _run_in_memory(model: str | None, config: CompressConfig, out: Path, calib: str | None, device: str, overwrite: bool,
+def _run_in_memory(model: str | None, config: CompressConfig, out: Path, calib: str | None, devices: tuple[str, str], overwrite: bool,
                    export_format: str, adapter: bool, describe: str, evaluation: tuple | None, placement: dict) -> tuple:
+    """``devices``: where the blocks are compressed (maybe "auto") and the one device for the rest."""
+    device, single = devices
     click.echo(f"loading {model or DEFAULT_MODEL_NAME + ' (bundled default)'}")
-    float_model, tokenizer = load_model(model, device=device)
+    float_model, tokenizer = load_model(model, device=single)
     before_ppl = _evaluate(float_model, tokenizer, "float model", *evaluation) if evaluation else None
     targets = _target_names(float_model, config)
     before = size_summary(float_model, targets)
@@ -243,8 +258,10 @@ def _run_in_memory(model: str | None, config: CompressConfig, out: Path, calib: 
     return before, after, before_ppl, after_ppl
 
 
-def _run_streaming(model: str | None, config: CompressConfig, out: Path, calib: str | None, device: str, resume: bool,
+def _run_streaming(model: str | None, config: CompressConfig, out: Path, calib: str | None, devices: tuple[str, str], resume: bool,
                    overwrite: bool, describe: str, evaluation: tuple | None, placement: dict) -> tuple:
+    """``devices``: where the blocks are compressed (maybe "auto") and the one device for the rest."""
+    device, single = devices
     pin_mmap_threshold()
     float_skeleton = meta_model(resolve_model_dir(model))
     targets = _target_names(float_skeleton, config)
@@ -252,7 +269,7 @@ def _run_streaming(model: str | None, config: CompressConfig, out: Path, calib: 
     before_ppl = None
     if evaluation:
         click.echo(f"loading {model or DEFAULT_MODEL_NAME + ' (bundled default)'} whole, to evaluate it (--no-eval skips this)")
-        float_model, tokenizer = load_model(model, device=device)
+        float_model, tokenizer = load_model(model, device=single)
         before_ppl = _evaluate(float_model, tokenizer, "float model", *evaluation)
         del float_model
     click.echo(describe)
@@ -263,7 +280,7 @@ def _run_streaming(model: str | None, config: CompressConfig, out: Path, calib: 
     after = size_summary(checkpoint.skeleton(out), targets)
     after_ppl = None
     if evaluation:
-        compressed, tokenizer = checkpoint.load(out, device=device)
+        compressed, tokenizer = checkpoint.load(out, device=single)
         after_ppl = _evaluate(compressed, tokenizer, "compressed model", *evaluation)
     checkpoint.add_to_report(out, _report_extras(before, after, before_ppl, after_ppl))
     return before, after, before_ppl, after_ppl
@@ -325,13 +342,13 @@ def export_command(checkpoint_dir: str, export_format: str, out_dir: str, overwr
 @click.option("--baseline", is_flag=True, help="Also score the float model and print the difference.")
 @click.option("--float-model", default=None, metavar="MODEL",
               help="The float model for --baseline [default: the one the checkpoint was compressed from].")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True, help="auto: the first GPU, else the CPU.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the numbers as JSON.")
 def eval_command(model: str | None, text: str, seqlen: int, windows: int, baseline: bool, float_model: str | None, device: str,
                  json_path: str | None) -> None:
     """Perplexity of a model (directory, .gguf, default) or of a checkpoint of ours, with its protocol."""
     try:
-        _require_cuda_if_asked(device)
+        device = _single_device(device)
         click.echo(f"loading {model or DEFAULT_MODEL_NAME + ' (bundled default)'}")
         loaded, tokenizer = _load_any(model, device)
         result = _evaluate(loaded, tokenizer, "model", text, seqlen, windows or None)

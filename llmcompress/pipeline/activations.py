@@ -48,6 +48,16 @@ class Activations(Sequence):
         """An empty store of the same kind, for the block's outputs."""
         return Activations(self.device, self.place, self.offload_dir)
 
+    def move_to(self, device: torch.device) -> None:
+        """Hand the micro-batches out on ``device`` from now on (the next block's, when blocks
+        are spread over GPUs); stored on the old device, they move with it."""
+        if device == self.device:
+            return
+        self.device = device
+        self._kwargs = [_to(kwargs, device) for kwargs in self._kwargs]
+        if self.place == "device":
+            self._hidden = [hidden.to(device) for hidden in self._hidden]
+
     def append(self, hidden: Tensor, kwargs: dict) -> None:
         if self.place == "disk":
             file = self._files / f"{len(self._hidden):05d}.safetensors"

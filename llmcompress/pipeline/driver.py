@@ -44,6 +44,7 @@ from ..stats import ABS_MAX, ABS_MEAN, HESSIAN, SAMPLES, LayerStats, output_erro
 from .activations import Activations, choose_place
 from .folding import Fold, apply_fold, find_fold
 from .layers import LayerJob, LayerResult, compress_stage
+from .placement import block_devices
 from .runner import BlockInputs, catch_block_inputs, device_of, gather_statistics, run_block
 from .structure import Target, find_decoder_blocks, input_groups, plan_targets
 
@@ -72,6 +73,7 @@ class CompressionReport:
     calibration_tokens: int
     seconds: float = 0.0
     activations: str = "none"  # where the calibration activations between blocks were kept
+    devices: list[str] = field(default_factory=list)  # where the blocks were compressed
     layers: list[LayerRecord] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -99,33 +101,35 @@ class BlockStream(Protocol):
 def compress_blocks(model: nn.Module, config: CompressConfig, windows: Tensor | None, device: str | torch.device = "cpu",
                     progress: bool = True, stream: BlockStream | None = None, activations: str = "auto",
                     offload_dir: str | Path | None = None) -> CompressionReport:
-    """Compress every targeted Linear of ``model`` in place, block by block.
+    """Compress every targeted Linear of ``model`` in place, block by block, on ``device``
+    ("auto": the blocks spread over the visible GPUs, see ``placement``).
 
     ``activations`` says where the calibration activations between blocks are kept: "auto"
     (on the device when they fit, else on the host, else in ``offload_dir``), "device",
     "host" or "disk" (files in ``offload_dir``)."""
-    device = torch.device(device)
     started = time.perf_counter()
     blocks_path, blocks = find_decoder_blocks(model)
     targets = plan_targets(blocks, blocks_path, config)
+    devices = block_devices(blocks, device)
     report = CompressionReport(blocks_path=blocks_path, num_blocks=len(blocks),
-                               calibration_tokens=0 if windows is None else windows.numel())
+                               calibration_tokens=0 if windows is None else windows.numel(),
+                               devices=sorted({str(d) for d in devices}))
     start = 0 if stream is None else stream.first_block()
     if stream is not None:
         report.layers.extend(stream.resumed_records())
         if start == 0:
-            stream.load(0, blocks[0], device)  # catching its inputs calls it
+            stream.load(0, blocks[0], devices[0])  # catching its inputs calls it
     inputs = None
     if windows is not None:
         offload_dir = None if offload_dir is None else Path(offload_dir)
         embeddings = model.get_input_embeddings()
         hidden_bytes = windows.numel() * getattr(model.config, "hidden_size", embeddings.embedding_dim) * embeddings.weight.element_size()
-        report.activations = choose_place(activations, hidden_bytes, device, offload_dir)
+        report.activations = choose_place(activations, hidden_bytes, devices[min(start, len(blocks) - 1)], offload_dir)
         if start == 0:
-            store = Activations(device, report.activations, offload_dir)
-            inputs = catch_block_inputs(model, blocks, windows, config.calib.batch_size, device, into=store)
+            store = Activations(devices[0], report.activations, offload_dir)
+            inputs = catch_block_inputs(model, blocks, windows, config.calib.batch_size, devices[0], into=store)
         elif start < len(blocks):
-            inputs = stream.resumed_inputs(device, report.activations, offload_dir)
+            inputs = stream.resumed_inputs(devices[start], report.activations, offload_dir)
     folds: dict[tuple[str, ...], Fold | None] = {}
     passes = " + ".join(p for p in (config.prune.describe() if config.prune.enabled else "", config.method if config.quant else "") if p)
     bar = tqdm(range(start, len(blocks)), initial=start, total=len(blocks), desc=f"compressing blocks ({passes})", unit="block",
@@ -134,8 +138,10 @@ def compress_blocks(model: nn.Module, config: CompressConfig, windows: Tensor | 
         block = blocks[index]
         home = device_of(block)
         if stream is not None and home.type == "meta":
-            stream.load(index, block, device)
-        block.to(device)
+            stream.load(index, block, devices[index])
+        block.to(devices[index])
+        if inputs is not None:
+            inputs.move_to(devices[index])
         block_targets = [t for t in targets if t.block == index]
         _check_finite(block, block_targets)
         records = _compress_block(block, block_targets, inputs, config, folds)

@@ -26,12 +26,12 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from ..pipeline.placement import DEVICES
 
 # Options that the grid itself sets for every configuration.
 PROTOCOL_OPTIONS = ("--out", "--overwrite", "--resume", "--calib", "--nsamples", "--seqlen", "--seed", "--eval", "--no-eval",
                     "--eval-text", "--eval-seqlen", "--eval-windows", "--device", "--export", "--adapter", "--no-adapter")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
-DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
