@@ -142,6 +142,33 @@ def test_pareto_front_keeps_the_points_nothing_beats():
     assert pareto_front(points) == ["d", "b", "e", "float"]
 
 
+def test_point_labels_stay_inside_the_axes_and_off_each_other_and_the_points():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from llmcompress.reports.plots import _place_labels
+
+    # A cluster at the same bits per weight (as GPTQ / AWQ / RTN at 4.19), one point far right
+    # whose label would run off the axes, and one in the top-left corner under the legend.
+    points = [(f"method-{i}-w4g128", 4.19, 34 + 3 * i) for i in range(5)]
+    points += [("magnitude-50-unstructured", 16.0, 320.0), ("float16", 16.0, 31.5), ("rtn-w3g128", 3.19, 300.0)]
+    figure, axes = plt.subplots(figsize=(8, 5))
+    axes.scatter([p[1] for p in points], [p[2] for p in points], label="configurations")
+    axes.set_yscale("log")
+    axes.legend(loc="upper left")
+    figure.tight_layout()
+    _place_labels(figure, axes, points)
+    renderer = figure.canvas.get_renderer()
+    boxes = [text.get_window_extent(renderer) for text in axes.texts]
+    frame = axes.get_window_extent(renderer)
+    plt.close(figure)
+    assert len(boxes) == len(points)
+    assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1 for b in boxes)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
 def test_layer_errors_are_laid_out_by_block_and_layer_type():
     layers = [{"name": f"model.layers.{b}.{kind}", "output_error": b + i / 10}
               for b in range(2) for i, kind in enumerate(["mlp.down_proj", "self_attn.q_proj", "mlp.fc9"])]

@@ -74,25 +74,46 @@ def draw_pareto(report: dict, path: Path) -> str:
     return path.name
 
 
+MARKER_RADIUS_POINTS = 3.5  # a scatter marker of the default size, with a little room
 # Where a point's label may go, in points from the marker: right, left, then above and below each.
 LABEL_OFFSETS = ((5, -3, "left"), (-5, -3, "right"), (5, 5, "left"), (5, -11, "left"), (-5, 5, "right"), (-5, -11, "right"),
                  (5, 13, "left"), (5, -19, "left"), (-5, 13, "right"), (-5, -19, "right"))
 
 
 def _place_labels(figure, axes, points: list[tuple[str, float, float]]) -> None:  # noqa: ANN001
-    """Label each point at the first offset whose text overlaps no label placed before it (the
-    last offset when all do), so that points at the same bits per weight stay readable."""
+    """Label each point at the first offset whose text stays inside the axes and covers no label
+    placed before it, no other point and not the legend; when every offset covers something,
+    at the one that covers least (another label counting most)."""
+    from matplotlib.transforms import Bbox
+
     axes.autoscale_view()
     renderer = figure.canvas.get_renderer()
-    placed = []
-    for name, x, y in sorted(points, key=lambda point: (point[1], point[2])):
+    frame = axes.get_window_extent(renderer)
+    legend = axes.get_legend()
+    obstacles = [legend.get_window_extent(renderer)] if legend is not None else []
+    radius = MARKER_RADIUS_POINTS * figure.dpi / 72
+    markers = [Bbox.from_bounds(px - radius, py - radius, 2 * radius, 2 * radius)
+               for px, py in axes.transData.transform([(x, y) for _, x, y in points])]
+    placed: list = []
+    for index in sorted(range(len(points)), key=lambda i: (points[i][1], points[i][2])):
+        name, x, y = points[index]
+        others = markers[:index] + markers[index + 1:]
+        best = None
         for dx, dy, align in LABEL_OFFSETS:
             label = axes.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7, ha=align)
             box = label.get_window_extent(renderer)
-            if not any(box.overlaps(other) for other in placed) or (dx, dy, align) == LABEL_OFFSETS[-1]:
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            cost = (100 * sum(box.overlaps(other) for other in placed) + 10 * (not inside)
+                    + sum(box.overlaps(other) for other in others + obstacles))
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, label, box)
+            else:
+                label.remove()
+            if cost == 0:
                 break
-            label.remove()
-        placed.append(box)
+        placed.append(best[2])
 
 
 def rank_series(report: dict) -> dict[str, list[tuple[int, float]]]:
