@@ -79,3 +79,21 @@ def smollm2_dir():
     from llmcompress.models import default_model_dir
 
     return default_model_dir()
+
+
+FIVE_BLOCKS = 5
+
+
+@pytest.fixture
+def five_block_dir(tmp_path, tokenizer):
+    """A tiny Llama of five blocks saved as a Hugging Face directory, for block-by-block runs."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**{**_COMMON, "num_hidden_layers": FIVE_BLOCKS}), dtype=torch.float32)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0, 0.08)
+    path = tmp_path / "model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -8,7 +8,7 @@ import torch
 from accelerate import init_empty_weights
 from click.testing import CliRunner
 from conftest import _COMMON
-from test_streaming import CONFIG, _files, five_block_dir  # noqa: F401 - a fixture
+from test_streaming import CONFIG, _files
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from llmcompress import rundir
@@ -60,7 +60,7 @@ def test_one_named_device_takes_every_block():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback of a machine without a GPU")
-def test_auto_without_a_gpu_is_the_cpu_and_changes_no_bit(five_block_dir, tmp_path):  # noqa: F811
+def test_auto_without_a_gpu_is_the_cpu_and_changes_no_bit(five_block_dir, tmp_path):
     assert block_devices(_meta_blocks(3), "auto") == [torch.device("cpu")] * 3 and single_device("auto") == "cpu"
     reference, _ = compress_to_disk(five_block_dir, CONFIG, tmp_path / "reference", calibration="austen:train", progress=False)
     out = tmp_path / "auto"
@@ -88,7 +88,7 @@ def test_activations_follow_the_block_to_its_device():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_auto_on_the_gpus_gives_the_single_gpu_checkpoint(five_block_dir, tmp_path):  # noqa: F811
+def test_auto_on_the_gpus_gives_the_single_gpu_checkpoint(five_block_dir, tmp_path):
     """With one GPU, auto is that GPU; with more, the blocks spread over them and the bytes stay the same."""
     reference, _ = compress_to_disk(five_block_dir, CONFIG, tmp_path / "cuda", calibration="austen:train", device="cuda", progress=False)
     out, report = compress_to_disk(five_block_dir, CONFIG, tmp_path / "auto", calibration="austen:train", device="auto", progress=False)

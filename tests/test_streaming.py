@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import _COMMON, tiny_model
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+from conftest import FIVE_BLOCKS as BLOCKS
+from conftest import tiny_model
+from transformers import AutoModelForCausalLM, GPT2Config
 
 import llmcompress
 from llmcompress import CalibConfig, CheckpointError, CompressConfig, ModelError, QuantFormat, rundir
@@ -21,22 +22,7 @@ from llmcompress.api import compress_to_disk
 from llmcompress.cli import main
 from llmcompress.pipeline.sharded import meta_model as sharded_meta_model
 
-BLOCKS = 5
 CONFIG = CompressConfig(quant=QuantFormat(bits=4, group_size=32), method="gptq", calib=CalibConfig(nsamples=4, seqlen=64))
-
-
-@pytest.fixture
-def five_block_dir(tmp_path, tokenizer):
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**{**_COMMON, "num_hidden_layers": BLOCKS}), dtype=torch.float32)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.dim() == 2:
-                parameter.normal_(0, 0.08)
-    path = tmp_path / "model"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def _files(directory: Path) -> dict[str, bytes]:
