@@ -154,7 +154,7 @@ def run(model: str | None, out_dir: str | None, overwrite: bool, resume: bool, k
                               rank=rank, lowrank_method=lowrank_method, lowrank_alloc=lowrank_alloc, lowrank_dtype=lowrank_dtype,
                               act_bits=act_bits, prune_method=prune_method, sparsity=sparsity, pattern=pattern, skips=skips,
                               overrides=overrides, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)
-        single = _single_device(device)
+        _check_device(device)
         if device == AUTO:
             click.echo(_describe_auto())
         if activations == "disk" and offload_dir is None:
@@ -174,11 +174,11 @@ def run(model: str | None, out_dir: str | None, overwrite: bool, resume: bool, k
         evaluation = (eval_text, eval_seqlen, eval_limit) if run_eval else None
         placement = {"activations": activations, "offload_dir": offload_dir}
         if streaming:
-            before, after, before_ppl, after_ppl = _run_streaming(model, config, out, calib, (device, single), resume, overwrite,
-                                                                  describe, evaluation, placement)
+            before, after, before_ppl, after_ppl = _run_streaming(model, config, out, calib, device, resume, overwrite, describe,
+                                                                  evaluation, placement)
         else:
-            before, after, before_ppl, after_ppl = _run_in_memory(model, config, out, calib, (device, single), overwrite, export_format,
-                                                                  adapter, describe, evaluation, placement)
+            before, after, before_ppl, after_ppl = _run_in_memory(model, config, out, calib, device, overwrite, export_format, adapter,
+                                                                  describe, evaluation, placement)
     except KeyboardInterrupt:
         unfinished = rundir.unfinished_run(rundir.partial_path(out)) if streaming else None
         state = f"; {rundir.describe_unfinished(unfinished)}" if unfinished else ""
@@ -208,11 +208,9 @@ def build_config(*, kind: str, bits: int, group_size: int | None, symmetric: boo
     )
 
 
-def _single_device(device: str) -> str:
-    """Check ``--device`` and name the one device that loading and evaluation use."""
+def _check_device(device: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda, but PyTorch sees no CUDA GPU: use --device cpu (or auto)")
-    return single_device(device)
 
 
 def _describe_auto() -> str:
@@ -239,10 +237,9 @@ def _describe_run(config: CompressConfig, quant: QuantFormat | None, method: str
     return f"compressing: {weights}{pruning}{branch}{activations}, {data}"
 
 
-def _run_in_memory(model: str | None, config: CompressConfig, out: Path, calib: str | None, devices: tuple[str, str], overwrite: bool,
+def _run_in_memory(model: str | None, config: CompressConfig, out: Path, calib: str | None, device: str, overwrite: bool,
                    export_format: str, adapter: bool, describe: str, evaluation: tuple | None, placement: dict) -> tuple:
-    """``devices``: where the blocks are compressed (maybe "auto") and the one device for the rest."""
-    device, single = devices
+    single = single_device(device)  # loading and evaluation; the blocks go to ``device``, which may be "auto"
     click.echo(f"loading {model or DEFAULT_MODEL_NAME + ' (bundled default)'}")
     float_model, tokenizer = load_model(model, device=single)
     before_ppl = _evaluate(float_model, tokenizer, "float model", *evaluation) if evaluation else None
@@ -258,10 +255,9 @@ def _run_in_memory(model: str | None, config: CompressConfig, out: Path, calib: 
     return before, after, before_ppl, after_ppl
 
 
-def _run_streaming(model: str | None, config: CompressConfig, out: Path, calib: str | None, devices: tuple[str, str], resume: bool,
+def _run_streaming(model: str | None, config: CompressConfig, out: Path, calib: str | None, device: str, resume: bool,
                    overwrite: bool, describe: str, evaluation: tuple | None, placement: dict) -> tuple:
-    """``devices``: where the blocks are compressed (maybe "auto") and the one device for the rest."""
-    device, single = devices
+    single = single_device(device)  # loading and evaluation; the blocks go to ``device``, which may be "auto"
     pin_mmap_threshold()
     float_skeleton = meta_model(resolve_model_dir(model))
     targets = _target_names(float_skeleton, config)
@@ -348,7 +344,8 @@ def eval_command(model: str | None, text: str, seqlen: int, windows: int, baseli
                  json_path: str | None) -> None:
     """Perplexity of a model (directory, .gguf, default) or of a checkpoint of ours, with its protocol."""
     try:
-        device = _single_device(device)
+        _check_device(device)
+        device = single_device(device)
         click.echo(f"loading {model or DEFAULT_MODEL_NAME + ' (bundled default)'}")
         loaded, tokenizer = _load_any(model, device)
         result = _evaluate(loaded, tokenizer, "model", text, seqlen, windows or None)
