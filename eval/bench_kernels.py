@@ -161,7 +161,7 @@ def sweep_splits(out_features: int, in_features: int) -> None:
     copies = copies_of(packed_layer(FORMATS["int4"], out_features, in_features, 32, torch.float16), 8)
     for tokens in (1, 16, 64):
         x = torch.randn(tokens, in_features, device="cuda", dtype=torch.float16)
-        default = launch.fused_plan(copies[0], tokens)["splits"]
+        default = launch.device_plan(copies[0], tokens)["splits"]
         timings = {splits: time_calls([lambda pk=pk: launch.fused_linear(x, pk, None, splits=splits) for pk in copies])
                    for splits in (1, 2, 3, 4, 6, 8, 12, 16)}
         print(f"splits sweep {out_features}x{in_features} M={tokens} (default {default}): "

@@ -13,8 +13,8 @@ from llmcompress.formats import E2M1_VALUES, dequantize, quantize
 from llmcompress.methods.lowrank import LowRank
 from llmcompress.nn import CompressedLinear
 from llmcompress.packing import LayerLayout, pack_branch, pack_weight
-from llmcompress.cuda.prepack import (FP4_NIBBLE, FRAGMENT_COL, FRAGMENT_ROW, INT4_MAGIC, INT4_NIBBLE, K_BLOCK, Unsupported,
-                                      prepack)
+from llmcompress.cuda.prepack import (FP4_NIBBLE, FRAGMENT_COL, FRAGMENT_ROW, INT4_MAGIC, INT4_NIBBLE, K_BLOCK, Prepacked,
+                                      Unsupported, prepack)
 
 FORMATS = {
     "int4-asym-g128": QuantFormat(bits=4, group_size=128),
@@ -129,6 +129,57 @@ def test_compressed_linear_on_cpu_never_touches_the_kernels() -> None:
     assert layer._kernel_cache == {}
 
 
+def _plan_layer(out_features: int, in_features: int, rank: int, kind: str = "int4") -> Prepacked:
+    """A layer of this shape as the launch plan sees it: the plan reads shapes, never values,
+    so the tensors are zero-stride views (a 28672 x 8192 layer costs nothing)."""
+    row_tiles, k_blocks = -(-out_features // 16), -(-in_features // K_BLOCK)
+    record_bytes = 16 if kind == "int4g32" else 8
+    r_pad = -(-rank // 16) * 16
+    return Prepacked(
+        kind=kind, dtype=torch.float16, out_features=out_features, in_features=in_features, group_size=128, rank=rank,
+        qweight=torch.zeros(1, 1, 1, 4, dtype=torch.int32).expand(row_tiles, k_blocks, 32, 4),
+        records=torch.zeros(1, 1, 1, record_bytes, dtype=torch.uint8).expand(row_tiles, k_blocks, 8, record_bytes),
+        perm=None, lowrank_a=torch.zeros(1, 1, dtype=torch.float16).expand(r_pad, k_blocks * K_BLOCK) if rank else None,
+        lowrank_b=torch.zeros(1, 1, dtype=torch.float16).expand(row_tiles * 16, r_pad) if rank else None,
+        out_scale=1.0, scale_shift=0)
+
+
+H100_SHARED = 232448 - 16  # shared_memory_per_block_optin, less the kernel's static flags
+
+
+@pytest.mark.parametrize("shared_limit", [H100_SHARED, 101376 - 16], ids=["sm90", "sm89"])
+@pytest.mark.parametrize("wave", [264, 528, 660])
+@pytest.mark.parametrize("kind", ["int4", "int4g32"])
+def test_launch_plan_covers_k_and_fits_shared_memory(kind: str, wave: int, shared_limit: int) -> None:
+    from llmcompress.cuda import launch
+
+    for out_features, in_features in [(576, 576), (4096, 4096), (8192, 8192), (11008, 4096), (4096, 11008),
+                                      (28672, 8192), (100, 200), (48, 1000)]:
+        for rank in (0, 32, 64):
+            pk = _plan_layer(out_features, in_features, rank, kind)
+            k_blocks = -(-in_features // K_BLOCK)
+            for tokens in (1, 3, 16, 64, 129):
+                for splits in (None, 1, 7):
+                    plan = launch.fused_plan(pk, tokens, wave, shared_limit, splits)
+                    case = f"{out_features}x{in_features} r={rank} M={tokens} splits={splits}: {plan}"
+                    # Every split holds at least one k-block, and together they hold all of K.
+                    assert plan["splits"] * plan["blocks_per_split"] >= k_blocks, case
+                    assert (plan["splits"] - 1) * plan["blocks_per_split"] < k_blocks, case
+                    assert plan["shared"] <= shared_limit, case
+                    assert plan["m_tiles"] * 8 * plan["token_tiles"] >= tokens, case
+                    assert plan["blocks"] == plan["tiles"] * plan["splits"] + plan["branch_items"], case
+                    assert (plan["branch_items"] > 0) == (rank > 0), case
+
+
+def test_launch_plan_keeps_the_measured_h100_decomposition() -> None:
+    """8192^2, rank 32, M = 1 with two blocks per multiprocessor (v6's residency): 4 splits and
+    8 down-projection items of 16 k-blocks, the plan kernels/NOTES.md measured at +10%."""
+    from llmcompress.cuda import launch
+
+    plan = launch.fused_plan(_plan_layer(8192, 8192, 32), 1, 2 * 132, H100_SHARED)
+    assert (plan["splits"], plan["blocks_per_split"], plan["branch_items"], plan["blocks"]) == (4, 32, 8, 264)
+
+
 # ----------------------------------------------------------------------------- on a GPU
 
 HAS_GPU = torch.cuda.is_available() and importlib.util.find_spec("cupy") is not None
@@ -196,6 +247,22 @@ def test_split_k_and_odd_shapes_agree(splits: int) -> None:
         bias = torch.zeros(shape[0], device="cuda").half()
         y = launch.fused_linear(x, pk, bias, splits=splits)
         assert _relative_error(y, _reference(x, weight, branch, bias)) < 2e-3
+
+
+@gpu
+@pytest.mark.gpu
+def test_one_split_too_wide_for_shared_memory_is_split_by_the_plan() -> None:
+    """16 tokens of K = 11008 in one split would stage 352 KB of x: the plan splits K instead."""
+    from llmcompress.cuda import launch
+
+    fmt = FORMATS["int4-asym-g128"]
+    tensors, weight, branch = _layer_tensors(256, 11008, fmt, rank=16, seed=8, device="cuda")
+    pk = prepack(tensors, fmt, 11008, LayerLayout(rank=16), torch.float16)
+    x = torch.randn(16, 11008, device="cuda").half()
+    bias = torch.zeros(256, device="cuda").half()
+    assert launch.device_plan(pk, 16, splits=1)["splits"] > 1
+    y = launch.fused_linear(x, pk, bias, splits=1)
+    assert _relative_error(y, _reference(x, weight, branch, bias)) < 2e-3
 
 
 @gpu

@@ -32,7 +32,6 @@ BLOCKS_PER_SM = 2
 MIN_SPLIT_BLOCKS = 16
 # Up to 16 tokens the kernel stages a split's whole K-slice of x in shared memory.
 WHOLE_SLICE_MAX_TILES = 2
-MAX_SHARED_BYTES = 200 * 1024
 COUNTER_SLOTS = 4
 MIN_CAPABILITY = (8, 0)  # mma.sync with BF16, ldmatrix
 _NULL = numpy.uint64(0)
@@ -80,6 +79,16 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.cache
+def _shared_per_block(device_index: int) -> int:
+    """The most shared memory one block may use on this GPU (227 KB on an H100, 99 KB on sm_89)."""
+    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
+
+
+def _fused_kernel(variant: str, token_tiles: int):  # noqa: ANN202 - a cupy.RawKernel
+    return load_module(variant).get_function(f"w4_linear_{variant}_mt{token_tiles}")
+
+
 _COUNTERS: dict[tuple[int, int], Tensor] = {}
 
 
@@ -118,9 +127,16 @@ def _arg(tensor: Tensor | None):  # noqa: ANN202 - a CuPy array or a null pointe
     return cupy.from_dlpack(tensor)
 
 
-def fused_plan(pk: Prepacked, tokens: int, splits: int | None = None) -> dict[str, int]:
-    """Grid decomposition of one fused launch: token tile, K splits, branch items, blocks."""
-    token_tiles = next(mt for mt in TOKEN_TILES if 8 * mt >= min(tokens, FUSED_MAX_M))
+def token_tile(tokens: int) -> int:
+    """MT, the kernel variant for ``tokens``: the fewest 8-token mma tiles that cover them."""
+    return next(mt for mt in TOKEN_TILES if 8 * mt >= min(tokens, FUSED_MAX_M))
+
+
+def fused_plan(pk: Prepacked, tokens: int, wave: int, shared_limit: int, splits: int | None = None) -> dict[str, int]:
+    """Grid decomposition of one fused launch for a GPU that holds ``wave`` blocks at once and
+    gives a block at most ``shared_limit`` bytes: token tile, K splits, branch items, blocks,
+    and the block's dynamic shared memory."""
+    token_tiles = token_tile(tokens)
     m_tiles = -(-tokens // (8 * token_tiles))
     k_blocks = -(-pk.in_features // K_BLOCK)
     row_tiles = -(-pk.out_features // ROW_TILE)
@@ -128,15 +144,15 @@ def fused_plan(pk: Prepacked, tokens: int, splits: int | None = None) -> dict[st
     tiles = row_blocks * m_tiles
     # One wave: a grid larger than what is resident at once leaves a partial second wave,
     # which ncu measured as up to half the time (8192^2, rank 32: 288 blocks for 264 slots).
-    wave = BLOCKS_PER_SM * _multiprocessors(pk.qweight.device.index)
     if splits is None:
         splits = max(1, min(round(wave / tiles), k_blocks // MIN_SPLIT_BLOCKS))
     blocks_per_split = -(-k_blocks // splits)
+    row_bytes = 8 * token_tiles * pk.dtype.itemsize  # one staged column of x
     if token_tiles <= WHOLE_SLICE_MAX_TILES:
         # The staged slice must fit in shared memory: split further if it does not.
-        row_bytes = 8 * token_tiles * 2
-        blocks_per_split = min(blocks_per_split, (MAX_SHARED_BYTES // row_bytes - 8) // K_BLOCK)
+        blocks_per_split = min(blocks_per_split, (shared_limit // row_bytes - 8) // K_BLOCK)
     splits = -(-k_blocks // blocks_per_split)
+    stride = max(blocks_per_split * K_BLOCK + 8, X_STRIDE) if token_tiles <= WHOLE_SLICE_MAX_TILES else X_STRIDE
     branch_items = 0
     if pk.rank:
         # Each down-projection item reads at most half the bytes of a main item's weights (A is
@@ -151,13 +167,22 @@ def fused_plan(pk: Prepacked, tokens: int, splits: int | None = None) -> dict[st
         if 0 < room < branch_items:
             branch_items = room
     return dict(token_tiles=token_tiles, m_tiles=m_tiles, tiles=tiles, splits=splits, blocks_per_split=blocks_per_split,
-                branch_items=branch_items, blocks=branch_items + tiles * splits)
+                branch_items=branch_items, blocks=branch_items + tiles * splits,
+                shared=stride * row_bytes)
+
+
+def device_plan(pk: Prepacked, tokens: int, splits: int | None = None) -> dict[str, int]:
+    """``fused_plan`` for the GPU that holds ``pk``."""
+    device = pk.qweight.device.index
+    # The block's static shared memory (the kernel's few flags) counts against the same limit.
+    shared_limit = _shared_per_block(device) - _fused_kernel(_suffix(pk), token_tile(tokens)).shared_size_bytes
+    return fused_plan(pk, tokens, BLOCKS_PER_SM * _multiprocessors(device), shared_limit, splits)
 
 
 def fused_linear(x: Tensor, pk: Prepacked, bias: Tensor | None, out: Tensor | None = None, splits: int | None = None) -> Tensor:
     """y [M, N] = x [M, K] through the fused kernel (any M; one launch)."""
     tokens = x.shape[0]
-    plan = fused_plan(pk, tokens, splits)
+    plan = device_plan(pk, tokens, splits)
     mt = plan["token_tiles"]
     m_pad = plan["m_tiles"] * 8 * mt
     n_pad = -(-pk.out_features // ROW_TILE) * ROW_TILE
@@ -168,9 +193,8 @@ def fused_linear(x: Tensor, pk: Prepacked, bias: Tensor | None, out: Tensor | No
     split_part = torch.empty(plan["splits"] * m_pad * n_pad, dtype=torch.float32, device=device) if plan["splits"] > 1 else None
     t_part = torch.empty(plan["branch_items"] * m_pad * r_pad, dtype=torch.float32, device=device) if pk.rank else None
     t_final = torch.empty(m_pad * r_pad, dtype=x.dtype, device=device) if pk.rank else None
-    kernel = load_module(_suffix(pk)).get_function(f"w4_linear_{_suffix(pk)}_mt{mt}")
-    stride = max(plan["blocks_per_split"] * K_BLOCK + 8, X_STRIDE) if mt <= WHOLE_SLICE_MAX_TILES else X_STRIDE
-    shared = 8 * mt * stride * x.element_size()
+    kernel = _fused_kernel(_suffix(pk), mt)
+    shared = plan["shared"]
     if shared > 48 * 1024:
         kernel.max_dynamic_shared_size_bytes = shared
     args = (x, pk.perm, pk.qweight, pk.records, pk.lowrank_a, pk.lowrank_b, bias, y, counters, split_part, t_part, t_final)
