@@ -27,7 +27,7 @@ from llmcompress.config import CompressConfig, LowRankConfig, QuantFormat
 from llmcompress.evaluate import perplexity
 from llmcompress.export import export
 from llmcompress.export.verify import their_perplexity
-from llmcompress.models import default_model_dir, load_model
+from llmcompress.models import cast_model, default_model_dir, load_model
 
 CONFIGS = {
     "w4g64s": (QuantFormat(bits=4, group_size=64, symmetric=True), "rtn", 0, torch.float16),
@@ -54,7 +54,7 @@ def main() -> None:
                              calibration=None if method != "rtn" or rank else "none", tokenizer=tokenizer, progress=False)
         tokens = tokenize(read_text(DEFAULT_EVALUATION), tokenizer)
         windows = tokens[: args.eval_windows * args.eval_seqlen].reshape(args.eval_windows, args.eval_seqlen)
-        ours = perplexity(model.to(dtype), tokenizer, windows.reshape(-1), seqlen=args.eval_seqlen, progress=False).perplexity
+        ours = perplexity(cast_model(model, dtype), tokenizer, windows.reshape(-1), seqlen=args.eval_seqlen, progress=False).perplexity
         with tempfile.TemporaryDirectory() as scratch:
             out = export(model, Path(scratch) / name, format="compressed-tensors", tokenizer=tokenizer)
             theirs = their_perplexity(out, windows, dtype, adapter=bool(rank))

@@ -32,6 +32,7 @@ from . import __version__
 from .config import CompressConfig, QuantFormat, _from_dict
 from .errors import CheckpointError, ConfigError
 from .fileio import staged_directory, staged_file
+from .models import cast_model
 from .nn import CompressedLinear
 from .packing import LayerLayout, packed_spec
 from .shards import INDEX_FILE, SINGLE_FILE, ShardedWeights
@@ -197,7 +198,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         from .models import load_model
 
         model, tokenizer = load_model(path, device=str(device))
-        return (model.to(dtype) if dtype is not None else model), tokenizer
+        return (cast_model(model, dtype) if dtype is not None else model), tokenizer
     compress_config = _native_config(path, quantization)
     return _build(path, quantization, _read_tensors(path), compress_config, device, dtype)
 
@@ -258,7 +259,7 @@ def _build(path: Path, quantization: dict, tensors: dict[str, Tensor], compress_
     model.config.quantization_config = quantization
     model.llmcompress_config = compress_config
     if dtype is not None:
-        model = model.to(dtype)
+        model = cast_model(model, dtype)
     return model.to(device).eval(), _load_tokenizer(path)
 
 

@@ -1,7 +1,8 @@
 import pytest
+import torch
 
 from llmcompress.errors import ModelError
-from llmcompress.models import cache_root, load_model, resolve_model_dir
+from llmcompress.models import cache_root, cast_model, load_model, resolve_model_dir
 
 
 def test_bad_model_paths_are_explained(tmp_path):
@@ -31,3 +32,12 @@ def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("LLMCOMPRESS_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
     assert cache_root() == tmp_path / "x" / "llmcompress"
+
+
+def test_a_cast_keeps_the_rotary_frequencies_in_float32(tiny_model_dir):
+    model, _ = load_model(tiny_model_dir)
+    rotary = model.model.rotary_emb
+    assert rotary.inv_freq.dtype == torch.float32
+    cast_model(model, torch.bfloat16)
+    assert rotary.inv_freq.dtype == torch.float32
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
