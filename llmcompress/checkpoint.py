@@ -32,7 +32,7 @@ from . import __version__
 from .config import CompressConfig, QuantFormat, _from_dict
 from .errors import CheckpointError, ConfigError
 from .fileio import staged_directory, staged_file
-from .models import cast_model
+from .models import cast_model, load_model
 from .nn import CompressedLinear
 from .packing import LayerLayout, packed_spec
 from .shards import INDEX_FILE, SINGLE_FILE, ShardedWeights
@@ -195,8 +195,6 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         tensors, quantization = _native_from_export(path, raw, quantization)
         return _build(path, quantization, tensors, None, device, dtype)
     if quantization.get("quant_method") != QUANT_METHOD:
-        from .models import load_model
-
         model, tokenizer = load_model(path, device=str(device))
         return (cast_model(model, dtype) if dtype is not None else model), tokenizer
     compress_config = _native_config(path, quantization)

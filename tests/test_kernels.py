@@ -249,15 +249,20 @@ def test_split_k_and_odd_shapes_agree(splits: int) -> None:
         assert _relative_error(y, _reference(x, weight, branch, bias)) < 2e-3
 
 
+def _gpu_layer(out_features: int, in_features: int, rank: int, seed: int) -> tuple[Prepacked, torch.Tensor, LowRank | None]:
+    """An INT4 g128 layer on the GPU, prepacked for float16, with its dequantized weight and branch."""
+    fmt = FORMATS["int4-asym-g128"]
+    tensors, weight, branch = _layer_tensors(out_features, in_features, fmt, rank, seed, device="cuda")
+    return prepack(tensors, fmt, in_features, LayerLayout(rank=rank), torch.float16), weight, branch
+
+
 @gpu
 @pytest.mark.gpu
 def test_one_split_too_wide_for_shared_memory_is_split_by_the_plan() -> None:
     """16 tokens of K = 11008 in one split would stage 352 KB of x: the plan splits K instead."""
     from llmcompress.cuda import launch
 
-    fmt = FORMATS["int4-asym-g128"]
-    tensors, weight, branch = _layer_tensors(256, 11008, fmt, rank=16, seed=8, device="cuda")
-    pk = prepack(tensors, fmt, 11008, LayerLayout(rank=16), torch.float16)
+    pk, weight, branch = _gpu_layer(256, 11008, rank=16, seed=8)
     x = torch.randn(16, 11008, device="cuda").half()
     bias = torch.zeros(256, device="cuda").half()
     assert launch.device_plan(pk, 16, splits=1)["splits"] > 1
@@ -270,9 +275,7 @@ def test_one_split_too_wide_for_shared_memory_is_split_by_the_plan() -> None:
 def test_repeated_launches_are_deterministic() -> None:
     from llmcompress.cuda import launch
 
-    fmt = FORMATS["int4-asym-g128"]
-    tensors, _, _ = _layer_tensors(4096, 4096, fmt, rank=32, seed=9, device="cuda")
-    pk = prepack(tensors, fmt, 4096, LayerLayout(rank=32), torch.float16)
+    pk, _, _ = _gpu_layer(4096, 4096, rank=32, seed=9)
     x = torch.randn(16, 4096, device="cuda").half()
     first = launch.fused_linear(x, pk, None)
     for _ in range(20):

@@ -80,13 +80,16 @@ def _multiprocessors(device_index: int) -> int:
 
 
 @functools.cache
-def _shared_per_block(device_index: int) -> int:
-    """The most shared memory one block may use on this GPU (227 KB on an H100, 99 KB on sm_89)."""
-    return torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
-
-
 def _fused_kernel(variant: str, token_tiles: int):  # noqa: ANN202 - a cupy.RawKernel
     return load_module(variant).get_function(f"w4_linear_{variant}_mt{token_tiles}")
+
+
+@functools.cache
+def _dynamic_shared_limit(variant: str, token_tiles: int, device_index: int) -> int:
+    """The dynamic shared memory a block of this kernel may take: the GPU's per-block limit (227 KB
+    on an H100, 99 KB on sm_89) less the kernel's static flags, which count against it too."""
+    per_block = torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
+    return per_block - _fused_kernel(variant, token_tiles).shared_size_bytes
 
 
 _COUNTERS: dict[tuple[int, int], Tensor] = {}
@@ -174,8 +177,7 @@ def fused_plan(pk: Prepacked, tokens: int, wave: int, shared_limit: int, splits:
 def device_plan(pk: Prepacked, tokens: int, splits: int | None = None) -> dict[str, int]:
     """``fused_plan`` for the GPU that holds ``pk``."""
     device = pk.qweight.device.index
-    # The block's static shared memory (the kernel's few flags) counts against the same limit.
-    shared_limit = _shared_per_block(device) - _fused_kernel(_suffix(pk), token_tile(tokens)).shared_size_bytes
+    shared_limit = _dynamic_shared_limit(_suffix(pk), token_tile(tokens), device)
     return fused_plan(pk, tokens, BLOCKS_PER_SM * _multiprocessors(device), shared_limit, splits)
 
 
