@@ -156,23 +156,58 @@ def format_row(row: dict) -> str:
             f"{num('nvfp4_us', 8)} {row['nvfp4_us'] / row['int4_us']:>8.2f}")
 
 
-def sweep_splits(out_features: int, in_features: int) -> None:
+def rotated_copies(pk: Prepacked) -> list[Prepacked]:
+    """Enough copies of the layer to exceed the L2 cache when read in turn."""
+    return copies_of(pk, max(8, -(-ROTATION_BYTES // layer_bytes(pk))))
+
+
+def sweep_splits(out_features: int, in_features: int) -> list[dict]:
     """Time the fused kernel at each split-K count (to set launch.fused_plan's heuristic)."""
-    copies = copies_of(packed_layer(FORMATS["int4"], out_features, in_features, 32, torch.float16), 8)
+    copies = rotated_copies(packed_layer(FORMATS["int4"], out_features, in_features, 32, torch.float16))
+    rows = []
     for tokens in (1, 16, 64):
         x = torch.randn(tokens, in_features, device="cuda", dtype=torch.float16)
         default = launch.device_plan(copies[0], tokens)["splits"]
-        timings = {splits: time_calls([lambda pk=pk: launch.fused_linear(x, pk, None, splits=splits) for pk in copies])
+        timings = {splits: time_calls([lambda pk=pk, splits=splits: launch.fused_linear(x, pk, None, splits=splits) for pk in copies])
                    for splits in (1, 2, 3, 4, 6, 8, 12, 16)}
         print(f"splits sweep {out_features}x{in_features} M={tokens} (default {default}): "
               + " ".join(f"{k}:{v:.1f}" for k, v in timings.items()), flush=True)
+        rows.append({"N": out_features, "K": in_features, "M": tokens, "rank": 32, "default_splits": default,
+                     "us_by_splits": timings})
+    return rows
+
+
+def sweep_branch(out_features: int, in_features: int) -> list[dict]:
+    """Time rank 32 at each (split count, branch item count) around the plan's choice, beside
+    rank 0: the data for launch.fused_plan's branch rule ("fewer splits and small items" against
+    "the same splits and large items", kernels/NOTES.md)."""
+    base = rotated_copies(packed_layer(FORMATS["int4"], out_features, in_features, 0, torch.float16))
+    copies = rotated_copies(packed_layer(FORMATS["int4"], out_features, in_features, 32, torch.float16))
+    rows = []
+    for tokens in (1, 16):
+        x = torch.randn(tokens, in_features, device="cuda", dtype=torch.float16)
+        plan = launch.device_plan(copies[0], tokens)
+        rank0_us = time_calls([lambda pk=pk: launch.fused_linear(x, pk, None) for pk in base])
+        timings = {}
+        for splits in sorted({max(1, plan["splits"] - 1), plan["splits"]}):
+            for items in (2, 4, 8, 16, 32, 64):
+                timings[f"{splits}/{items}"] = time_calls([
+                    lambda pk=pk, splits=splits, items=items: launch.fused_linear(x, pk, None, splits=splits, branch_items=items)
+                    for pk in copies])
+        print(f"branch sweep {out_features}x{in_features} r=32 M={tokens} splits/items (rank 0: {rank0_us:.1f}, default "
+              f"{plan['splits']}/{plan['branch_items']}): " + " ".join(f"{k}:{v:.1f}" for k, v in timings.items()), flush=True)
+        rows.append({"N": out_features, "K": in_features, "M": tokens, "rank": 32, "rank0_us": rank0_us,
+                     "default": f"{plan['splits']}/{plan['branch_items']}", "us_by_splits_items": timings})
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default="eval/results/bench_kernels.json")
     parser.add_argument("--quick", action="store_true", help="8192 x 8192 only")
-    parser.add_argument("--sweep-splits", action="store_true", help="also time every split-K count at 8192 x 8192")
+    parser.add_argument("--sweep-splits", action="store_true", help="also time every split-K count at 8192^2 and 4096^2")
+    parser.add_argument("--sweep-branch", action="store_true",
+                        help="also time rank 32 at each (splits, branch items) at 4096 x 11008, 8192^2 and 4096^2")
     parser.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -181,9 +216,11 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     props = torch.cuda.get_device_properties(0)
     print(f"{props.name}: measured copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
+    sweeps = {}
     if args.sweep_splits:
-        sweep_splits(8192, 8192)
-        sweep_splits(4096, 4096)
+        sweeps["splits"] = sweep_splits(8192, 8192) + sweep_splits(4096, 4096)
+    if args.sweep_branch:
+        sweeps["branch"] = sweep_branch(4096, 11008) + sweep_branch(8192, 8192) + sweep_branch(4096, 4096)
     print(HEADER)
     rows = []
     for out_features, in_features in ([(8192, 8192)] if args.quick else SHAPES):
@@ -192,7 +229,7 @@ def main() -> None:
                             check=False).stdout.strip()
     commit = args.commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     result = {"gpu": props.name, "driver": driver, "commit": commit, "torch": torch.__version__, "python": platform.python_version(),
-              "copy_bandwidth_gbps": bandwidth / 1e9, "int4_format": FORMATS["int4"].describe(), "dtype": "float16", "rows": rows}
+              "copy_bandwidth_gbps": bandwidth / 1e9, "int4_format": FORMATS["int4"].describe(), "dtype": "float16", "rows": rows, "sweeps": sweeps}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.json}")

@@ -171,6 +171,19 @@ def test_launch_plan_covers_k_and_fits_shared_memory(kind: str, wave: int, share
                     assert (plan["branch_items"] > 0) == (rank > 0), case
 
 
+def test_launch_plan_takes_the_benchmarks_branch_item_count() -> None:
+    """eval/bench_kernels.py --sweep-branch sets the item count: it is kept, clamped to 1..K's
+    k-blocks, and counted in the grid; at rank 0 there are no items whatever is asked."""
+    from llmcompress.cuda import launch
+
+    k_blocks = 11008 // K_BLOCK
+    for items, expected in ((5, 5), (0, 1), (10_000, k_blocks)):
+        plan = launch.fused_plan(_plan_layer(4096, 11008, 32), 1, 264, H100_SHARED, splits=6, branch_items=items)
+        assert (plan["splits"], plan["branch_items"]) == (6, expected)
+        assert plan["blocks"] == plan["tiles"] * 6 + expected
+    assert launch.fused_plan(_plan_layer(4096, 11008, 0), 1, 264, H100_SHARED, branch_items=5)["branch_items"] == 0
+
+
 def test_launch_plan_keeps_the_measured_h100_decomposition() -> None:
     """8192^2, rank 32, M = 1 with two blocks per multiprocessor (v6's residency): 4 splits and
     8 down-projection items of 16 k-blocks, the plan kernels/NOTES.md measured at +10%."""
@@ -234,8 +247,10 @@ def test_fused_kernel_matches_float32_reference(name: str, dtype: torch.dtype) -
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("splits", [1, 2, 3, 7])
-def test_split_k_and_odd_shapes_agree(splits: int) -> None:
+@pytest.mark.parametrize(("splits", "branch_items"), [(1, None), (2, 1), (3, 5), (7, 1000)])
+def test_split_k_branch_items_and_odd_shapes_agree(splits: int, branch_items: int | None) -> None:
+    """Any split count and any branch item count (the benchmark's sweeps), including items past
+    the last k-block, which sum nothing."""
     from llmcompress.cuda import launch
 
     for fmt, shape, act_order in ((QuantFormat(bits=4, group_size=32), (100, 200), True),
@@ -245,7 +260,7 @@ def test_split_k_and_odd_shapes_agree(splits: int) -> None:
         pk = prepack(tensors, fmt, shape[1], LayerLayout(rank=24), torch.float16)
         x = torch.randn(5, shape[1], device="cuda").half()
         bias = torch.zeros(shape[0], device="cuda").half()
-        y = launch.fused_linear(x, pk, bias, splits=splits)
+        y = launch.fused_linear(x, pk, bias, splits=splits, branch_items=branch_items)
         assert _relative_error(y, _reference(x, weight, branch, bias)) < 2e-3
 
 

@@ -6,10 +6,10 @@
 #   bash eval/tools/gpu_session.sh "$OUT" decode    # decode tokens/s of the 7B-shaped stack
 #
 # kernels: the GPU tests of the tree as it is (the kernels, and `--device auto` in
-#   tests/test_placement.py), the kernel benchmark at 8192^2 with the split-K sweep; then, for
-#   each kernels/pending/*.patch applied in order on top of the ones before it in a copy of the
-#   tree, the same kernel tests and benchmark, so each change is timed on the same machine in
-#   the same call as what it would replace.
+#   tests/test_placement.py), the kernel benchmark at 8192^2 with the split-K and branch-item
+#   sweeps; then, for each kernels/pending/*.patch applied in order on top of the ones before
+#   it in a copy of the tree, the same kernel tests and benchmark, so each change is timed on
+#   the same machine in the same call as what it would replace.
 # decode: eval/bench_decode.py for the tree, and for the copy with every pending patch.
 #
 # Every step writes its output to OUTPUT_FOLDER/STEP.txt and the script goes on past a failing
@@ -63,7 +63,7 @@ patched_trees() {
 
 kernel_steps() {  # kernel_steps LABEL DIRECTORY
     step "tests_$1" "$2" "$python" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py
-    step "bench_$1" "$2" "$python" eval/bench_kernels.py --quick --sweep-splits --json "$out/bench_$1.json" --commit "$1"
+    step "bench_$1" "$2" "$python" eval/bench_kernels.py --quick --sweep-splits --sweep-branch --json "$out/bench_$1.json" --commit "$1"
 }
 
 trees=$(patched_trees) || failed=$((failed + 1))

@@ -135,10 +135,12 @@ def token_tile(tokens: int) -> int:
     return next(mt for mt in TOKEN_TILES if 8 * mt >= min(tokens, FUSED_MAX_M))
 
 
-def fused_plan(pk: Prepacked, tokens: int, wave: int, shared_limit: int, splits: int | None = None) -> dict[str, int]:
+def fused_plan(pk: Prepacked, tokens: int, wave: int, shared_limit: int, splits: int | None = None,
+               branch_items: int | None = None) -> dict[str, int]:
     """Grid decomposition of one fused launch for a GPU that holds ``wave`` blocks at once and
     gives a block at most ``shared_limit`` bytes: token tile, K splits, branch items, blocks,
-    and the block's dynamic shared memory."""
+    and the block's dynamic shared memory. ``splits`` and ``branch_items`` override the rule
+    (eval/bench_kernels.py sweeps them to set it)."""
     token_tiles = token_tile(tokens)
     m_tiles = -(-tokens // (8 * token_tiles))
     k_blocks = -(-pk.in_features // K_BLOCK)
@@ -156,8 +158,11 @@ def fused_plan(pk: Prepacked, tokens: int, wave: int, shared_limit: int, splits:
         blocks_per_split = min(blocks_per_split, (shared_limit // row_bytes - 8) // K_BLOCK)
     splits = -(-k_blocks // blocks_per_split)
     stride = max(blocks_per_split * K_BLOCK + 8, X_STRIDE) if token_tiles <= WHOLE_SLICE_MAX_TILES else X_STRIDE
-    branch_items = 0
-    if pk.rank:
+    if not pk.rank:
+        branch_items = 0
+    elif branch_items is not None:
+        branch_items = max(1, min(branch_items, k_blocks))
+    else:
         # Each down-projection item reads at most half the bytes of a main item's weights (A is
         # 16-bit, W 4-bit), so it finishes before the main items need t, and the items are made
         # larger still where needed to fit in the slots the main items leave in the wave: the
@@ -174,17 +179,18 @@ def fused_plan(pk: Prepacked, tokens: int, wave: int, shared_limit: int, splits:
                 shared=stride * row_bytes)
 
 
-def device_plan(pk: Prepacked, tokens: int, splits: int | None = None) -> dict[str, int]:
+def device_plan(pk: Prepacked, tokens: int, splits: int | None = None, branch_items: int | None = None) -> dict[str, int]:
     """``fused_plan`` for the GPU that holds ``pk``."""
     device = pk.qweight.device.index
     shared_limit = _dynamic_shared_limit(_suffix(pk), token_tile(tokens), device)
-    return fused_plan(pk, tokens, BLOCKS_PER_SM * _multiprocessors(device), shared_limit, splits)
+    return fused_plan(pk, tokens, BLOCKS_PER_SM * _multiprocessors(device), shared_limit, splits, branch_items)
 
 
-def fused_linear(x: Tensor, pk: Prepacked, bias: Tensor | None, out: Tensor | None = None, splits: int | None = None) -> Tensor:
+def fused_linear(x: Tensor, pk: Prepacked, bias: Tensor | None, out: Tensor | None = None, splits: int | None = None,
+                 branch_items: int | None = None) -> Tensor:
     """y [M, N] = x [M, K] through the fused kernel (any M; one launch)."""
     tokens = x.shape[0]
-    plan = device_plan(pk, tokens, splits)
+    plan = device_plan(pk, tokens, splits, branch_items)
     mt = plan["token_tiles"]
     m_pad = plan["m_tiles"] * 8 * mt
     n_pad = -(-pk.out_features // ROW_TILE) * ROW_TILE
