@@ -101,6 +101,11 @@ def layer_bytes(pk: Prepacked) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+def rotated_copies(pk: Prepacked, at_least: int = 2) -> list[Prepacked]:
+    """Enough copies of the layer to exceed the L2 cache when read in turn."""
+    return copies_of(pk, max(at_least, -(-ROTATION_BYTES // layer_bytes(pk))))
+
+
 def bench_shape(out_features: int, in_features: int, tokens_list: list[int], ranks: list[int], bandwidth: float) -> list[dict]:
     dtype = torch.float16
     rows = []
@@ -110,7 +115,7 @@ def bench_shape(out_features: int, in_features: int, tokens_list: list[int], ran
     for name, fmt in FORMATS.items():
         for rank in ranks:
             pk = packed_layer(fmt, out_features, in_features, rank, dtype)
-            layers[name, rank] = copies_of(pk, max(2, -(-ROTATION_BYTES // layer_bytes(pk))))
+            layers[name, rank] = rotated_copies(pk)
     for tokens in tokens_list:
         x = torch.randn(tokens, in_features, device="cuda", dtype=dtype)
         fp16_us = time_calls([lambda w=w: torch.matmul(x, w.T) for w in dense_copies])
@@ -156,14 +161,9 @@ def format_row(row: dict) -> str:
             f"{num('nvfp4_us', 8)} {row['nvfp4_us'] / row['int4_us']:>8.2f}")
 
 
-def rotated_copies(pk: Prepacked) -> list[Prepacked]:
-    """Enough copies of the layer to exceed the L2 cache when read in turn."""
-    return copies_of(pk, max(8, -(-ROTATION_BYTES // layer_bytes(pk))))
-
-
 def sweep_splits(out_features: int, in_features: int) -> list[dict]:
     """Time the fused kernel at each split-K count (to set launch.fused_plan's heuristic)."""
-    copies = rotated_copies(packed_layer(FORMATS["int4"], out_features, in_features, 32, torch.float16))
+    copies = rotated_copies(packed_layer(FORMATS["int4"], out_features, in_features, 32, torch.float16), at_least=8)
     rows = []
     for tokens in (1, 16, 64):
         x = torch.randn(tokens, in_features, device="cuda", dtype=torch.float16)
@@ -181,8 +181,8 @@ def sweep_branch(out_features: int, in_features: int) -> list[dict]:
     """Time rank 32 at each (split count, branch item count) around the plan's choice, beside
     rank 0: the data for launch.fused_plan's branch rule ("fewer splits and small items" against
     "the same splits and large items", kernels/NOTES.md)."""
-    base = rotated_copies(packed_layer(FORMATS["int4"], out_features, in_features, 0, torch.float16))
-    copies = rotated_copies(packed_layer(FORMATS["int4"], out_features, in_features, 32, torch.float16))
+    base = rotated_copies(packed_layer(FORMATS["int4"], out_features, in_features, 0, torch.float16), at_least=8)
+    copies = rotated_copies(packed_layer(FORMATS["int4"], out_features, in_features, 32, torch.float16), at_least=8)
     rows = []
     for tokens in (1, 16):
         x = torch.randn(tokens, in_features, device="cuda", dtype=torch.float16)
