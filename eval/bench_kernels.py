@@ -7,7 +7,9 @@ a CUDA graph of many calls, median of many replays, each call reading the next o
 copies of the weights so that the working set exceeds the L2 cache), achieved GB/s over the
 bytes the call must move, that as a percent of the measured device-to-device copy bandwidth,
 and the speedups over FP16 and over the unfused path (our kernel at rank 0 plus two separate
-low-rank matmuls). ``int4`` is INT4 g128 asymmetric, ``nvfp4`` is NVFP4 (E4M3 per 16 + global).
+low-rank matmuls). ``int4`` is INT4 g128 asymmetric, ``nvfp4`` is NVFP4 (E4M3 per 16 +
+global). Their columns time the path ``launch.linear`` dispatches to; above
+``launch.FUSED_MAX_M`` tokens the JSON also holds the time of every path in ``PATHS``.
 Every timing in one table comes from one run on one GPU. Needs a CUDA GPU and CuPy.
 """
 
@@ -37,6 +39,8 @@ FORMATS = {"int4": QuantFormat(bits=4, group_size=128), "nvfp4": QuantFormat(kin
 # (several times the 50 MB L2 of an H100).
 ROTATION_BYTES = 256 * 2**20
 REPLAYS = 25
+# Each path the dispatch can take, callable on any token count.
+PATHS = {"fused": launch.fused_linear, "dequant": launch.dequantized_linear}
 
 
 def copy_bandwidth() -> float:
@@ -124,9 +128,10 @@ def bench_shape(out_features: int, in_features: int, tokens_list: list[int], ran
             for name in FORMATS:
                 copies = layers[name, rank]
                 row[f"{name}_us"] = time_calls([lambda pk=pk: launch.linear(x, pk, None) for pk in copies])
-                row[f"{name}_path"] = "fused" if tokens <= launch.FUSED_MAX_M else "dequant+cuBLAS"
-                if tokens > launch.FUSED_MAX_M:
-                    row[f"{name}_fused_us"] = time_calls([lambda pk=pk: launch.fused_linear(x, pk, None) for pk in copies])
+                row[f"{name}_path"] = launch.path(tokens)
+                if tokens > launch.FUSED_MAX_M:  # every path, to check the dispatch
+                    for route, call in PATHS.items():
+                        row[f"{name}_{route}_us"] = time_calls([lambda pk=pk, call=call: call(x, pk, None) for pk in copies])
                 moved = layer_bytes(copies[0]) + 2 * tokens * (in_features + out_features)
                 row[f"{name}_gbps"] = moved / row[f"{name}_us"] / 1e3
                 row[f"{name}_pct_copy_bw"] = 100 * moved / (row[f"{name}_us"] * 1e-6) / bandwidth
@@ -177,6 +182,26 @@ def sweep_splits(out_features: int, in_features: int) -> list[dict]:
     return rows
 
 
+def sweep_dispatch(out_features: int, in_features: int) -> list[dict]:
+    """Time every path at rank 32 for token counts from 16 to 2048, beside FP16: the data for
+    launch.FUSED_MAX_M and launch.TILED_MAX_M."""
+    dense = torch.randn(out_features, in_features, device="cuda", dtype=torch.float16) * 0.02
+    dense_copies = [dense] + [dense.clone() for _ in range(max(1, ROTATION_BYTES // dense.nbytes))]
+    copies = rotated_copies(packed_layer(FORMATS["int4"], out_features, in_features, 32, torch.float16), at_least=8)
+    rows = []
+    for tokens in (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048):
+        x = torch.randn(tokens, in_features, device="cuda", dtype=torch.float16)
+        row = {"N": out_features, "K": in_features, "M": tokens, "rank": 32, "path": launch.path(tokens),
+               "fp16_us": time_calls([lambda w=w: torch.matmul(x, w.T) for w in dense_copies])}
+        for route, call in PATHS.items():
+            if route != "fused" or tokens <= 256:
+                row[f"{route}_us"] = time_calls([lambda pk=pk, call=call: call(x, pk, None) for pk in copies])
+        print(f"dispatch sweep {out_features}x{in_features} r=32 M={tokens} (takes {row['path']}): "
+              + " ".join(f"{k}:{v:.1f}" for k, v in row.items() if k.endswith("_us")), flush=True)
+        rows.append(row)
+    return rows
+
+
 def sweep_branch(out_features: int, in_features: int) -> list[dict]:
     """Time rank 32 at each (split count, branch item count) around the plan's choice, beside
     rank 0: the data for launch.fused_plan's branch rule ("fewer splits and small items" against
@@ -208,6 +233,8 @@ def main() -> None:
     parser.add_argument("--sweep-splits", action="store_true", help="also time every split-K count at 8192^2 and 4096^2")
     parser.add_argument("--sweep-branch", action="store_true",
                         help="also time rank 32 at each (splits, branch items) at 4096 x 11008, 8192^2 and 4096^2")
+    parser.add_argument("--sweep-dispatch", action="store_true",
+                        help="also time every path at rank 32 for M = 16..2048 at 8192^2 and 4096 x 11008")
     parser.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -221,6 +248,8 @@ def main() -> None:
         sweeps["splits"] = sweep_splits(8192, 8192) + sweep_splits(4096, 4096)
     if args.sweep_branch:
         sweeps["branch"] = sweep_branch(4096, 11008) + sweep_branch(8192, 8192) + sweep_branch(4096, 4096)
+    if args.sweep_dispatch:
+        sweeps["dispatch"] = sweep_dispatch(8192, 8192) + sweep_dispatch(4096, 11008)
     print(HEADER)
     rows = []
     for out_features, in_features in ([(8192, 8192)] if args.quick else SHAPES):

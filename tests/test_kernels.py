@@ -171,6 +171,12 @@ def test_launch_plan_covers_k_and_fits_shared_memory(kind: str, wave: int, share
                     assert (plan["branch_items"] > 0) == (rank > 0), case
 
 
+def test_dispatch_takes_each_path_in_its_range() -> None:
+    from llmcompress.cuda import launch
+
+    assert [launch.path(m) for m in (1, launch.FUSED_MAX_M, launch.FUSED_MAX_M + 1)] == ["fused", "fused", "dequant+cuBLAS"]
+
+
 def test_launch_plan_takes_the_benchmarks_branch_item_count() -> None:
     """eval/bench_kernels.py --sweep-branch sets the item count: it is kept, clamped to 1..K's
     k-blocks, and counted in the grid; at rank 0 there are no items whatever is asked."""

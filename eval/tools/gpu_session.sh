@@ -2,12 +2,17 @@
 # What waits for a lent GPU (kernels/NOTES.md, "Pending"), in two device calls of under ten
 # minutes each:
 #
-#   bash eval/tools/gpu_session.sh "$OUT" kernels   # tests and kernel benchmark
-#   bash eval/tools/gpu_session.sh "$OUT" decode    # decode tokens/s of the 7B-shaped stack
+#   bash eval/tools/gpu_session.sh "$OUT" kernels [LABEL...]  # tests and kernel benchmark
+#   bash eval/tools/gpu_session.sh "$OUT" decode               # decode tokens/s of the 7B-shaped stack
+#
+# LABELs pick which trees the kernels phase measures: main, and the pending patches' names
+# (v7-cp-async-ring, ...); all of them by default. Each tree compiles its eight variants on
+# first use (about 15 s each), so with three trees one call may not finish in ten minutes:
+# then run `kernels main v7-cp-async-ring` and `kernels v8-tiled-gemm` as two calls.
 #
 # kernels: the GPU tests of the tree as it is (the kernels, and `--device auto` in
-#   tests/test_placement.py), the kernel benchmark at 8192^2 with the split-K and branch-item
-#   sweeps; then, for each kernels/pending/*.patch applied in order on top of the ones before
+#   tests/test_placement.py), the kernel benchmark at 8192^2 with the split-K, branch-item and
+#   dispatch sweeps; then, for each kernels/pending/*.patch applied in order on top of the ones before
 #   it in a copy of the tree, the same kernel tests and benchmark, so each change is timed on
 #   the same machine in the same call as what it would replace.
 # decode: eval/bench_decode.py for the tree, and for the copy with every pending patch.
@@ -18,6 +23,8 @@
 set -uo pipefail
 out=${1:?usage: gpu_session.sh OUTPUT_FOLDER kernels|decode}
 phase=${2:?usage: gpu_session.sh OUTPUT_FOLDER kernels|decode}
+shift 2
+wanted=" ${*:-all} "
 mkdir -p "$out"
 root=$(cd "$(dirname "$0")/../.." && pwd)
 python=${PYTHON:-python3}
@@ -61,9 +68,10 @@ patched_trees() {
     done
 }
 
-kernel_steps() {  # kernel_steps LABEL DIRECTORY
+kernel_steps() {  # kernel_steps LABEL DIRECTORY, if LABEL was asked for
+    [[ $wanted == " all " || $wanted == *" $1 "* ]] || return 0
     step "tests_$1" "$2" "$python" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py
-    step "bench_$1" "$2" "$python" eval/bench_kernels.py --quick --sweep-splits --sweep-branch --json "$out/bench_$1.json" --commit "$1"
+    step "bench_$1" "$2" "$python" eval/bench_kernels.py --quick --sweep-splits --sweep-branch --sweep-dispatch --json "$out/bench_$1.json" --commit "$1"
 }
 
 trees=$(patched_trees) || failed=$((failed + 1))
@@ -71,7 +79,8 @@ case $phase in
     kernels)
         nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv >"$out/gpu.txt" 2>&1
         kernel_steps main "$root"
-        step placement "$root" "$python" -m pytest -q -p no:cacheprovider -m gpu tests/test_placement.py
+        [[ $wanted == " all " || $wanted == *" main "* ]] &&
+            step placement "$root" "$python" -m pytest -q -p no:cacheprovider -m gpu tests/test_placement.py
         while read -r label directory; do
             [ -n "$label" ] && kernel_steps "$label" "$directory"
         done <<<"$trees"

@@ -1,10 +1,10 @@
 """Compile ``kernels/w4_linear.cu`` once through CuPy and launch it on PyTorch's current stream.
 
 Tensors cross to CuPy through DLPack (zero-copy, on the same stream, so no synchronisation).
-Dispatch by the number of tokens M: up to ``FUSED_MAX_M`` the fused kernel streams the 4-bit
-weight once; above it the weight is dequantized to 16 bits and cuBLAS does the product, since
-a tensor-core GEMM reuses each weight across many tokens and the 4-bit read stops mattering
-(eval/bench_kernels.py measures where the two cross).
+Dispatch by the number of tokens M (``path``): up to ``FUSED_MAX_M`` the fused kernel streams
+the 4-bit weight once; above it the weight is dequantized to 16 bits and cuBLAS does the
+product, since a tensor-core GEMM reuses each weight across many tokens and the 4-bit read
+stops mattering (``eval/bench_kernels.py --sweep-dispatch`` times the paths side by side).
 """
 
 from __future__ import annotations
@@ -135,6 +135,11 @@ def token_tile(tokens: int) -> int:
     return next(mt for mt in TOKEN_TILES if 8 * mt >= min(tokens, FUSED_MAX_M))
 
 
+def path(tokens: int) -> str:
+    """Which path ``linear`` takes for ``tokens`` rows of x."""
+    return "fused" if tokens <= FUSED_MAX_M else "dequant+cuBLAS"
+
+
 def fused_plan(pk: Prepacked, tokens: int, wave: int, shared_limit: int, splits: int | None = None,
                branch_items: int | None = None) -> dict[str, int]:
     """Grid decomposition of one fused launch for a GPU that holds ``wave`` blocks at once and
@@ -240,5 +245,5 @@ def linear(x: Tensor, pk: Prepacked, bias: Tensor | None) -> Tensor:
     flat = x.reshape(-1, x.shape[-1])
     if not flat.is_contiguous():
         flat = flat.contiguous()
-    y = fused_linear(flat, pk, bias) if flat.shape[0] <= FUSED_MAX_M else dequantized_linear(flat, pk, bias)
+    y = fused_linear(flat, pk, bias) if path(flat.shape[0]) == "fused" else dequantized_linear(flat, pk, bias)
     return y.reshape(*x.shape[:-1], pk.out_features)
