@@ -147,6 +147,17 @@ def _plan_layer(out_features: int, in_features: int, rank: int, kind: str = "int
 H100_SHARED = 232448 - 16  # shared_memory_per_block_optin, less the kernel's static flags
 
 
+def _assert_sound_plan(plan: dict, k_blocks: int, tile_tokens: int, tokens: int, rank: int, shared_limit: int, case: str) -> None:
+    """Every split holds at least one k-block and together they hold all of K, the token tiles
+    cover the tokens, the grid counts every item, and shared memory fits."""
+    assert plan["splits"] * plan["blocks_per_split"] >= k_blocks, case
+    assert (plan["splits"] - 1) * plan["blocks_per_split"] < k_blocks, case
+    assert plan["shared"] <= shared_limit, case
+    assert plan["m_tiles"] * tile_tokens >= tokens, case
+    assert plan["blocks"] == plan["tiles"] * plan["splits"] + plan["branch_items"], case
+    assert (plan["branch_items"] > 0) == (rank > 0), case
+
+
 @pytest.mark.parametrize("shared_limit", [H100_SHARED, 101376 - 16], ids=["sm90", "sm89"])
 @pytest.mark.parametrize("wave", [264, 528, 660])
 @pytest.mark.parametrize("kind", ["int4", "int4g32"])
@@ -162,13 +173,7 @@ def test_launch_plan_covers_k_and_fits_shared_memory(kind: str, wave: int, share
                 for splits in (None, 1, 7):
                     plan = launch.fused_plan(pk, tokens, wave, shared_limit, splits)
                     case = f"{out_features}x{in_features} r={rank} M={tokens} splits={splits}: {plan}"
-                    # Every split holds at least one k-block, and together they hold all of K.
-                    assert plan["splits"] * plan["blocks_per_split"] >= k_blocks, case
-                    assert (plan["splits"] - 1) * plan["blocks_per_split"] < k_blocks, case
-                    assert plan["shared"] <= shared_limit, case
-                    assert plan["m_tiles"] * 8 * plan["token_tiles"] >= tokens, case
-                    assert plan["blocks"] == plan["tiles"] * plan["splits"] + plan["branch_items"], case
-                    assert (plan["branch_items"] > 0) == (rank > 0), case
+                    _assert_sound_plan(plan, k_blocks, 8 * plan["token_tiles"], tokens, rank, shared_limit, case)
 
 
 def test_dispatch_takes_each_path_in_its_range() -> None:
