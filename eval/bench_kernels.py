@@ -110,11 +110,25 @@ def rotated_copies(pk: Prepacked, at_least: int = 2) -> list[Prepacked]:
     return copies_of(pk, max(at_least, -(-ROTATION_BYTES // layer_bytes(pk))))
 
 
+def rotated_dense(out_features: int, in_features: int) -> list[torch.Tensor]:
+    """The FP16 baseline's weight, copied likewise."""
+    dense = torch.randn(out_features, in_features, device="cuda", dtype=torch.float16) * 0.02
+    return [dense] + [dense.clone() for _ in range(max(1, ROTATION_BYTES // dense.nbytes))]
+
+
+def time_fp16(x: torch.Tensor, dense_copies: list[torch.Tensor]) -> float:
+    return time_calls([lambda w=w: torch.matmul(x, w.T) for w in dense_copies])
+
+
+def time_layer(call, x: torch.Tensor, copies: list[Prepacked], **options) -> float:  # noqa: ANN001 - a launch function
+    """Microseconds of ``call(x, layer, None, **options)``, each call on the next copy."""
+    return time_calls([lambda pk=pk: call(x, pk, None, **options) for pk in copies])
+
+
 def bench_shape(out_features: int, in_features: int, tokens_list: list[int], ranks: list[int], bandwidth: float) -> list[dict]:
     dtype = torch.float16
     rows = []
-    dense = torch.randn(out_features, in_features, device="cuda", dtype=dtype) * 0.02
-    dense_copies = [dense] + [dense.clone() for _ in range(max(1, ROTATION_BYTES // dense.nbytes))]
+    dense_copies = rotated_dense(out_features, in_features)
     layers = {}
     for name, fmt in FORMATS.items():
         for rank in ranks:
@@ -122,16 +136,16 @@ def bench_shape(out_features: int, in_features: int, tokens_list: list[int], ran
             layers[name, rank] = rotated_copies(pk)
     for tokens in tokens_list:
         x = torch.randn(tokens, in_features, device="cuda", dtype=dtype)
-        fp16_us = time_calls([lambda w=w: torch.matmul(x, w.T) for w in dense_copies])
+        fp16_us = time_fp16(x, dense_copies)
         for rank in ranks:
             row = {"N": out_features, "K": in_features, "M": tokens, "rank": rank, "fp16_us": fp16_us}
             for name in FORMATS:
                 copies = layers[name, rank]
-                row[f"{name}_us"] = time_calls([lambda pk=pk: launch.linear(x, pk, None) for pk in copies])
+                row[f"{name}_us"] = time_layer(launch.linear, x, copies)
                 row[f"{name}_path"] = launch.path(tokens)
                 if tokens > launch.FUSED_MAX_M:  # every path, to check the dispatch
                     for route, call in PATHS.items():
-                        row[f"{name}_{route}_us"] = time_calls([lambda pk=pk, call=call: call(x, pk, None) for pk in copies])
+                        row[f"{name}_{route}_us"] = time_layer(call, x, copies)
                 moved = layer_bytes(copies[0]) + 2 * tokens * (in_features + out_features)
                 row[f"{name}_gbps"] = moved / row[f"{name}_us"] / 1e3
                 row[f"{name}_pct_copy_bw"] = 100 * moved / (row[f"{name}_us"] * 1e-6) / bandwidth
@@ -173,7 +187,7 @@ def sweep_splits(out_features: int, in_features: int) -> list[dict]:
     for tokens in (1, 16, 64):
         x = torch.randn(tokens, in_features, device="cuda", dtype=torch.float16)
         default = launch.device_plan(copies[0], tokens)["splits"]
-        timings = {splits: time_calls([lambda pk=pk, splits=splits: launch.fused_linear(x, pk, None, splits=splits) for pk in copies])
+        timings = {splits: time_layer(launch.fused_linear, x, copies, splits=splits)
                    for splits in (1, 2, 3, 4, 6, 8, 12, 16)}
         print(f"splits sweep {out_features}x{in_features} M={tokens} (default {default}): "
               + " ".join(f"{k}:{v:.1f}" for k, v in timings.items()), flush=True)
@@ -185,17 +199,16 @@ def sweep_splits(out_features: int, in_features: int) -> list[dict]:
 def sweep_dispatch(out_features: int, in_features: int) -> list[dict]:
     """Time every path at rank 32 for token counts from 16 to 2048, beside FP16: the data for
     launch.FUSED_MAX_M and launch.TILED_MAX_M."""
-    dense = torch.randn(out_features, in_features, device="cuda", dtype=torch.float16) * 0.02
-    dense_copies = [dense] + [dense.clone() for _ in range(max(1, ROTATION_BYTES // dense.nbytes))]
+    dense_copies = rotated_dense(out_features, in_features)
     copies = rotated_copies(packed_layer(FORMATS["int4"], out_features, in_features, 32, torch.float16), at_least=8)
     rows = []
     for tokens in (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048):
         x = torch.randn(tokens, in_features, device="cuda", dtype=torch.float16)
         row = {"N": out_features, "K": in_features, "M": tokens, "rank": 32, "path": launch.path(tokens),
-               "fp16_us": time_calls([lambda w=w: torch.matmul(x, w.T) for w in dense_copies])}
+               "fp16_us": time_fp16(x, dense_copies)}
         for route, call in PATHS.items():
             if route != "fused" or tokens <= 256:
-                row[f"{route}_us"] = time_calls([lambda pk=pk, call=call: call(x, pk, None) for pk in copies])
+                row[f"{route}_us"] = time_layer(call, x, copies)
         print(f"dispatch sweep {out_features}x{in_features} r=32 M={tokens} (takes {row['path']}): "
               + " ".join(f"{k}:{v:.1f}" for k, v in row.items() if k.endswith("_us")), flush=True)
         rows.append(row)
@@ -212,13 +225,11 @@ def sweep_branch(out_features: int, in_features: int) -> list[dict]:
     for tokens in (1, 16):
         x = torch.randn(tokens, in_features, device="cuda", dtype=torch.float16)
         plan = launch.device_plan(copies[0], tokens)
-        rank0_us = time_calls([lambda pk=pk: launch.fused_linear(x, pk, None) for pk in base])
+        rank0_us = time_layer(launch.fused_linear, x, base)
         timings = {}
         for splits in sorted({max(1, plan["splits"] - 1), plan["splits"]}):
             for items in (2, 4, 8, 16, 32, 64):
-                timings[f"{splits}/{items}"] = time_calls([
-                    lambda pk=pk, splits=splits, items=items: launch.fused_linear(x, pk, None, splits=splits, branch_items=items)
-                    for pk in copies])
+                timings[f"{splits}/{items}"] = time_layer(launch.fused_linear, x, copies, splits=splits, branch_items=items)
         print(f"branch sweep {out_features}x{in_features} r=32 M={tokens} splits/items (rank 0: {rank0_us:.1f}, default "
               f"{plan['splits']}/{plan['branch_items']}): " + " ".join(f"{k}:{v:.1f}" for k, v in timings.items()), flush=True)
         rows.append({"N": out_features, "K": in_features, "M": tokens, "rank": 32, "rank0_us": rank0_us,

@@ -12,9 +12,9 @@
 #
 # kernels: the GPU tests of the tree as it is (the kernels, and `--device auto` in
 #   tests/test_placement.py), the kernel benchmark at 8192^2 with the split-K, branch-item and
-#   dispatch sweeps; then, for each kernels/pending/*.patch applied in order on top of the ones before
-#   it in a copy of the tree, the same kernel tests and benchmark, so each change is timed on
-#   the same machine in the same call as what it would replace.
+#   dispatch sweeps; then, for each kernels/pending/*.patch applied in order on top of the ones
+#   before it in a copy of the tree, the same kernel tests and benchmark, so each change is timed
+#   on the same machine in the same call as what it would replace.
 # decode: eval/bench_decode.py for the tree, and for the copy with every pending patch.
 #
 # Every step writes its output to OUTPUT_FOLDER/STEP.txt and the script goes on past a failing
@@ -68,8 +68,12 @@ patched_trees() {
     done
 }
 
+asked() {  # asked LABEL: whether the kernels phase measures the tree LABEL
+    [[ $wanted == " all " || $wanted == *" $1 "* ]]
+}
+
 kernel_steps() {  # kernel_steps LABEL DIRECTORY, if LABEL was asked for
-    [[ $wanted == " all " || $wanted == *" $1 "* ]] || return 0
+    asked "$1" || return 0
     step "tests_$1" "$2" "$python" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py
     step "bench_$1" "$2" "$python" eval/bench_kernels.py --quick --sweep-splits --sweep-branch --sweep-dispatch --json "$out/bench_$1.json" --commit "$1"
 }
@@ -79,8 +83,7 @@ case $phase in
     kernels)
         nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv >"$out/gpu.txt" 2>&1
         kernel_steps main "$root"
-        [[ $wanted == " all " || $wanted == *" main "* ]] &&
-            step placement "$root" "$python" -m pytest -q -p no:cacheprovider -m gpu tests/test_placement.py
+        asked main && step placement "$root" "$python" -m pytest -q -p no:cacheprovider -m gpu tests/test_placement.py
         while read -r label directory; do
             [ -n "$label" ] && kernel_steps "$label" "$directory"
         done <<<"$trees"
