@@ -166,6 +166,9 @@ __device__ __forceinline__ void decode_word(unsigned w, typename Types<T>::pair 
     }
 }
 
+// The PTX wrappers. tests/cuda_emulator defines the same functions on the CPU (with W4_EMULATED_PTX),
+// so that the tests run these kernels where no GPU is lent.
+#ifndef W4_EMULATED_PTX
 template <typename T> __device__ __forceinline__ void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1);
 template <> __device__ __forceinline__ void mma16816<__half>(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
@@ -189,6 +192,7 @@ __device__ __forceinline__ unsigned load_acquire(const int* flag) {
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(flag) : "memory");
     return v;
 }
+#endif  // W4_EMULATED_PTX
 
 struct Problem {
     int M, N, K, GS, R;

@@ -63,9 +63,13 @@ def load_module(variant: str):  # noqa: ANN201 - cupy.RawModule, imported lazily
     check_cupy()
     import cupy
 
+    return cupy.RawModule(code=SOURCE.read_text(), options=("-std=c++17", *compile_defines(variant)))
+
+
+def compile_defines(variant: str) -> tuple[str, ...]:
+    """The defines that select one variant of the source (tests/cuda_emulator builds it with them too)."""
     ctype, kind = VARIANTS[variant]
-    options = ("-std=c++17", f"-DW4_SUFFIX={variant}", f"-DW4_T={ctype}", f"-DW4_KIND={kind}")
-    return cupy.RawModule(code=SOURCE.read_text(), options=options)
+    return f"-DW4_SUFFIX={variant}", f"-DW4_T={ctype}", f"-DW4_KIND={kind}"
 
 
 def check_device(device: torch.device) -> None:
@@ -81,7 +85,11 @@ def _multiprocessors(device_index: int) -> int:
 
 @functools.cache
 def _fused_kernel(variant: str, token_tiles: int):  # noqa: ANN202 - a cupy.RawKernel
-    return load_module(variant).get_function(f"w4_linear_{variant}_mt{token_tiles}")
+    return load_module(variant).get_function(fused_kernel_name(variant, token_tiles))
+
+
+def fused_kernel_name(variant: str, token_tiles: int) -> str:
+    return f"w4_linear_{variant}_mt{token_tiles}"
 
 
 @functools.cache
@@ -105,7 +113,8 @@ def _counters(device: torch.device, slots: int) -> Tensor:
     return counters
 
 
-def _suffix(pk: Prepacked) -> str:
+def variant_of(pk: Prepacked) -> str:
+    """The kernel variant (a key of VARIANTS) that serves ``pk``."""
     return f"{pk.kind}_{'f16' if pk.dtype == torch.float16 else 'bf16'}"
 
 
@@ -122,12 +131,14 @@ def _stream(device: torch.device):  # noqa: ANN202 - a CuPy stream
     return _STREAMS[pointer]
 
 
-def _arg(tensor: Tensor | None):  # noqa: ANN202 - a CuPy array or a null pointer
-    if tensor is None:
+def _arg(argument: object):  # noqa: ANN202 - a CuPy array, a null pointer or the scalar itself
+    if argument is None:
         return _NULL
+    if not isinstance(argument, Tensor):
+        return argument
     import cupy
 
-    return cupy.from_dlpack(tensor)
+    return cupy.from_dlpack(argument)
 
 
 def token_tile(tokens: int) -> int:
@@ -187,47 +198,58 @@ def fused_plan(pk: Prepacked, tokens: int, wave: int, shared_limit: int, splits:
 def device_plan(pk: Prepacked, tokens: int, splits: int | None = None, branch_items: int | None = None) -> dict[str, int]:
     """``fused_plan`` for the GPU that holds ``pk``."""
     device = pk.qweight.device.index
-    shared_limit = _dynamic_shared_limit(_suffix(pk), token_tile(tokens), device)
+    shared_limit = _dynamic_shared_limit(variant_of(pk), token_tile(tokens), device)
     return fused_plan(pk, tokens, BLOCKS_PER_SM * _multiprocessors(device), shared_limit, splits, branch_items)
+
+
+def fused_arguments(x: Tensor, pk: Prepacked, bias: Tensor | None, y: Tensor, counters: Tensor,
+                    plan: dict[str, int]) -> tuple:
+    """The fused kernel's arguments in its parameter order, with the workspace ``plan`` needs:
+    tensors (None for a null pointer), then numpy scalars."""
+    m_pad = plan["m_tiles"] * 8 * plan["token_tiles"]
+    n_pad = -(-pk.out_features // ROW_TILE) * ROW_TILE
+    r_pad = 0 if pk.lowrank_a is None else pk.lowrank_a.shape[0]
+    device = x.device
+    split_part = torch.empty(plan["splits"] * m_pad * n_pad, dtype=torch.float32, device=device) if plan["splits"] > 1 else None
+    t_part = torch.empty(plan["branch_items"] * m_pad * r_pad, dtype=torch.float32, device=device) if pk.rank else None
+    t_final = torch.empty(m_pad * r_pad, dtype=x.dtype, device=device) if pk.rank else None
+    return (x, pk.perm, pk.qweight, pk.records, pk.lowrank_a, pk.lowrank_b, bias, y, counters, split_part, t_part, t_final,
+            numpy.int32(x.shape[0]), numpy.int32(pk.out_features), numpy.int32(pk.in_features), numpy.int32(pk.group_size),
+            numpy.int32(pk.rank), numpy.int32(plan["splits"]), numpy.int32(plan["blocks_per_split"]),
+            numpy.int32(plan["branch_items"]), numpy.float32(pk.out_scale), numpy.int32(pk.scale_shift))
 
 
 def fused_linear(x: Tensor, pk: Prepacked, bias: Tensor | None, out: Tensor | None = None, splits: int | None = None,
                  branch_items: int | None = None) -> Tensor:
     """y [M, N] = x [M, K] through the fused kernel (any M; one launch)."""
-    tokens = x.shape[0]
-    plan = device_plan(pk, tokens, splits, branch_items)
-    mt = plan["token_tiles"]
-    m_pad = plan["m_tiles"] * 8 * mt
-    n_pad = -(-pk.out_features // ROW_TILE) * ROW_TILE
-    r_pad = 0 if pk.lowrank_a is None else pk.lowrank_a.shape[0]
-    device = x.device
-    y = torch.empty(tokens, pk.out_features, dtype=x.dtype, device=device) if out is None else out
-    counters = _counters(device, COUNTER_SLOTS + plan["tiles"])
-    split_part = torch.empty(plan["splits"] * m_pad * n_pad, dtype=torch.float32, device=device) if plan["splits"] > 1 else None
-    t_part = torch.empty(plan["branch_items"] * m_pad * r_pad, dtype=torch.float32, device=device) if pk.rank else None
-    t_final = torch.empty(m_pad * r_pad, dtype=x.dtype, device=device) if pk.rank else None
-    kernel = _fused_kernel(_suffix(pk), mt)
+    plan = device_plan(pk, x.shape[0], splits, branch_items)
+    y = torch.empty(x.shape[0], pk.out_features, dtype=x.dtype, device=x.device) if out is None else out
+    arguments = fused_arguments(x, pk, bias, y, _counters(x.device, COUNTER_SLOTS + plan["tiles"]), plan)
+    kernel = _fused_kernel(variant_of(pk), plan["token_tiles"])
     shared = plan["shared"]
     if shared > 48 * 1024:
         kernel.max_dynamic_shared_size_bytes = shared
-    args = (x, pk.perm, pk.qweight, pk.records, pk.lowrank_a, pk.lowrank_b, bias, y, counters, split_part, t_part, t_final)
-    with _stream(device):
-        kernel((plan["blocks"],), (THREADS,), tuple(_arg(t) for t in args) + (
-            numpy.int32(tokens), numpy.int32(pk.out_features), numpy.int32(pk.in_features), numpy.int32(pk.group_size),
-            numpy.int32(pk.rank), numpy.int32(plan["splits"]), numpy.int32(plan["blocks_per_split"]),
-            numpy.int32(plan["branch_items"]), numpy.float32(pk.out_scale), numpy.int32(pk.scale_shift)), shared_mem=shared)
+    with _stream(x.device):
+        kernel((plan["blocks"],), (THREADS,), tuple(_arg(a) for a in arguments), shared_mem=shared)
     return y
+
+
+def dequant_kernel_name(variant: str) -> str:
+    return f"w4_dequant_{variant}"
+
+
+def dequant_arguments(pk: Prepacked, w: Tensor) -> tuple:
+    """The dequantizer's arguments in its parameter order (one thread per prepacked word)."""
+    return (pk.qweight, pk.records, w, numpy.int32(pk.out_features), numpy.int32(pk.in_features),
+            numpy.int32(pk.group_size), numpy.float32(pk.out_scale), numpy.int32(pk.scale_shift))
 
 
 def dequantize_prepacked(pk: Prepacked) -> Tensor:
     """The dense [N, K] weight (columns in prepacked order) in the activation dtype."""
     w = torch.empty(pk.out_features, pk.in_features, dtype=pk.dtype, device=pk.qweight.device)
-    words = pk.qweight.numel()
-    kernel = load_module(_suffix(pk)).get_function(f"w4_dequant_{_suffix(pk)}")
+    kernel = load_module(variant_of(pk)).get_function(dequant_kernel_name(variant_of(pk)))
     with _stream(w.device):
-        kernel((-(-words // 256),), (256,), (_arg(pk.qweight), _arg(pk.records), _arg(w),
-                                              numpy.int32(pk.out_features), numpy.int32(pk.in_features),
-                                              numpy.int32(pk.group_size), numpy.float32(pk.out_scale), numpy.int32(pk.scale_shift)))
+        kernel((-(-pk.qweight.numel() // 256),), (256,), tuple(_arg(a) for a in dequant_arguments(pk, w)))
     return w
 
 

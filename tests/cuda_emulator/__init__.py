@@ -1,0 +1,111 @@
+"""Run kernels/w4_linear.cu on the CPU, through the emulator in emulator.h (its header says what
+it emulates and what it checks). Each variant is built once with g++ and cached on disk, keyed
+by the kernel source, the emulator and the defines."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy
+import torch
+
+from llmcompress.cuda import launch
+
+HERE = Path(__file__).resolve().parent
+EARLY, REVERSE = 1, 2
+# How cp.async copies land and in which order the threads run (emulator.h): the default, and
+# the opposite on both counts.
+SCHEDULES = {"late": 0, "early-reversed": EARLY | REVERSE}
+SHARED_DECLARATION = re.compile(r"extern __shared__ __align__\(\d+\) unsigned char (\w+)\[\];")
+KERNEL_FAMILY = re.compile(r"W4_\w+\((w4_\w+?_)##SUFFIX(?:##(\w+))?\s*,")
+
+
+class EmulatorError(RuntimeError):
+    """The kernel did something the emulator reports (see emulator.h), or would not build."""
+
+
+def compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def translate(source: str, variant: str) -> str:
+    """The kernel source as g++ builds it: its dynamic shared memory taken from the emulator, and
+    each kernel of its W4_VARIANT list registered under the name the loader asks for."""
+    translated, count = SHARED_DECLARATION.subn(r"unsigned char* \1 = ::emu::dynamic_shared();", source)
+    if count != source.count("extern __shared__"):
+        raise EmulatorError("the kernel declares dynamic shared memory in a form the emulator does not rewrite")
+    families = KERNEL_FAMILY.findall(source)
+    if not families:
+        raise EmulatorError("found no W4_VARIANT kernel list in the kernel source")
+    return translated + "\n" + "".join(f"EMU_KERNEL({prefix}{variant}{suffix})\n" for prefix, suffix in families)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LLMCOMPRESS_EMULATOR_CACHE", Path(tempfile.gettempdir()) / "llmcompress-cuda-emulator"))
+
+
+@functools.cache
+def library(variant: str) -> ctypes.CDLL:
+    """The emulated build of one kernel variant (compiled on first use, about 30 s)."""
+    cxx = compiler()
+    if cxx is None:
+        raise EmulatorError("no C++ compiler (g++) to build the CUDA emulator")
+    code = translate(launch.SOURCE.read_text(), variant)
+    options = ["-std=c++17", "-O1", "-shared", "-fPIC", "-fno-strict-aliasing", "-w", f"-I{HERE / 'include'}",
+               *launch.compile_defines(variant)]
+    key = hashlib.sha256("\0".join([code, (HERE / "emulator.h").read_text(), *options]).encode()).hexdigest()[:16]
+    built = _cache_dir() / f"w4_linear_{variant}_{key}.so"
+    if not built.exists():
+        built.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=built.parent) as work:
+            source, output = Path(work) / "w4_linear.cpp", Path(work) / "w4_linear.so"
+            source.write_text(code)
+            result = subprocess.run([cxx, *options, "-o", str(output), str(source)], capture_output=True, text=True)
+            if result.returncode:
+                raise EmulatorError(f"{cxx} could not build {launch.SOURCE.name} ({variant}) for the emulator:\n"
+                                    f"{result.stderr[-4000:]}")
+            os.replace(output, built)  # whole or not at all, for a concurrent or later run
+    emulated = ctypes.CDLL(str(built))
+    emulated.emu_launch.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_int,
+                                    ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_uint64),
+                                    ctypes.POINTER(ctypes.c_uint64), ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+    emulated.emu_launch.restype = ctypes.c_int
+    return emulated
+
+
+def _encode(argument: object) -> tuple[int, int, int]:
+    """(kind, value, bytes) of one kernel argument: a CPU tensor or None (a pointer), or a
+    numpy int32 or float32 (a scalar), as CuPy would be given them."""
+    if argument is None:
+        return 0, 0, 0
+    if isinstance(argument, torch.Tensor):
+        if argument.device.type != "cpu" or not argument.is_contiguous():
+            raise EmulatorError("the emulator takes contiguous CPU tensors")
+        return 0, argument.data_ptr(), argument.numel() * argument.element_size()
+    if isinstance(argument, (numpy.int32, numpy.float32)):
+        return 1, int(numpy.array(argument).view(numpy.uint32)), 0
+    raise EmulatorError(f"a kernel argument of type {type(argument).__name__}")
+
+
+def run(variant: str, kernel: str, blocks: int, threads: int, shared: int, arguments: Sequence[object],
+        schedule: str = "late") -> None:
+    """Launch ``kernel`` of ``variant`` as CuPy would: ``blocks`` x ``threads``, ``shared``
+    bytes of dynamic shared memory. Tensors are read and written in place."""
+    encoded = [_encode(argument) for argument in arguments]
+    count = len(encoded)
+    kinds = (ctypes.c_int * count)(*(kind for kind, _, _ in encoded))
+    values = (ctypes.c_uint64 * count)(*(value for _, value, _ in encoded))
+    sizes = (ctypes.c_uint64 * count)(*(size for _, _, size in encoded))
+    error = ctypes.create_string_buffer(4096)
+    if library(variant).emu_launch(kernel.encode(), blocks, threads, shared, count, kinds, values, sizes,
+                                   SCHEDULES[schedule], error, len(error)):
+        raise EmulatorError(f"{kernel}: {error.value.decode()}")

@@ -1,0 +1,684 @@
+/*
+ * A CPU emulator of the CUDA subset that kernels/w4_linear.cu uses, so that the kernels' index
+ * arithmetic, fragment layouts, shared-memory pipelines and work-item protocol run in tests on a
+ * machine without a GPU. It says nothing about speed, and nothing about memory ordering between
+ * threads (everything here is sequentially consistent); a GPU run stays the real check.
+ *
+ * The kernel source compiles unchanged with g++, except that the Python side (__init__.py)
+ * rewrites its `extern __shared__` declaration into a call to dynamic_shared() and appends one
+ * EMU_KERNEL line per kernel. Its PTX wrappers (mma, ldmatrix, cp.async, ld.acquire) are
+ * skipped through W4_EMULATED_PTX and defined here instead.
+ *
+ * Execution: one block at a time (blocks claim their work in order, so a block never waits on a
+ * later one); each CUDA thread is a ucontext fiber of one OS thread, switched only where CUDA
+ * threads meet: __syncthreads, the warp-wide instructions (all 32 lanes must arrive at the same
+ * one, or it is reported as divergence), and __nanosleep (a spin wait). When no fiber can run,
+ * the launch reports a deadlock and where each thread waits.
+ *
+ * Checks a GPU would not report: dynamic shared memory is poisoned with 0xFF bytes (NaN in FP16,
+ * BF16 and FP32) before each block, so a read of anything not written shows in the output;
+ * ldmatrix and cp.async addresses must lie inside the block's dynamic shared memory and be
+ * aligned; cp.async sources must lie inside an argument tensor; each tensor argument is copied
+ * to memory that ends (within 16 bytes, keeping the original alignment) at an inaccessible page,
+ * so a read or write past its end faults, and the slack is checked for writes.
+ *
+ * cp.async copies land either when cp.async.wait_group says they must (LATE, the default: a read
+ * before its wait sees poison) or when issued (EARLY: a refill of a slot another warp still reads
+ * overwrites it); fibers run in thread order or in reverse (REVERSE), so warps meet each other's
+ * pipelines in both orders.
+ */
+#pragma once
+
+#include <signal.h>
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <map>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#define W4_EMULATED_PTX 1
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+// One block runs at a time, so a block's __shared__ variables can be plain statics.
+#define __shared__ static
+
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+struct alignas(8) uint2 {
+    unsigned x, y;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+
+// ----------------------------------------------------------------------------- 16-bit floats
+
+struct __half {
+    unsigned short bits;
+};
+struct __half2 {
+    __half x, y;
+    __half2() = default;
+    __half2(__half a, __half b) : x(a), y(b) {}
+};
+struct __nv_bfloat16 {
+    unsigned short bits;
+};
+struct __nv_bfloat162 {
+    __nv_bfloat16 x, y;
+    __nv_bfloat162() = default;
+    __nv_bfloat162(__nv_bfloat16 a, __nv_bfloat16 b) : x(a), y(b) {}
+};
+static_assert(sizeof(__half2) == 4 && sizeof(__nv_bfloat162) == 4, "pairs are one 32-bit register");
+
+namespace emu {
+
+inline unsigned float_bits(float v) {
+    unsigned b;
+    std::memcpy(&b, &v, 4);
+    return b;
+}
+inline float bits_float(unsigned b) {
+    float v;
+    std::memcpy(&v, &b, 4);
+    return v;
+}
+
+// Round to nearest even, as __float2half_rn: subnormals, overflow to infinity, NaN kept.
+inline unsigned short half_from_float(float value) {
+    const unsigned x = float_bits(value);
+    const unsigned sign = (x >> 16) & 0x8000u, magnitude = x & 0x7FFFFFFFu;
+    if (magnitude > 0x7F800000u) return (unsigned short)(sign | 0x7E00u);
+    if (magnitude >= 0x47800000u) return (unsigned short)(sign | 0x7C00u);
+    if (magnitude >= 0x38800000u) {  // a normal half: drop 13 mantissa bits, rounding
+        unsigned h = ((((magnitude >> 23) - 112u) << 10) | ((magnitude & 0x7FFFFFu) >> 13));
+        const unsigned rest = magnitude & 0x1FFFu;
+        if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;  // a carry into the exponent is right
+        return (unsigned short)(sign | h);
+    }
+    const int exponent = (int)(magnitude >> 23);
+    if (exponent < 102) return (unsigned short)sign;  // below 2^-25: rounds to zero
+    const unsigned mantissa = (magnitude & 0x7FFFFFu) | 0x800000u;
+    const int shift = 126 - exponent;  // units of 2^-24
+    unsigned h = mantissa >> shift;
+    const unsigned rest = mantissa & ((1u << shift) - 1u), halfway = 1u << (shift - 1);
+    if (rest > halfway || (rest == halfway && (h & 1u))) ++h;
+    return (unsigned short)(sign | h);
+}
+
+inline float half_to_float(unsigned short h) {
+    const unsigned sign = (unsigned)(h & 0x8000u) << 16;
+    const unsigned exponent = (h >> 10) & 0x1Fu, mantissa = h & 0x3FFu;
+    if (exponent == 0) {
+        const float v = (float)mantissa * (1.0f / 16777216.0f);
+        return sign ? -v : v;
+    }
+    if (exponent == 31) return bits_float(sign | 0x7F800000u | (mantissa << 13));
+    return bits_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+}
+
+inline unsigned short bfloat_from_float(float value) {
+    const unsigned x = float_bits(value);
+    if ((x & 0x7FFFFFFFu) > 0x7F800000u) return (unsigned short)((x >> 16) | 0x40u);
+    return (unsigned short)((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
+}
+inline float bfloat_to_float(unsigned short b) { return bits_float((unsigned)b << 16); }
+
+}  // namespace emu
+
+inline float __half2float(__half v) { return emu::half_to_float(v.bits); }
+inline __half __float2half_rn(float v) { return __half{emu::half_from_float(v)}; }
+inline float __bfloat162float(__nv_bfloat16 v) { return emu::bfloat_to_float(v.bits); }
+inline __nv_bfloat16 __float2bfloat16_rn(float v) { return __nv_bfloat16{emu::bfloat_from_float(v)}; }
+
+// The paired ops round each lane's exact result once: products of two 16-bit values are exact in
+// float, and so are the differences the kernels take.
+inline __half2 __hsub2(__half2 a, __half2 b) {
+    return __half2(__float2half_rn(__half2float(a.x) - __half2float(b.x)), __float2half_rn(__half2float(a.y) - __half2float(b.y)));
+}
+inline __half2 __hmul2(__half2 a, __half2 b) {
+    return __half2(__float2half_rn(__half2float(a.x) * __half2float(b.x)), __float2half_rn(__half2float(a.y) * __half2float(b.y)));
+}
+inline __nv_bfloat162 __hsub2(__nv_bfloat162 a, __nv_bfloat162 b) {
+    return __nv_bfloat162(__float2bfloat16_rn(__bfloat162float(a.x) - __bfloat162float(b.x)),
+                          __float2bfloat16_rn(__bfloat162float(a.y) - __bfloat162float(b.y)));
+}
+inline __nv_bfloat162 __hmul2(__nv_bfloat162 a, __nv_bfloat162 b) {
+    return __nv_bfloat162(__float2bfloat16_rn(__bfloat162float(a.x) * __bfloat162float(b.x)),
+                          __float2bfloat16_rn(__bfloat162float(a.y) * __bfloat162float(b.y)));
+}
+
+// ----------------------------------------------------------------------------- integer intrinsics
+
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+inline float __int_as_float(int v) { return emu::bits_float((unsigned)v); }
+// PTX prmt in its default mode: result byte n is byte (s >> 4n) & 7 of the pair {y, x}.
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+    const unsigned long long pool = ((unsigned long long)y << 32) | x;
+    unsigned result = 0;
+    for (int n = 0; n < 4; ++n) result |= (unsigned)((pool >> (8 * ((s >> (4 * n)) & 7u))) & 0xFFu) << (8 * n);
+    return result;
+}
+template <typename T> inline T __ldg(const T* p) { return *p; }
+template <typename T> inline T __ldcg(const T* p) { return *p; }
+// Fibers switch only at the calls below, so these are atomic as written.
+inline int atomicAdd(int* address, int value) {
+    const int old = *address;
+    *address = old + value;
+    return old;
+}
+inline int atomicExch(int* address, int value) {
+    const int old = *address;
+    *address = value;
+    return old;
+}
+inline void __threadfence() {}
+
+// ----------------------------------------------------------------------------- the machine
+
+namespace emu {
+
+enum class State { ready, barrier, warp, done, failed };
+enum Flags { EARLY = 1, REVERSE = 2 };
+enum class Op { none, mma_f16, mma_bf16, ldmatrix };
+
+struct Copy {
+    unsigned char* destination;
+    unsigned char data[16];
+    int bytes;
+};
+
+struct Thread {
+    ucontext_t context;
+    dim3 index;
+    State state = State::ready;
+    std::vector<Copy> uncommitted;
+    std::deque<std::vector<Copy>> groups;
+    const void* collective = nullptr;  // this lane's operands while it waits in a warp-wide instruction
+};
+
+struct Warp {
+    Op op = Op::none;
+    int arrived = 0;
+};
+
+struct Buffer {
+    unsigned char* start;
+    size_t bytes;
+    std::string name;  // what a fault on the inaccessible page after it is reported as
+};
+
+struct Launch {
+    dim3 grid, block, block_index;
+    int flags = 0;
+    std::vector<Thread> threads;
+    std::vector<Warp> warps;
+    std::vector<unsigned char*> stacks;
+    size_t stack_bytes = 0;
+    unsigned char* shared = nullptr;
+    size_t shared_bytes = 0;
+    std::vector<Buffer> buffers;
+    ucontext_t scheduler;
+    int current = 0;
+    bool in_fiber = false;
+    std::vector<Buffer> guards;  // the inaccessible pages: after each tensor, after shared memory, below each stack
+    long long spins = 0;
+    std::string error;
+    std::function<void()> body;
+};
+
+inline Launch*& active() {
+    static Launch* launch = nullptr;
+    return launch;
+}
+inline Thread& self() { return active()->threads[active()->current]; }
+
+inline void switch_out() { swapcontext(&self().context, &active()->scheduler); }
+
+// Report the first error and stop this fiber for good: the scheduler abandons the block.
+[[noreturn]] inline void fail(const std::string& message) {
+    Launch& launch = *active();
+    const Thread& thread = self();
+    if (launch.error.empty())
+        launch.error = message + " (block " + std::to_string(launch.block_index.x) + ", thread " + std::to_string(thread.index.x) + ")";
+    self().state = State::failed;
+    switch_out();
+    __builtin_unreachable();
+}
+
+inline unsigned char* dynamic_shared() { return active()->shared; }
+
+inline void check_shared(const void* address, size_t bytes, size_t alignment, const char* what) {
+    const Launch& launch = *active();
+    const auto* p = static_cast<const unsigned char*>(address);
+    if (p < launch.shared || p + bytes > launch.shared + launch.shared_bytes)
+        fail(std::string(what) + " outside the block's " + std::to_string(launch.shared_bytes) + " bytes of dynamic shared memory (offset " +
+             std::to_string((long long)(p - launch.shared)) + ")");
+    if ((size_t)(p - launch.shared) % alignment)
+        fail(std::string(what) + " at shared offset " + std::to_string((long long)(p - launch.shared)) + " is not " +
+             std::to_string(alignment) + "-byte aligned");
+}
+
+inline void check_global(const void* address, size_t bytes, size_t alignment, const char* what) {
+    const auto* p = static_cast<const unsigned char*>(address);
+    if (reinterpret_cast<uintptr_t>(p) % alignment) fail(std::string(what) + " is not " + std::to_string(alignment) + "-byte aligned");
+    for (const Buffer& buffer : active()->buffers)
+        if (p >= buffer.start && p + bytes <= buffer.start + buffer.bytes) return;
+    fail(std::string(what) + " lies outside every tensor argument");
+}
+
+// A warp-wide instruction: each lane leaves its operands and waits; the last lane to arrive
+// computes every lane's result and releases the others.
+template <typename Operands, typename Complete>
+inline void collective(Op op, const Operands& mine, Complete complete) {
+    Launch& launch = *active();
+    Thread& thread = self();
+    const int warp_index = (int)thread.index.x / 32;
+    Warp& warp = launch.warps[warp_index];
+    if (warp.arrived == 0) warp.op = op;
+    if (warp.op != op) fail("lanes of warp " + std::to_string(warp_index) + " reached different warp-wide instructions (divergence)");
+    thread.collective = &mine;
+    if (++warp.arrived < 32) {
+        thread.state = State::warp;
+        switch_out();
+        return;
+    }
+    const Operands* lanes[32];
+    for (int lane = 0; lane < 32; ++lane) lanes[lane] = static_cast<const Operands*>(launch.threads[warp_index * 32 + lane].collective);
+    complete(static_cast<const Operands* const*>(lanes));
+    warp.arrived = 0;
+    warp.op = Op::none;
+    for (int lane = 0; lane < 32; ++lane) {
+        Thread& other = launch.threads[warp_index * 32 + lane];
+        other.collective = nullptr;
+        if (other.state == State::warp) other.state = State::ready;
+    }
+}
+
+inline void land(const std::vector<Copy>& group) {
+    for (const Copy& copy : group) std::memcpy(copy.destination, copy.data, copy.bytes);
+}
+
+inline void fiber_entry() {
+    active()->body();
+    self().state = State::done;
+}  // returns to the scheduler through uc_link
+
+inline std::string describe_waits(const Launch& launch) {
+    int barrier = 0, done = 0;
+    std::string warps;
+    for (size_t w = 0; w < launch.warps.size(); ++w)
+        if (launch.warps[w].arrived)
+            warps += ", warp " + std::to_string(w) + " has " + std::to_string(launch.warps[w].arrived) + " of 32 lanes at a warp-wide instruction";
+    for (const Thread& thread : launch.threads) {
+        barrier += thread.state == State::barrier;
+        done += thread.state == State::done;
+    }
+    return std::to_string(barrier) + " threads at __syncthreads, " + std::to_string(done) + " finished" + warps;
+}
+
+inline void run_block(Launch& launch) {
+    const int count = (int)launch.threads.size();
+    std::memset(launch.shared, 0xFF, launch.shared_bytes);
+    for (int i = 0; i < count; ++i) {
+        Thread& thread = launch.threads[i];
+        thread.index = dim3{(unsigned)i, 0, 0};
+        thread.state = State::ready;
+        thread.uncommitted.clear();
+        thread.groups.clear();
+        getcontext(&thread.context);
+        thread.context.uc_stack.ss_sp = launch.stacks[i];
+        thread.context.uc_stack.ss_size = launch.stack_bytes;
+        thread.context.uc_link = &launch.scheduler;
+        makecontext(&thread.context, fiber_entry, 0);
+    }
+    for (Warp& warp : launch.warps) warp = Warp{};
+    launch.spins = 0;
+    const bool reverse = launch.flags & REVERSE;
+    for (;;) {
+        bool ran = false;
+        for (int k = 0; k < count; ++k) {
+            const int i = reverse ? count - 1 - k : k;
+            if (launch.threads[i].state != State::ready) continue;
+            launch.current = i;
+            launch.in_fiber = true;
+            swapcontext(&launch.scheduler, &launch.threads[i].context);
+            launch.in_fiber = false;
+            ran = true;
+            if (!launch.error.empty()) return;
+        }
+        int done = 0, barrier = 0;
+        for (const Thread& thread : launch.threads) {
+            done += thread.state == State::done;
+            barrier += thread.state == State::barrier;
+        }
+        if (done == count) return;
+        if (barrier && barrier + done == count) {  // threads that finished no longer take part
+            for (Thread& thread : launch.threads)
+                if (thread.state == State::barrier) thread.state = State::ready;
+            continue;
+        }
+        if (!ran) {
+            launch.error = "deadlock in block " + std::to_string(launch.block_index.x) + ": " + describe_waits(launch);
+            return;
+        }
+    }
+}
+
+inline size_t page_bytes() { return (size_t)sysconf(_SC_PAGESIZE); }
+
+// `bytes` (rounded up to pages) followed by an inaccessible page, named `name` for a fault
+// report; returns where the usable memory ends.
+inline unsigned char* map_with_guard(Launch& launch, size_t bytes, const std::string& name, unsigned char** region,
+                                     size_t* region_bytes) {
+    const size_t page = page_bytes();
+    const size_t pages = (bytes + page - 1) / page + 1;
+    void* base = mmap(nullptr, pages * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED) return nullptr;
+    *region = static_cast<unsigned char*>(base);
+    *region_bytes = pages * page;
+    unsigned char* guard = *region + (pages - 1) * page;
+    mprotect(guard, page, PROT_NONE);
+    launch.guards.push_back(Buffer{guard, page, name});
+    return guard;
+}
+
+// A fault inside a fiber (a read or write past a tensor, past shared memory, or a stack
+// overflow) becomes the launch's error, and the scheduler abandons the block. It runs on its
+// own stack, since the fiber's may be the one that overflowed.
+inline void on_fault(int signal, siginfo_t* info, void*) {
+    Launch* launch = active();
+    if (!launch || !launch->in_fiber) {  // not the kernel's fault: crash as usual
+        ::signal(signal, SIG_DFL);
+        return;
+    }
+    const auto* address = static_cast<const unsigned char*>(info->si_addr);
+    std::string where = "an address outside every tensor argument and shared memory";
+    for (const Buffer& guard : launch->guards)
+        if (address >= guard.start && address < guard.start + guard.bytes) where = guard.name;
+    if (launch->error.empty())
+        launch->error = "a thread touched " + where + " (block " + std::to_string(launch->block_index.x) + ", thread " +
+                        std::to_string(launch->threads[launch->current].index.x) + ")";
+    launch->threads[launch->current].state = State::failed;
+    launch->in_fiber = false;
+    setcontext(&launch->scheduler);
+}
+
+using Body = std::function<void(void* const* params)>;
+struct Kernel {
+    std::vector<bool> pointer;  // per parameter: a pointer (else a 4-byte scalar)
+    Body body;
+};
+inline std::map<std::string, Kernel>& kernels() {
+    static std::map<std::string, Kernel> registry;
+    return registry;
+}
+
+template <typename... A, size_t... I>
+inline void call_with(void (*kernel)(A...), void* const* params, std::index_sequence<I...>) {
+    kernel(*static_cast<std::remove_reference_t<A>*>(params[I])...);
+}
+
+template <typename... A>
+inline bool register_kernel(const char* name, void (*kernel)(A...)) {
+    static_assert(((std::is_pointer_v<A> || sizeof(A) == 4) && ...), "kernel parameters are pointers or 4-byte scalars");
+    kernels()[name] = Kernel{{std::is_pointer_v<A>...}, [kernel](void* const* params) { call_with(kernel, params, std::index_sequence_for<A...>{}); }};
+    return true;
+}
+
+}  // namespace emu
+
+#define EMU_KERNEL(NAME) static const bool NAME##_registered = ::emu::register_kernel(#NAME, &NAME);
+
+#define threadIdx (::emu::self().index)
+#define blockIdx (::emu::active()->block_index)
+#define blockDim (::emu::active()->block)
+#define gridDim (::emu::active()->grid)
+
+inline void __syncthreads() {
+    emu::self().state = emu::State::barrier;
+    emu::switch_out();
+}
+
+inline void __nanosleep(unsigned) {
+    if (++emu::active()->spins > 1000000) emu::fail("a spin wait never ended: a block waits on work that no block does");
+    emu::switch_out();  // still ready: the other threads run first
+}
+
+// ----------------------------------------------------------------------------- PTX
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: lane (g = lane / 4, t = lane % 4) holds A
+// elements (g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..) in a[0..3], B elements
+// (k = 2t..2t+1, n = g) and (k = 2t+8.., n = g) in b0, b1, and C/D (g, 2t), (g, 2t+1),
+// (g+8, 2t), (g+8, 2t+1) in c[0..3] (the PTX ISA's fragment layouts).
+template <typename T>
+inline void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    struct Operands {
+        float* c;
+        unsigned a[4], b[2];
+    };
+    const Operands mine{c, {a[0], a[1], a[2], a[3]}, {b0, b1}};
+    constexpr bool half = std::is_same_v<T, __half>;
+    emu::collective(half ? emu::Op::mma_f16 : emu::Op::mma_bf16, mine, [](const Operands* const* lanes) {
+        auto value = [](unsigned word, int high) {
+            const unsigned short bits = (unsigned short)(high ? word >> 16 : word & 0xFFFFu);
+            return (double)(half ? emu::half_to_float(bits) : emu::bfloat_to_float(bits));
+        };
+        double A[16][16], B[16][8];
+        for (int lane = 0; lane < 32; ++lane) {
+            const int g = lane / 4, t = lane % 4;
+            const Operands& o = *lanes[lane];
+            for (int h = 0; h < 2; ++h) {
+                A[g][2 * t + h] = value(o.a[0], h);
+                A[g + 8][2 * t + h] = value(o.a[1], h);
+                A[g][2 * t + 8 + h] = value(o.a[2], h);
+                A[g + 8][2 * t + 8 + h] = value(o.a[3], h);
+                B[2 * t + h][g] = value(o.b[0], h);
+                B[2 * t + 8 + h][g] = value(o.b[1], h);
+            }
+        }
+        float D[16][8];
+        for (int i = 0; i < 16; ++i)
+            for (int j = 0; j < 8; ++j) {
+                const int lane = (i % 8) * 4 + j / 2, e = (i / 8) * 2 + j % 2;
+                double sum = lanes[lane]->c[e];
+                for (int k = 0; k < 16; ++k) sum += A[i][k] * B[k][j];
+                D[i][j] = (float)sum;
+            }
+        for (int lane = 0; lane < 32; ++lane) {
+            const int g = lane / 4, t = lane % 4;
+            float* c = lanes[lane]->c;
+            c[0] = D[g][2 * t];
+            c[1] = D[g][2 * t + 1];
+            c[2] = D[g + 8][2 * t];
+            c[3] = D[g + 8][2 * t + 1];
+        }
+    });
+}
+
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16: lanes 8j..8j+7 give the 16-byte rows of matrix j;
+// lane l receives, in r[j], the 32-bit word l % 4 of row l / 4 of matrix j.
+inline void ldmatrix_x4(const void* smem, unsigned (&r)[4]) {
+    struct Operands {
+        const unsigned char* row;
+        unsigned* r;
+    };
+    emu::check_shared(smem, 16, 16, "an ldmatrix row address");
+    const Operands mine{static_cast<const unsigned char*>(smem), r};
+    emu::collective(emu::Op::ldmatrix, mine, [](const Operands* const* lanes) {
+        unsigned words[32][4];
+        for (int lane = 0; lane < 32; ++lane)
+            for (int j = 0; j < 4; ++j) std::memcpy(&words[lane][j], lanes[8 * j + lane / 4]->row + 4 * (lane % 4), 4);
+        for (int lane = 0; lane < 32; ++lane)
+            for (int j = 0; j < 4; ++j) lanes[lane]->r[j] = words[lane][j];
+    });
+}
+
+// cp.async.{ca,cg}.shared.global with an optional source size of 0 (zero fill).
+template <int BYTES>
+inline void cp_async_zfill(void* smem, const void* global, bool valid) {
+    static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
+    emu::check_shared(smem, BYTES, BYTES, "a cp.async destination");
+    emu::Copy copy{static_cast<unsigned char*>(smem), {}, BYTES};
+    if (valid) {
+        emu::check_global(global, BYTES, BYTES, "a cp.async source");
+        std::memcpy(copy.data, global, BYTES);
+    }
+    if (emu::active()->flags & emu::EARLY)
+        std::memcpy(copy.destination, copy.data, BYTES);
+    else
+        emu::self().uncommitted.push_back(copy);
+}
+template <int BYTES>
+inline void cp_async(void* smem, const void* global) { cp_async_zfill<BYTES>(smem, global, true); }
+inline void cp_async_commit() {
+    emu::Thread& thread = emu::self();
+    thread.groups.push_back(std::move(thread.uncommitted));
+    thread.uncommitted.clear();
+}
+template <int PENDING>
+inline void cp_async_wait() {
+    emu::Thread& thread = emu::self();
+    while ((int)thread.groups.size() > PENDING) {
+        emu::land(thread.groups.front());
+        thread.groups.pop_front();
+    }
+}
+
+inline unsigned load_acquire(const int* flag) { return (unsigned)*static_cast<const volatile int*>(flag); }
+
+// ----------------------------------------------------------------------------- the entry point
+
+// Run kernel `name` over `blocks` blocks of `threads` threads with `shared` bytes of dynamic
+// shared memory. Parameter i is a pointer (kinds[i] == 0: values[i] its address, 0 for null,
+// sizes[i] its bytes) or a 4-byte scalar (kinds[i] == 1: values[i] its bits). Returns 0, or 1
+// with the reason in `error`.
+extern "C" int emu_launch(const char* name, unsigned blocks, unsigned threads, unsigned shared, int count, const int* kinds,
+                          const uint64_t* values, const uint64_t* sizes, int flags, char* error, int error_bytes) {
+    auto report = [&](const std::string& message) {
+        std::snprintf(error, (size_t)error_bytes, "%s", message.c_str());
+        return 1;
+    };
+    const auto found = emu::kernels().find(name);
+    if (found == emu::kernels().end()) return report(std::string("no kernel named ") + name + " in this build");
+    const emu::Kernel& kernel = found->second;
+    if ((int)kernel.pointer.size() != count)
+        return report(std::string(name) + " takes " + std::to_string(kernel.pointer.size()) + " arguments, not " + std::to_string(count));
+    if (threads % 32) return report("the block size must be whole warps");
+
+    emu::Launch launch;
+    std::vector<std::pair<unsigned char*, size_t>> regions;
+    std::vector<void*> pointers(count, nullptr);
+    std::vector<uint32_t> scalars(count, 0);
+    std::vector<void*> params(count);
+    std::vector<size_t> slack(count, 0);
+    auto release = [&]() {
+        for (auto& region : regions) munmap(region.first, region.second);
+    };
+    for (int i = 0; i < count; ++i) {
+        if (kernel.pointer[i] != (kinds[i] == 0)) {
+            release();
+            return report(std::string(name) + ": argument " + std::to_string(i) + (kernel.pointer[i] ? " is a pointer" : " is a scalar"));
+        }
+        if (kinds[i] == 1) {
+            scalars[i] = (uint32_t)values[i];
+            params[i] = &scalars[i];
+            continue;
+        }
+        params[i] = &pointers[i];
+        if (!values[i]) continue;
+        unsigned char* region;
+        size_t region_bytes;
+        unsigned char* end = emu::map_with_guard(launch, sizes[i] + 16, "the memory past the end of argument " + std::to_string(i), &region,
+                                                 &region_bytes);
+        if (!end) {
+            release();
+            return report("out of memory for argument " + std::to_string(i));
+        }
+        regions.emplace_back(region, region_bytes);
+        unsigned char* start = end - sizes[i];
+        start -= (uintptr_t)(start - (unsigned char*)(uintptr_t)values[i]) % 16;  // keep the caller's alignment
+        std::memcpy(start, (const void*)(uintptr_t)values[i], sizes[i]);
+        slack[i] = (size_t)(end - start) - sizes[i];
+        std::memset(start + sizes[i], 0xA5, slack[i]);
+        pointers[i] = start;
+        launch.buffers.push_back(emu::Buffer{start, sizes[i]});
+    }
+    unsigned char* region;
+    size_t region_bytes;
+    unsigned char* shared_end = emu::map_with_guard(launch, shared + 128, "the memory past the block's dynamic shared memory", &region,
+                                                    &region_bytes);
+    if (!shared_end) {
+        release();
+        return report("out of memory for shared memory");
+    }
+    regions.emplace_back(region, region_bytes);
+    launch.shared = (unsigned char*)((uintptr_t)(shared_end - shared) & ~(uintptr_t)127);
+    launch.shared_bytes = shared;
+    launch.stack_bytes = 256 * 1024;
+    for (unsigned i = 0; i < threads; ++i) {
+        unsigned char* stack_end = emu::map_with_guard(launch, launch.stack_bytes, "the memory above a thread's stack", &region, &region_bytes);
+        if (!stack_end) {
+            release();
+            return report("out of memory for the threads' stacks");
+        }
+        regions.emplace_back(region, region_bytes);
+        // The stack grows down, toward a guard page of its own below it.
+        mprotect(region, emu::page_bytes(), PROT_NONE);
+        launch.guards.push_back(emu::Buffer{region, emu::page_bytes(), "the end of a thread's stack (a stack overflow)"});
+        launch.stacks.push_back(stack_end - launch.stack_bytes);
+    }
+    launch.grid = dim3{blocks, 1, 1};
+    launch.block = dim3{threads, 1, 1};
+    launch.flags = flags;
+    launch.threads.resize(threads);
+    launch.warps.resize(threads / 32);
+    launch.body = [&]() { kernel.body(params.data()); };
+    std::vector<unsigned char> fault_stack(64 * 1024);
+    stack_t alternate{}, previous_stack{};
+    alternate.ss_sp = fault_stack.data();
+    alternate.ss_size = fault_stack.size();
+    sigaltstack(&alternate, &previous_stack);
+    struct sigaction fault {}, previous_segv{}, previous_bus{};
+    fault.sa_sigaction = emu::on_fault;
+    fault.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+    sigaction(SIGSEGV, &fault, &previous_segv);
+    sigaction(SIGBUS, &fault, &previous_bus);
+    emu::active() = &launch;
+    for (unsigned b = 0; b < blocks && launch.error.empty(); ++b) {
+        launch.block_index = dim3{b, 0, 0};
+        emu::run_block(launch);
+    }
+    emu::active() = nullptr;
+    sigaction(SIGSEGV, &previous_segv, nullptr);
+    sigaction(SIGBUS, &previous_bus, nullptr);
+    sigaltstack(&previous_stack, nullptr);
+    for (int i = 0; i < count && launch.error.empty(); ++i) {
+        if (!pointers[i]) continue;
+        const unsigned char* start = static_cast<const unsigned char*>(pointers[i]);
+        for (size_t s = 0; s < slack[i]; ++s)
+            if (start[sizes[i] + s] != 0xA5) launch.error = std::string(name) + " wrote past the end of argument " + std::to_string(i);
+        std::memcpy((void*)(uintptr_t)values[i], start, sizes[i]);
+    }
+    release();
+    return launch.error.empty() ? 0 : report(launch.error);
+}

@@ -1,0 +1,95 @@
+"""The CUDA kernels of kernels/w4_linear.cu, run on the CPU through tests/cuda_emulator, against
+the float32 reference: their index arithmetic, fragment layouts, shared-memory pipelines, split-K
+and branch protocol, on odd shapes, on every CI run. A GPU run (test_kernels.py) stays the real
+check; this one runs where no GPU is lent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cuda_emulator as emulator
+from llmcompress.config import QuantFormat
+from llmcompress.cuda import launch
+from llmcompress.cuda.prepack import Prepacked, prepack
+from llmcompress.packing import LayerLayout
+from test_kernels import FORMATS, H100_SHARED, TOLERANCE, _emulate, _layer_tensors, _reference, _relative_error
+
+pytestmark = pytest.mark.skipif(emulator.compiler() is None, reason="needs g++ to build the CUDA emulator")
+
+H100_WAVE = 2 * 132  # two resident blocks on each of 132 multiprocessors
+
+
+def _arguments_with_poisoned_workspace(build, *args) -> tuple:
+    """``build(*args)``, with every tensor it allocates (the kernel's workspace) filled with NaN
+    (or the largest integer), so a read of workspace the kernel never wrote shows."""
+    torch.use_deterministic_algorithms(True)  # with fill_uninitialized_memory, torch.empty poisons
+    try:
+        return build(*args)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def emulated_fused_linear(x: torch.Tensor, pk: Prepacked, bias: torch.Tensor | None, splits: int | None = None,
+                          branch_items: int | None = None, schedule: str = "late") -> torch.Tensor:
+    """launch.fused_linear on the emulator, for an H100's wave and shared memory, into a NaN-poisoned
+    output; the launch must leave its counters zeroed, as the next launch expects."""
+    plan = launch.fused_plan(pk, x.shape[0], H100_WAVE, H100_SHARED, splits, branch_items)
+    y = torch.full((x.shape[0], pk.out_features), float("nan"), dtype=x.dtype)
+    counters = torch.zeros(launch.COUNTER_SLOTS + plan["tiles"], dtype=torch.int32)
+    arguments = _arguments_with_poisoned_workspace(launch.fused_arguments, x, pk, bias, y, counters, plan)
+    variant = launch.variant_of(pk)
+    emulator.run(variant, launch.fused_kernel_name(variant, plan["token_tiles"]), plan["blocks"], launch.THREADS,
+                 plan["shared"], arguments, schedule)
+    assert not counters.any(), f"the launch left its counters at {counters.tolist()}"
+    return y
+
+
+def _check(y: torch.Tensor, ref: torch.Tensor, case: str) -> None:
+    error = _relative_error(y, ref)
+    assert torch.isfinite(y).all() and error < TOLERANCE[y.dtype], f"{case}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_emulated_fused_kernel_matches_float32_reference(name: str, dtype: torch.dtype) -> None:
+    """Every format and activation type, with and without the branch, for each token tile (1, 2
+    and 8 tiles of 8 tokens: M = 1, 3, 16, 70), on a layer with a partial row tile and K not a
+    multiple of the 64-column k-block."""
+    fmt = FORMATS[name]
+    for seed, rank in enumerate((0, 24)):
+        tensors, weight, branch = _layer_tensors(100, 1000, fmt, rank, seed)
+        pk = prepack(tensors, fmt, 1000, LayerLayout(rank=rank), dtype)
+        bias = torch.randn(100).to(dtype)
+        for tokens in (1, 3, 16, 70):
+            x = torch.randn(tokens, 1000).to(dtype)
+            _check(emulated_fused_linear(x, pk, bias), _reference(x, weight, branch, bias), f"r={rank} M={tokens}")
+
+
+@pytest.mark.parametrize("schedule", sorted(emulator.SCHEDULES))
+@pytest.mark.parametrize(("splits", "branch_items"), [(1, None), (2, 1), (3, 5), (7, 1000)])
+def test_emulated_split_k_branch_items_and_odd_shapes(splits: int, branch_items: int | None, schedule: str) -> None:
+    """The GPU test's overrides (split counts, branch item counts past the last k-block) with
+    act-order columns, K = 1003 and a misaligned x, under both emulated schedules."""
+    for fmt, shape, act_order, tokens in ((QuantFormat(bits=4, group_size=32), (100, 200), True, 5),
+                                          (QuantFormat(bits=4, group_size=-1), (40, 1003), False, 16),
+                                          (QuantFormat(kind="nvfp4"), (24, 1040), False, 70)):
+        tensors, weight, branch = _layer_tensors(*shape, fmt, rank=24, seed=splits, act_order=act_order)
+        pk = prepack(tensors, fmt, shape[1], LayerLayout(rank=24), torch.float16)
+        x = torch.randn(tokens * shape[1] + 1).half()[1:].view(tokens, shape[1])  # 2-byte aligned
+        bias = torch.randn(shape[0]).half()
+        y = emulated_fused_linear(x, pk, bias, splits=splits, branch_items=branch_items, schedule=schedule)
+        _check(y, _reference(x, weight, branch, bias), f"{fmt.describe()} {shape} M={tokens}")
+
+
+@pytest.mark.parametrize("name", ["int4-asym-g32", "nvfp4", "mxfp4"])
+def test_emulated_dequantizer_writes_the_contract_weight(name: str) -> None:
+    """The large-M path's dequantizer against the layout contract's own decoding (_emulate)."""
+    fmt = FORMATS[name]
+    tensors, _, _ = _layer_tensors(100, 1000, fmt, rank=0, seed=7)
+    pk = prepack(tensors, fmt, 1000, LayerLayout(), torch.float16)
+    w = torch.full((100, 1000), float("nan"), dtype=torch.float16)
+    variant = launch.variant_of(pk)
+    emulator.run(variant, launch.dequant_kernel_name(variant), -(-pk.qweight.numel() // 256), 256, 0,
+                 launch.dequant_arguments(pk, w))
+    torch.testing.assert_close(w.float(), _emulate(pk), rtol=2**-10, atol=2**-24)
