@@ -69,22 +69,19 @@ inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return
 
 // ----------------------------------------------------------------------------- 16-bit floats
 
-struct __half {
+// FP16 and BF16 values as their bits (distinct types, as in CUDA), and their pairs.
+template <int FORMAT> struct Bits16 {
     unsigned short bits;
 };
-struct __half2 {
-    __half x, y;
-    __half2() = default;
-    __half2(__half a, __half b) : x(a), y(b) {}
+template <typename H> struct Pair {
+    H x, y;
+    Pair() = default;
+    Pair(H a, H b) : x(a), y(b) {}
 };
-struct __nv_bfloat16 {
-    unsigned short bits;
-};
-struct __nv_bfloat162 {
-    __nv_bfloat16 x, y;
-    __nv_bfloat162() = default;
-    __nv_bfloat162(__nv_bfloat16 a, __nv_bfloat16 b) : x(a), y(b) {}
-};
+using __half = Bits16<0>;
+using __nv_bfloat16 = Bits16<1>;
+using __half2 = Pair<__half>;
+using __nv_bfloat162 = Pair<__nv_bfloat16>;
 static_assert(sizeof(__half2) == 4 && sizeof(__nv_bfloat162) == 4, "pairs are one 32-bit register");
 
 namespace emu {
