@@ -49,7 +49,6 @@
 #define W4_EMULATED_PTX 1
 #define __global__
 #define __device__
-#define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
@@ -165,8 +164,6 @@ inline __nv_bfloat162 __hmul2(__nv_bfloat162 a, __nv_bfloat162 b) {
 
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
-inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
-inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
 inline float __int_as_float(int v) { return emu::bits_float((unsigned)v); }
 // PTX prmt in its default mode: result byte n is byte (s >> 4n) & 7 of the pair {y, x}.
 inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
