@@ -23,11 +23,12 @@ H100_WAVE = 2 * 132  # two resident blocks on each of 132 multiprocessors
 def _arguments_with_poisoned_workspace(build, *args) -> tuple:
     """``build(*args)``, with every tensor it allocates (the kernel's workspace) filled with NaN
     (or the largest integer), so a read of workspace the kernel never wrote shows."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)  # with fill_uninitialized_memory, torch.empty poisons
     try:
         return build(*args)
     finally:
-        torch.use_deterministic_algorithms(False)
+        torch.use_deterministic_algorithms(deterministic)
 
 
 def emulated_fused_linear(x: torch.Tensor, pk: Prepacked, bias: torch.Tensor | None, splits: int | None = None,

@@ -55,7 +55,7 @@ def _cache_dir() -> Path:
 
 @functools.cache
 def library(variant: str) -> ctypes.CDLL:
-    """The emulated build of one kernel variant (compiled on first use, about 30 s)."""
+    """The emulated build of one kernel variant (compiled on first use: about 6 s on 2 cores)."""
     cxx = compiler()
     if cxx is None:
         raise EmulatorError("no C++ compiler (g++) to build the CUDA emulator")

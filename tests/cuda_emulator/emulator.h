@@ -238,6 +238,14 @@ struct Launch {
     long long spins = 0;
     std::string error;
     std::function<void()> body;
+    std::vector<std::pair<unsigned char*, size_t>> mappings;  // everything mmap gave this launch
+
+    Launch() = default;
+    Launch(const Launch&) = delete;
+    Launch& operator=(const Launch&) = delete;
+    ~Launch() {
+        for (const auto& mapping : mappings) munmap(mapping.first, mapping.second);
+    }
 };
 
 inline Launch*& active() {
@@ -248,13 +256,17 @@ inline Thread& self() { return active()->threads[active()->current]; }
 
 inline void switch_out() { swapcontext(&self().context, &active()->scheduler); }
 
-// Report the first error and stop this fiber for good: the scheduler abandons the block.
-[[noreturn]] inline void fail(const std::string& message) {
-    Launch& launch = *active();
-    const Thread& thread = self();
+// Keep the launch's first error, saying where it happened, and stop the current thread for good.
+inline void record_failure(Launch& launch, const std::string& message) {
+    Thread& thread = launch.threads[launch.current];
     if (launch.error.empty())
         launch.error = message + " (block " + std::to_string(launch.block_index.x) + ", thread " + std::to_string(thread.index.x) + ")";
-    self().state = State::failed;
+    thread.state = State::failed;
+}
+
+// Fail the current thread: the scheduler abandons the block.
+[[noreturn]] inline void fail(const std::string& message) {
+    record_failure(*active(), message);
     switch_out();
     __builtin_unreachable();
 }
@@ -380,17 +392,15 @@ inline void run_block(Launch& launch) {
 
 inline size_t page_bytes() { return (size_t)sysconf(_SC_PAGESIZE); }
 
-// `bytes` (rounded up to pages) followed by an inaccessible page, named `name` for a fault
-// report; returns where the usable memory ends.
-inline unsigned char* map_with_guard(Launch& launch, size_t bytes, const std::string& name, unsigned char** region,
-                                     size_t* region_bytes) {
+// `bytes` (rounded up to pages, owned by the launch) followed by an inaccessible page, named
+// `name` for a fault report; returns where the usable memory ends, or null.
+inline unsigned char* map_with_guard(Launch& launch, size_t bytes, const std::string& name) {
     const size_t page = page_bytes();
     const size_t pages = (bytes + page - 1) / page + 1;
     void* base = mmap(nullptr, pages * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (base == MAP_FAILED) return nullptr;
-    *region = static_cast<unsigned char*>(base);
-    *region_bytes = pages * page;
-    unsigned char* guard = *region + (pages - 1) * page;
+    launch.mappings.emplace_back(static_cast<unsigned char*>(base), pages * page);
+    unsigned char* guard = static_cast<unsigned char*>(base) + (pages - 1) * page;
     mprotect(guard, page, PROT_NONE);
     launch.guards.push_back(Buffer{guard, page, name});
     return guard;
@@ -409,10 +419,7 @@ inline void on_fault(int signal, siginfo_t* info, void*) {
     std::string where = "an address outside every tensor argument and shared memory";
     for (const Buffer& guard : launch->guards)
         if (address >= guard.start && address < guard.start + guard.bytes) where = guard.name;
-    if (launch->error.empty())
-        launch->error = "a thread touched " + where + " (block " + std::to_string(launch->block_index.x) + ", thread " +
-                        std::to_string(launch->threads[launch->current].index.x) + ")";
-    launch->threads[launch->current].state = State::failed;
+    record_failure(*launch, "a thread touched " + where);
     launch->in_fiber = false;
     setcontext(&launch->scheduler);
 }
@@ -519,11 +526,8 @@ inline void ldmatrix_x4(const void* smem, unsigned (&r)[4]) {
     emu::check_shared(smem, 16, 16, "an ldmatrix row address");
     const Operands mine{static_cast<const unsigned char*>(smem), r};
     emu::collective(emu::Op::ldmatrix, mine, [](const Operands* const* lanes) {
-        unsigned words[32][4];
         for (int lane = 0; lane < 32; ++lane)
-            for (int j = 0; j < 4; ++j) std::memcpy(&words[lane][j], lanes[8 * j + lane / 4]->row + 4 * (lane % 4), 4);
-        for (int lane = 0; lane < 32; ++lane)
-            for (int j = 0; j < 4; ++j) lanes[lane]->r[j] = words[lane][j];
+            for (int j = 0; j < 4; ++j) std::memcpy(&lanes[lane]->r[j], lanes[8 * j + lane / 4]->row + 4 * (lane % 4), 4);
     });
 }
 
@@ -580,19 +584,13 @@ extern "C" int emu_launch(const char* name, unsigned blocks, unsigned threads, u
     if (threads % 32) return report("the block size must be whole warps");
 
     emu::Launch launch;
-    std::vector<std::pair<unsigned char*, size_t>> regions;
     std::vector<void*> pointers(count, nullptr);
     std::vector<uint32_t> scalars(count, 0);
     std::vector<void*> params(count);
     std::vector<size_t> slack(count, 0);
-    auto release = [&]() {
-        for (auto& region : regions) munmap(region.first, region.second);
-    };
     for (int i = 0; i < count; ++i) {
-        if (kernel.pointer[i] != (kinds[i] == 0)) {
-            release();
+        if (kernel.pointer[i] != (kinds[i] == 0))
             return report(std::string(name) + ": argument " + std::to_string(i) + (kernel.pointer[i] ? " is a pointer" : " is a scalar"));
-        }
         if (kinds[i] == 1) {
             scalars[i] = (uint32_t)values[i];
             params[i] = &scalars[i];
@@ -600,15 +598,8 @@ extern "C" int emu_launch(const char* name, unsigned blocks, unsigned threads, u
         }
         params[i] = &pointers[i];
         if (!values[i]) continue;
-        unsigned char* region;
-        size_t region_bytes;
-        unsigned char* end = emu::map_with_guard(launch, sizes[i] + 16, "the memory past the end of argument " + std::to_string(i), &region,
-                                                 &region_bytes);
-        if (!end) {
-            release();
-            return report("out of memory for argument " + std::to_string(i));
-        }
-        regions.emplace_back(region, region_bytes);
+        unsigned char* end = emu::map_with_guard(launch, sizes[i] + 16, "the memory past the end of argument " + std::to_string(i));
+        if (!end) return report("out of memory for argument " + std::to_string(i));
         unsigned char* start = end - sizes[i];
         start -= (uintptr_t)(start - (unsigned char*)(uintptr_t)values[i]) % 16;  // keep the caller's alignment
         std::memcpy(start, (const void*)(uintptr_t)values[i], sizes[i]);
@@ -617,29 +608,19 @@ extern "C" int emu_launch(const char* name, unsigned blocks, unsigned threads, u
         pointers[i] = start;
         launch.buffers.push_back(emu::Buffer{start, sizes[i]});
     }
-    unsigned char* region;
-    size_t region_bytes;
-    unsigned char* shared_end = emu::map_with_guard(launch, shared + 128, "the memory past the block's dynamic shared memory", &region,
-                                                    &region_bytes);
-    if (!shared_end) {
-        release();
-        return report("out of memory for shared memory");
-    }
-    regions.emplace_back(region, region_bytes);
+    unsigned char* shared_end = emu::map_with_guard(launch, shared + 128, "the memory past the block's dynamic shared memory");
+    if (!shared_end) return report("out of memory for shared memory");
     launch.shared = (unsigned char*)((uintptr_t)(shared_end - shared) & ~(uintptr_t)127);
     launch.shared_bytes = shared;
     launch.stack_bytes = 256 * 1024;
     for (unsigned i = 0; i < threads; ++i) {
-        unsigned char* stack_end = emu::map_with_guard(launch, launch.stack_bytes, "the memory above a thread's stack", &region, &region_bytes);
-        if (!stack_end) {
-            release();
-            return report("out of memory for the threads' stacks");
-        }
-        regions.emplace_back(region, region_bytes);
-        // The stack grows down, toward a guard page of its own below it.
-        mprotect(region, emu::page_bytes(), PROT_NONE);
-        launch.guards.push_back(emu::Buffer{region, emu::page_bytes(), "the end of a thread's stack (a stack overflow)"});
-        launch.stacks.push_back(stack_end - launch.stack_bytes);
+        unsigned char* stack_end = emu::map_with_guard(launch, launch.stack_bytes, "the memory above a thread's stack");
+        if (!stack_end) return report("out of memory for the threads' stacks");
+        // The stack grows down, toward a guard page of its own at the bottom of its mapping.
+        unsigned char* bottom = stack_end - launch.stack_bytes;
+        mprotect(bottom, emu::page_bytes(), PROT_NONE);
+        launch.guards.push_back(emu::Buffer{bottom, emu::page_bytes(), "the end of a thread's stack (a stack overflow)"});
+        launch.stacks.push_back(bottom);
     }
     launch.grid = dim3{blocks, 1, 1};
     launch.block = dim3{threads, 1, 1};
@@ -673,6 +654,5 @@ extern "C" int emu_launch(const char* name, unsigned blocks, unsigned threads, u
             if (start[sizes[i] + s] != 0xA5) launch.error = std::string(name) + " wrote past the end of argument " + std::to_string(i);
         std::memcpy((void*)(uintptr_t)values[i], start, sizes[i]);
     }
-    release();
     return launch.error.empty() ? 0 : report(launch.error);
 }
