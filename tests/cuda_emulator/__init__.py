@@ -7,12 +7,14 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import itertools
 import os
 import re
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy
@@ -22,10 +24,26 @@ from llmcompress.cuda import launch
 
 HERE = Path(__file__).resolve().parent
 EARLY, REVERSE = 1, 2
-# How cp.async copies land and in which order the threads run (emulator.h): the default, and
-# the opposite on both counts.
-SCHEDULES = {"late": 0, "early-reversed": EARLY | REVERSE}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How the emulator runs a launch (emulator.h): ``flags`` (EARLY: cp.async copies land at
+    issue, not at their wait; REVERSE: threads run in reverse order), how many blocks are
+    resident at once, and the seed that shuffles their turns (0: in slot order)."""
+
+    flags: int = 0
+    resident: int = 1
+    seed: int = 0
+
+
+# One block at a time with copies landing late; the opposite on both counts; and 8 blocks running
+# together, their atomics and spin waits interleaved in a shuffled order. With 8 (not 4) resident,
+# main items meet branch items still running often enough that a kernel whose main items skip
+# their wait for t failed 3 of the 4 split and branch-item tests, not 1.
+SCHEDULES = {"late": Schedule(), "early-reversed": Schedule(EARLY | REVERSE), "concurrent": Schedule(resident=8, seed=1)}
 SHARED_DECLARATION = re.compile(r"extern __shared__ __align__\(\d+\) unsigned char (\w+)\[\];")
+SHARED_VARIABLE = re.compile(r"__shared__ (\w+) (\w+);")
 KERNEL_FAMILY = re.compile(r"W4_\w+\((w4_\w+?_)##SUFFIX(?:##(\w+))?\s*,")
 
 
@@ -38,11 +56,17 @@ def compiler() -> str | None:
 
 
 def translate(source: str, variant: str) -> str:
-    """The kernel source as g++ builds it: its dynamic shared memory taken from the emulator, and
-    each kernel of its W4_VARIANT list registered under the name the loader asks for."""
+    """The kernel source as g++ builds it: its dynamic shared memory and ``__shared__`` variables
+    taken from the emulator's running block, and each kernel of its W4_VARIANT list registered
+    under the name the loader asks for."""
     translated, count = SHARED_DECLARATION.subn(r"unsigned char* \1 = ::emu::dynamic_shared();", source)
     if count != source.count("extern __shared__"):
         raise EmulatorError("the kernel declares dynamic shared memory in a form the emulator does not rewrite")
+    declarations = itertools.count()
+    translated = SHARED_VARIABLE.sub(
+        lambda match: f"{match[1]}& {match[2]} = ::emu::block_static<{match[1]}>({next(declarations)});", translated)
+    if "__shared__" in translated:
+        raise EmulatorError("the kernel declares a __shared__ variable in a form the emulator does not rewrite (`__shared__ T name;`)")
     families = KERNEL_FAMILY.findall(source)
     if not families:
         raise EmulatorError("found no W4_VARIANT kernel list in the kernel source")
@@ -75,7 +99,7 @@ def library(variant: str) -> ctypes.CDLL:
                                     f"{result.stderr[-4000:]}")
             os.replace(output, built)  # whole or not at all, for a concurrent or later run
     emulated = ctypes.CDLL(str(built))
-    emulated.emu_launch.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_int,
+    emulated.emu_launch.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_int,
                                     ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_uint64),
                                     ctypes.POINTER(ctypes.c_uint64), ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
     emulated.emu_launch.restype = ctypes.c_int
@@ -97,15 +121,17 @@ def _encode(argument: object) -> tuple[int, int, int]:
 
 
 def run(variant: str, kernel: str, blocks: int, threads: int, shared: int, arguments: Sequence[object],
-        schedule: str = "late") -> None:
+        schedule: str | Schedule = "late") -> None:
     """Launch ``kernel`` of ``variant`` as CuPy would: ``blocks`` x ``threads``, ``shared``
-    bytes of dynamic shared memory. Tensors are read and written in place."""
+    bytes of dynamic shared memory, run as ``schedule`` (a Schedule or a name in SCHEDULES).
+    Tensors are read and written in place."""
     encoded = [_encode(argument) for argument in arguments]
     count = len(encoded)
     kinds = (ctypes.c_int * count)(*(kind for kind, _, _ in encoded))
     values = (ctypes.c_uint64 * count)(*(value for _, value, _ in encoded))
     sizes = (ctypes.c_uint64 * count)(*(size for _, _, size in encoded))
     error = ctypes.create_string_buffer(4096)
-    if library(variant).emu_launch(kernel.encode(), blocks, threads, shared, count, kinds, values, sizes,
-                                   SCHEDULES[schedule], error, len(error)):
+    how = SCHEDULES[schedule] if isinstance(schedule, str) else schedule
+    if library(variant).emu_launch(kernel.encode(), blocks, threads, shared, how.resident, how.seed, count, kinds, values, sizes,
+                                   how.flags, error, len(error)):
         raise EmulatorError(f"{kernel}: {error.value.decode()}")

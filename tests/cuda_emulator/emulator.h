@@ -9,11 +9,15 @@
  * EMU_KERNEL line per kernel. Its PTX wrappers (mma, ldmatrix, cp.async, ld.acquire) are
  * skipped through W4_EMULATED_PTX and defined here instead.
  *
- * Execution: one block at a time (blocks claim their work in order, so a block never waits on a
- * later one); each CUDA thread is a ucontext fiber of one OS thread, switched only where CUDA
+ * Execution: each CUDA thread is a ucontext fiber of one OS thread, switched only where CUDA
  * threads meet: __syncthreads, the warp-wide instructions (all 32 lanes must arrive at the same
- * one, or it is reported as divergence), and __nanosleep (a spin wait). When no fiber can run,
- * the launch reports a deadlock and where each thread waits.
+ * one, or it is reported as divergence), the atomics and __nanosleep (a spin wait). Up to
+ * `resident` blocks run together, each with its own shared memory; a block that finishes hands
+ * its slot to the next block index, as a GPU's multiprocessors do. Each round gives every
+ * resident block one pass over its ready threads, in slot order or (with a seed) in a shuffled
+ * order, so the blocks' atomics and spin waits interleave differently from run to run of
+ * different seeds. When no fiber can run, the launch reports a deadlock and where each thread
+ * waits; a spin wait that outlasts a million spins while no block finishes is reported too.
  *
  * Checks a GPU would not report: dynamic shared memory is poisoned with 0xFF bytes (NaN in FP16,
  * BF16 and FP32) before each block, so a read of anything not written shows in the output;
@@ -34,6 +38,7 @@
 #include <ucontext.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -52,8 +57,6 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
-// One block runs at a time, so a block's __shared__ variables can be plain statics.
-#define __shared__ static
 
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
@@ -174,15 +177,21 @@ inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
 }
 template <typename T> inline T __ldg(const T* p) { return *p; }
 template <typename T> inline T __ldcg(const T* p) { return *p; }
-// Fibers switch only at the calls below, so these are atomic as written.
+namespace emu {
+inline void yield();
+}
+// Atomic as written, since fibers switch only where they say so; each then lets the other
+// threads (and blocks) run, so that the blocks' atomics interleave.
 inline int atomicAdd(int* address, int value) {
     const int old = *address;
     *address = old + value;
+    emu::yield();
     return old;
 }
 inline int atomicExch(int* address, int value) {
     const int old = *address;
     *address = value;
+    emu::yield();
     return old;
 }
 inline void __threadfence() {}
@@ -221,21 +230,32 @@ struct Buffer {
     std::string name;  // what a fault on the inaccessible page after it is reported as
 };
 
-struct Launch {
-    dim3 grid, block, block_index;
-    int flags = 0;
+// One resident block: a slot of the launch, reused by the next block index when it finishes.
+struct Block {
+    dim3 index;
+    bool running = false;
     std::vector<Thread> threads;
     std::vector<Warp> warps;
     std::vector<unsigned char*> stacks;
+    unsigned char* shared = nullptr;                        // its dynamic shared memory
+    std::map<int, std::vector<std::max_align_t>> statics;  // its __shared__ variables, by declaration
+};
+
+struct Launch {
+    dim3 grid, block_shape;
+    int flags = 0;
+    uint64_t random = 0;  // the slot order's xorshift state; 0 keeps slot order
+    std::vector<Block> slots;
+    unsigned next_block = 0;
+    Block* running = nullptr;  // the block whose threads run now
     size_t stack_bytes = 0;
-    unsigned char* shared = nullptr;
     size_t shared_bytes = 0;
     std::vector<Buffer> buffers;
     ucontext_t scheduler;
     int current = 0;
     bool in_fiber = false;
-    std::vector<Buffer> guards;  // the inaccessible pages: after each tensor, after shared memory, below each stack
-    long long spins = 0;
+    std::vector<Buffer> guards;  // the inaccessible pages: after each tensor, after each shared memory, below each stack
+    long long spins = 0;         // since a block last finished
     std::string error;
     std::function<void()> body;
     std::vector<std::pair<unsigned char*, size_t>> mappings;  // everything mmap gave this launch
@@ -252,15 +272,15 @@ inline Launch*& active() {
     static Launch* launch = nullptr;
     return launch;
 }
-inline Thread& self() { return active()->threads[active()->current]; }
+inline Thread& self() { return active()->running->threads[active()->current]; }
 
 inline void switch_out() { swapcontext(&self().context, &active()->scheduler); }
 
 // Keep the launch's first error, saying where it happened, and stop the current thread for good.
 inline void record_failure(Launch& launch, const std::string& message) {
-    Thread& thread = launch.threads[launch.current];
+    Thread& thread = launch.running->threads[launch.current];
     if (launch.error.empty())
-        launch.error = message + " (block " + std::to_string(launch.block_index.x) + ", thread " + std::to_string(thread.index.x) + ")";
+        launch.error = message + " (block " + std::to_string(launch.running->index.x) + ", thread " + std::to_string(thread.index.x) + ")";
     thread.state = State::failed;
 }
 
@@ -271,16 +291,32 @@ inline void record_failure(Launch& launch, const std::string& message) {
     __builtin_unreachable();
 }
 
-inline unsigned char* dynamic_shared() { return active()->shared; }
+inline unsigned char* dynamic_shared() { return active()->running->shared; }
+
+// A `__shared__ T name;` declaration of the kernel (the Python side numbers them): the running
+// block's own variable, poisoned like shared memory when the block starts.
+template <typename T>
+inline T& block_static(int declaration) {
+    std::vector<std::max_align_t>& storage = active()->running->statics[declaration];
+    if (storage.empty()) {
+        storage.resize((sizeof(T) + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t));
+        std::memset(static_cast<void*>(storage.data()), 0xFF, storage.size() * sizeof(std::max_align_t));
+    }
+    return *reinterpret_cast<T*>(storage.data());
+}
+
+// Let the other threads run first; this one stays ready.
+inline void yield() { switch_out(); }
 
 inline void check_shared(const void* address, size_t bytes, size_t alignment, const char* what) {
     const Launch& launch = *active();
+    const unsigned char* shared = launch.running->shared;
     const auto* p = static_cast<const unsigned char*>(address);
-    if (p < launch.shared || p + bytes > launch.shared + launch.shared_bytes)
+    if (p < shared || p + bytes > shared + launch.shared_bytes)
         fail(std::string(what) + " outside the block's " + std::to_string(launch.shared_bytes) + " bytes of dynamic shared memory (offset " +
-             std::to_string((long long)(p - launch.shared)) + ")");
-    if ((size_t)(p - launch.shared) % alignment)
-        fail(std::string(what) + " at shared offset " + std::to_string((long long)(p - launch.shared)) + " is not " +
+             std::to_string((long long)(p - shared)) + ")");
+    if ((size_t)(p - shared) % alignment)
+        fail(std::string(what) + " at shared offset " + std::to_string((long long)(p - shared)) + " is not " +
              std::to_string(alignment) + "-byte aligned");
 }
 
@@ -296,10 +332,10 @@ inline void check_global(const void* address, size_t bytes, size_t alignment, co
 // computes every lane's result and releases the others.
 template <typename Operands, typename Complete>
 inline void collective(Op op, const Operands& mine, Complete complete) {
-    Launch& launch = *active();
+    Block& block = *active()->running;
     Thread& thread = self();
     const int warp_index = (int)thread.index.x / 32;
-    Warp& warp = launch.warps[warp_index];
+    Warp& warp = block.warps[warp_index];
     if (warp.arrived == 0) warp.op = op;
     if (warp.op != op) fail("lanes of warp " + std::to_string(warp_index) + " reached different warp-wide instructions (divergence)");
     thread.collective = &mine;
@@ -309,12 +345,12 @@ inline void collective(Op op, const Operands& mine, Complete complete) {
         return;
     }
     const Operands* lanes[32];
-    for (int lane = 0; lane < 32; ++lane) lanes[lane] = static_cast<const Operands*>(launch.threads[warp_index * 32 + lane].collective);
+    for (int lane = 0; lane < 32; ++lane) lanes[lane] = static_cast<const Operands*>(block.threads[warp_index * 32 + lane].collective);
     complete(static_cast<const Operands* const*>(lanes));
     warp.arrived = 0;
     warp.op = Op::none;
     for (int lane = 0; lane < 32; ++lane) {
-        Thread& other = launch.threads[warp_index * 32 + lane];
+        Thread& other = block.threads[warp_index * 32 + lane];
         other.collective = nullptr;
         if (other.state == State::warp) other.state = State::ready;
     }
@@ -329,62 +365,101 @@ inline void fiber_entry() {
     self().state = State::done;
 }  // returns to the scheduler through uc_link
 
-inline std::string describe_waits(const Launch& launch) {
+inline std::string describe_waits(const Block& block) {
     int barrier = 0, done = 0;
     std::string warps;
-    for (size_t w = 0; w < launch.warps.size(); ++w)
-        if (launch.warps[w].arrived)
-            warps += ", warp " + std::to_string(w) + " has " + std::to_string(launch.warps[w].arrived) + " of 32 lanes at a warp-wide instruction";
-    for (const Thread& thread : launch.threads) {
+    for (size_t w = 0; w < block.warps.size(); ++w)
+        if (block.warps[w].arrived)
+            warps += ", warp " + std::to_string(w) + " has " + std::to_string(block.warps[w].arrived) + " of 32 lanes at a warp-wide instruction";
+    for (const Thread& thread : block.threads) {
         barrier += thread.state == State::barrier;
         done += thread.state == State::done;
     }
-    return std::to_string(barrier) + " threads at __syncthreads, " + std::to_string(done) + " finished" + warps;
+    return "block " + std::to_string(block.index.x) + ": " + std::to_string(barrier) + " threads at __syncthreads, " +
+           std::to_string(done) + " finished" + warps;
 }
 
-inline void run_block(Launch& launch) {
-    const int count = (int)launch.threads.size();
-    std::memset(launch.shared, 0xFF, launch.shared_bytes);
-    for (int i = 0; i < count; ++i) {
-        Thread& thread = launch.threads[i];
+// Put block `index` in `block`'s slot: fresh fibers, poisoned shared memory and variables.
+inline void start_block(Launch& launch, Block& block, unsigned index) {
+    block.index = dim3{index, 0, 0};
+    block.running = true;
+    block.statics.clear();
+    std::memset(block.shared, 0xFF, launch.shared_bytes);
+    for (size_t i = 0; i < block.threads.size(); ++i) {
+        Thread& thread = block.threads[i];
         thread.index = dim3{(unsigned)i, 0, 0};
         thread.state = State::ready;
         thread.uncommitted.clear();
         thread.groups.clear();
         getcontext(&thread.context);
-        thread.context.uc_stack.ss_sp = launch.stacks[i];
+        thread.context.uc_stack.ss_sp = block.stacks[i];
         thread.context.uc_stack.ss_size = launch.stack_bytes;
         thread.context.uc_link = &launch.scheduler;
         makecontext(&thread.context, fiber_entry, 0);
     }
-    for (Warp& warp : launch.warps) warp = Warp{};
-    launch.spins = 0;
+    for (Warp& warp : block.warps) warp = Warp{};
+}
+
+// Run each ready thread of `block` to its next switch, in thread order (or reversed), then
+// release a barrier every unfinished thread has reached. Returns whether anything moved.
+inline bool run_pass(Launch& launch, Block& block) {
+    const int count = (int)block.threads.size();
     const bool reverse = launch.flags & REVERSE;
+    launch.running = &block;
+    bool moved = false;
+    for (int k = 0; k < count; ++k) {
+        const int i = reverse ? count - 1 - k : k;
+        if (block.threads[i].state != State::ready) continue;
+        launch.current = i;
+        launch.in_fiber = true;
+        swapcontext(&launch.scheduler, &block.threads[i].context);
+        launch.in_fiber = false;
+        moved = true;
+        if (!launch.error.empty()) return moved;
+    }
+    int done = 0, barrier = 0;
+    for (const Thread& thread : block.threads) {
+        done += thread.state == State::done;
+        barrier += thread.state == State::barrier;
+    }
+    if (done == count) {
+        block.running = false;
+        launch.spins = 0;
+    } else if (barrier && barrier + done == count) {  // threads that finished no longer take part
+        for (Thread& thread : block.threads)
+            if (thread.state == State::barrier) thread.state = State::ready;
+        moved = true;
+    }
+    return moved;
+}
+
+inline void run_grid(Launch& launch) {
+    std::vector<size_t> order(launch.slots.size());
+    for (size_t s = 0; s < order.size(); ++s) {
+        order[s] = s;
+        if (launch.next_block < launch.grid.x) start_block(launch, launch.slots[s], launch.next_block++);
+    }
     for (;;) {
-        bool ran = false;
-        for (int k = 0; k < count; ++k) {
-            const int i = reverse ? count - 1 - k : k;
-            if (launch.threads[i].state != State::ready) continue;
-            launch.current = i;
-            launch.in_fiber = true;
-            swapcontext(&launch.scheduler, &launch.threads[i].context);
-            launch.in_fiber = false;
-            ran = true;
+        for (size_t s = order.size(); launch.random && s > 1; --s) {  // Fisher-Yates with xorshift64
+            launch.random ^= launch.random << 13;
+            launch.random ^= launch.random >> 7;
+            launch.random ^= launch.random << 17;
+            std::swap(order[s - 1], order[launch.random % s]);
+        }
+        bool any = false, moved = false;
+        for (size_t s : order) {
+            Block& block = launch.slots[s];
+            if (!block.running) continue;
+            any = true;
+            moved |= run_pass(launch, block);
             if (!launch.error.empty()) return;
+            if (!block.running && launch.next_block < launch.grid.x) start_block(launch, block, launch.next_block++);
         }
-        int done = 0, barrier = 0;
-        for (const Thread& thread : launch.threads) {
-            done += thread.state == State::done;
-            barrier += thread.state == State::barrier;
-        }
-        if (done == count) return;
-        if (barrier && barrier + done == count) {  // threads that finished no longer take part
-            for (Thread& thread : launch.threads)
-                if (thread.state == State::barrier) thread.state = State::ready;
-            continue;
-        }
-        if (!ran) {
-            launch.error = "deadlock in block " + std::to_string(launch.block_index.x) + ": " + describe_waits(launch);
+        if (!any) return;
+        if (!moved) {
+            launch.error = "deadlock";
+            for (const Block& block : launch.slots)
+                if (block.running) launch.error += "; " + describe_waits(block);
             return;
         }
     }
@@ -451,8 +526,8 @@ inline bool register_kernel(const char* name, void (*kernel)(A...)) {
 #define EMU_KERNEL(NAME) static const bool NAME##_registered = ::emu::register_kernel(#NAME, &NAME);
 
 #define threadIdx (::emu::self().index)
-#define blockIdx (::emu::active()->block_index)
-#define blockDim (::emu::active()->block)
+#define blockIdx (::emu::active()->running->index)
+#define blockDim (::emu::active()->block_shape)
 #define gridDim (::emu::active()->grid)
 
 inline void __syncthreads() {
@@ -461,8 +536,8 @@ inline void __syncthreads() {
 }
 
 inline void __nanosleep(unsigned) {
-    if (++emu::active()->spins > 1000000) emu::fail("a spin wait never ended: a block waits on work that no block does");
-    emu::switch_out();  // still ready: the other threads run first
+    if (++emu::active()->spins > 1000000) emu::fail("a spin wait never ended: a block waits on work that no resident block does");
+    emu::yield();
 }
 
 // ----------------------------------------------------------------------------- PTX
@@ -567,11 +642,13 @@ inline unsigned load_acquire(const int* flag) { return (unsigned)*static_cast<co
 // ----------------------------------------------------------------------------- the entry point
 
 // Run kernel `name` over `blocks` blocks of `threads` threads with `shared` bytes of dynamic
-// shared memory. Parameter i is a pointer (kinds[i] == 0: values[i] its address, 0 for null,
+// shared memory, `resident` blocks at a time (slots visited in an order shuffled by `seed`, or in
+// order for 0). Parameter i is a pointer (kinds[i] == 0: values[i] its address, 0 for null,
 // sizes[i] its bytes) or a 4-byte scalar (kinds[i] == 1: values[i] its bits). Returns 0, or 1
 // with the reason in `error`.
-extern "C" int emu_launch(const char* name, unsigned blocks, unsigned threads, unsigned shared, int count, const int* kinds,
-                          const uint64_t* values, const uint64_t* sizes, int flags, char* error, int error_bytes) {
+extern "C" int emu_launch(const char* name, unsigned blocks, unsigned threads, unsigned shared, unsigned resident, unsigned seed,
+                          int count, const int* kinds, const uint64_t* values, const uint64_t* sizes, int flags, char* error,
+                          int error_bytes) {
     auto report = [&](const std::string& message) {
         std::snprintf(error, (size_t)error_bytes, "%s", message.c_str());
         return 1;
@@ -582,6 +659,7 @@ extern "C" int emu_launch(const char* name, unsigned blocks, unsigned threads, u
     if ((int)kernel.pointer.size() != count)
         return report(std::string(name) + " takes " + std::to_string(kernel.pointer.size()) + " arguments, not " + std::to_string(count));
     if (threads % 32) return report("the block size must be whole warps");
+    if (resident == 0) return report("at least one block must be resident");
 
     emu::Launch launch;
     std::vector<void*> pointers(count, nullptr);
@@ -608,25 +686,29 @@ extern "C" int emu_launch(const char* name, unsigned blocks, unsigned threads, u
         pointers[i] = start;
         launch.buffers.push_back(emu::Buffer{start, sizes[i]});
     }
-    unsigned char* shared_end = emu::map_with_guard(launch, shared + 128, "the memory past the block's dynamic shared memory");
-    if (!shared_end) return report("out of memory for shared memory");
-    launch.shared = (unsigned char*)((uintptr_t)(shared_end - shared) & ~(uintptr_t)127);
-    launch.shared_bytes = shared;
     launch.stack_bytes = 256 * 1024;
-    for (unsigned i = 0; i < threads; ++i) {
-        unsigned char* stack_end = emu::map_with_guard(launch, launch.stack_bytes, "the memory above a thread's stack");
-        if (!stack_end) return report("out of memory for the threads' stacks");
-        // The stack grows down, toward a guard page of its own at the bottom of its mapping.
-        unsigned char* bottom = stack_end - launch.stack_bytes;
-        mprotect(bottom, emu::page_bytes(), PROT_NONE);
-        launch.guards.push_back(emu::Buffer{bottom, emu::page_bytes(), "the end of a thread's stack (a stack overflow)"});
-        launch.stacks.push_back(bottom);
+    launch.shared_bytes = shared;
+    launch.slots.resize(std::min(resident, std::max(blocks, 1u)));
+    for (emu::Block& block : launch.slots) {
+        unsigned char* shared_end = emu::map_with_guard(launch, shared + 128, "the memory past a block's dynamic shared memory");
+        if (!shared_end) return report("out of memory for shared memory");
+        block.shared = (unsigned char*)((uintptr_t)(shared_end - shared) & ~(uintptr_t)127);
+        for (unsigned i = 0; i < threads; ++i) {
+            unsigned char* stack_end = emu::map_with_guard(launch, launch.stack_bytes, "the memory above a thread's stack");
+            if (!stack_end) return report("out of memory for the threads' stacks");
+            // The stack grows down, toward a guard page of its own at the bottom of its mapping.
+            unsigned char* bottom = stack_end - launch.stack_bytes;
+            mprotect(bottom, emu::page_bytes(), PROT_NONE);
+            launch.guards.push_back(emu::Buffer{bottom, emu::page_bytes(), "the end of a thread's stack (a stack overflow)"});
+            block.stacks.push_back(bottom);
+        }
+        block.threads.resize(threads);
+        block.warps.resize(threads / 32);
     }
     launch.grid = dim3{blocks, 1, 1};
-    launch.block = dim3{threads, 1, 1};
+    launch.block_shape = dim3{threads, 1, 1};
     launch.flags = flags;
-    launch.threads.resize(threads);
-    launch.warps.resize(threads / 32);
+    launch.random = seed ? 0x9E3779B97F4A7C15ull * seed : 0;
     launch.body = [&]() { kernel.body(params.data()); };
     std::vector<unsigned char> fault_stack(64 * 1024);
     stack_t alternate{}, previous_stack{};
@@ -639,10 +721,7 @@ extern "C" int emu_launch(const char* name, unsigned blocks, unsigned threads, u
     sigaction(SIGSEGV, &fault, &previous_segv);
     sigaction(SIGBUS, &fault, &previous_bus);
     emu::active() = &launch;
-    for (unsigned b = 0; b < blocks && launch.error.empty(); ++b) {
-        launch.block_index = dim3{b, 0, 0};
-        emu::run_block(launch);
-    }
+    emu::run_grid(launch);
     emu::active() = nullptr;
     sigaction(SIGSEGV, &previous_segv, nullptr);
     sigaction(SIGBUS, &previous_bus, nullptr);
