@@ -149,13 +149,13 @@ def test_a_failed_export_leaves_nothing(tmp_path, monkeypatch):
 
 
 # compressed-tensors decompresses NVFP4 weights to bfloat16 whatever the model's dtype, so that
-# row compares both models in bfloat16 (then their weights and ours are the same numbers).
+# row compares both models in bfloat16 (then their weights and ours are the same numbers). The
+# symmetric INT4 export is checked through the adapter row: its perplexity needs both right.
 @pytest.mark.slow
-@pytest.mark.parametrize(("fmt", "rank", "dtype"), [(QuantFormat(bits=4, group_size=64, symmetric=True), 0, "float16"),
-                                                    (QuantFormat(bits=4, group_size=64), 0, "float16"),
+@pytest.mark.parametrize(("fmt", "rank", "dtype"), [(QuantFormat(bits=4, group_size=64), 0, "float16"),
                                                     (QuantFormat(kind="nvfp4"), 0, "bfloat16"),
                                                     (QuantFormat(bits=4, group_size=64, symmetric=True), 32, "float16")],
-                         ids=["w4g64-sym", "w4g64-asym", "nvfp4", "w4g64-sym-lorc32-adapter"])
+                         ids=["w4g64-asym", "nvfp4", "w4g64-sym-lorc32-adapter"])
 def test_smollm2_export_loads_in_transformers_and_peft_with_our_perplexity(fmt, rank, dtype, smollm2_dir, tmp_path):
     pytest.importorskip("compressed_tensors")
     pytest.importorskip("peft")
