@@ -71,7 +71,7 @@ def test_emulated_fused_kernel_matches_float32_reference(name: str, dtype: torch
 @pytest.mark.parametrize(("splits", "branch_items"), [(1, None), (2, 1), (3, 5), (7, 1000)])
 def test_emulated_split_k_branch_items_and_odd_shapes(splits: int, branch_items: int | None, schedule: str) -> None:
     """The GPU test's overrides (split counts, branch item counts past the last k-block) with
-    act-order columns, K = 1003 and a misaligned x, under both emulated schedules."""
+    act-order columns, K = 1003 and a misaligned x, under each emulated schedule."""
     for fmt, shape, act_order, tokens in ((QuantFormat(bits=4, group_size=32), (100, 200), True, 5),
                                           (QuantFormat(bits=4, group_size=-1), (40, 1003), False, 16),
                                           (QuantFormat(kind="nvfp4"), (24, 1040), False, 70)):

@@ -99,8 +99,8 @@ def library(variant: str) -> ctypes.CDLL:
                                     f"{result.stderr[-4000:]}")
             os.replace(output, built)  # whole or not at all, for a concurrent or later run
     emulated = ctypes.CDLL(str(built))
-    emulated.emu_launch.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_int,
-                                    ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_uint64),
+    emulated.emu_launch.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
+                                    ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_uint64),
                                     ctypes.POINTER(ctypes.c_uint64), ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
     emulated.emu_launch.restype = ctypes.c_int
     return emulated
