@@ -177,23 +177,6 @@ inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
 }
 template <typename T> inline T __ldg(const T* p) { return *p; }
 template <typename T> inline T __ldcg(const T* p) { return *p; }
-namespace emu {
-inline void yield();
-}
-// Atomic as written, since fibers switch only where they say so; each then lets the other
-// threads (and blocks) run, so that the blocks' atomics interleave.
-inline int atomicAdd(int* address, int value) {
-    const int old = *address;
-    *address = old + value;
-    emu::yield();
-    return old;
-}
-inline int atomicExch(int* address, int value) {
-    const int old = *address;
-    *address = value;
-    emu::yield();
-    return old;
-}
 inline void __threadfence() {}
 
 // ----------------------------------------------------------------------------- the machine
@@ -284,7 +267,7 @@ inline void record_failure(Launch& launch, const std::string& message) {
     thread.state = State::failed;
 }
 
-// Fail the current thread: the scheduler abandons the block.
+// Fail the current thread: the scheduler abandons the launch.
 [[noreturn]] inline void fail(const std::string& message) {
     record_failure(*active(), message);
     switch_out();
@@ -304,9 +287,6 @@ inline T& block_static(int declaration) {
     }
     return *reinterpret_cast<T*>(storage.data());
 }
-
-// Let the other threads run first; this one stays ready.
-inline void yield() { switch_out(); }
 
 inline void check_shared(const void* address, size_t bytes, size_t alignment, const char* what) {
     const Launch& launch = *active();
@@ -365,18 +345,26 @@ inline void fiber_entry() {
     self().state = State::done;
 }  // returns to the scheduler through uc_link
 
-inline std::string describe_waits(const Block& block) {
+struct Tally {
     int barrier = 0, done = 0;
+};
+inline Tally tally(const Block& block) {
+    Tally counts;
+    for (const Thread& thread : block.threads) {
+        counts.barrier += thread.state == State::barrier;
+        counts.done += thread.state == State::done;
+    }
+    return counts;
+}
+
+inline std::string describe_waits(const Block& block) {
+    const Tally counts = tally(block);
     std::string warps;
     for (size_t w = 0; w < block.warps.size(); ++w)
         if (block.warps[w].arrived)
             warps += ", warp " + std::to_string(w) + " has " + std::to_string(block.warps[w].arrived) + " of 32 lanes at a warp-wide instruction";
-    for (const Thread& thread : block.threads) {
-        barrier += thread.state == State::barrier;
-        done += thread.state == State::done;
-    }
-    return "block " + std::to_string(block.index.x) + ": " + std::to_string(barrier) + " threads at __syncthreads, " +
-           std::to_string(done) + " finished" + warps;
+    return "block " + std::to_string(block.index.x) + ": " + std::to_string(counts.barrier) + " threads at __syncthreads, " +
+           std::to_string(counts.done) + " finished" + warps;
 }
 
 // Put block `index` in `block`'s slot: fresh fibers, poisoned shared memory and variables.
@@ -417,15 +405,11 @@ inline bool run_pass(Launch& launch, Block& block) {
         moved = true;
         if (!launch.error.empty()) return moved;
     }
-    int done = 0, barrier = 0;
-    for (const Thread& thread : block.threads) {
-        done += thread.state == State::done;
-        barrier += thread.state == State::barrier;
-    }
-    if (done == count) {
+    const Tally counts = tally(block);
+    if (counts.done == count) {
         block.running = false;
         launch.spins = 0;
-    } else if (barrier && barrier + done == count) {  // threads that finished no longer take part
+    } else if (counts.barrier && counts.barrier + counts.done == count) {  // threads that finished no longer take part
         for (Thread& thread : block.threads)
             if (thread.state == State::barrier) thread.state = State::ready;
         moved = true;
@@ -482,7 +466,7 @@ inline unsigned char* map_with_guard(Launch& launch, size_t bytes, const std::st
 }
 
 // A fault inside a fiber (a read or write past a tensor, past shared memory, or a stack
-// overflow) becomes the launch's error, and the scheduler abandons the block. It runs on its
+// overflow) becomes the launch's error, and the scheduler abandons the launch. It runs on its
 // own stack, since the fiber's may be the one that overflowed.
 inline void on_fault(int signal, siginfo_t* info, void*) {
     Launch* launch = active();
@@ -537,7 +521,22 @@ inline void __syncthreads() {
 
 inline void __nanosleep(unsigned) {
     if (++emu::active()->spins > 1000000) emu::fail("a spin wait never ended: a block waits on work that no resident block does");
-    emu::yield();
+    emu::switch_out();  // still ready: the other threads (and blocks) run first
+}
+
+// Atomic as written, since fibers switch only where they say so; each then lets the other
+// threads (and blocks) run, so that the blocks' atomics interleave.
+inline int atomicAdd(int* address, int value) {
+    const int old = *address;
+    *address = old + value;
+    emu::switch_out();
+    return old;
+}
+inline int atomicExch(int* address, int value) {
+    const int old = *address;
+    *address = value;
+    emu::switch_out();
+    return old;
 }
 
 // ----------------------------------------------------------------------------- PTX
