@@ -108,6 +108,6 @@ def test_emulated_dequantizer_writes_the_contract_weight(name: str) -> None:
     pk = prepack(tensors, fmt, 1000, LayerLayout(), torch.float16)
     w = torch.full((100, 1000), float("nan"), dtype=torch.float16)
     variant = launch.variant_of(pk)
-    emulator.run(variant, launch.dequant_kernel_name(variant), -(-pk.qweight.numel() // 256), 256, 0,
+    emulator.run(variant, launch.dequant_kernel_name(variant), launch.dequant_blocks(pk), launch.DEQUANT_THREADS, 0,
                  launch.dequant_arguments(pk, w))
     torch.testing.assert_close(w.float(), _emulate(pk), rtol=2**-10, atol=2**-24)

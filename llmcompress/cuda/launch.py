@@ -238,6 +238,14 @@ def dequant_kernel_name(variant: str) -> str:
     return f"w4_dequant_{variant}"
 
 
+DEQUANT_THREADS = 256
+
+
+def dequant_blocks(pk: Prepacked) -> int:
+    """The dequantizer's grid: one thread per prepacked word, DEQUANT_THREADS per block."""
+    return -(-pk.qweight.numel() // DEQUANT_THREADS)
+
+
 def dequant_arguments(pk: Prepacked, w: Tensor) -> tuple:
     """The dequantizer's arguments in its parameter order (one thread per prepacked word)."""
     return (pk.qweight, pk.records, w, numpy.int32(pk.out_features), numpy.int32(pk.in_features),
@@ -247,9 +255,10 @@ def dequant_arguments(pk: Prepacked, w: Tensor) -> tuple:
 def dequantize_prepacked(pk: Prepacked) -> Tensor:
     """The dense [N, K] weight (columns in prepacked order) in the activation dtype."""
     w = torch.empty(pk.out_features, pk.in_features, dtype=pk.dtype, device=pk.qweight.device)
-    kernel = load_module(variant_of(pk)).get_function(dequant_kernel_name(variant_of(pk)))
+    variant = variant_of(pk)
+    kernel = load_module(variant).get_function(dequant_kernel_name(variant))
     with _stream(w.device):
-        kernel((-(-pk.qweight.numel() // 256),), (256,), tuple(_arg(a) for a in dequant_arguments(pk, w)))
+        kernel((dequant_blocks(pk),), (DEQUANT_THREADS,), tuple(_arg(a) for a in dequant_arguments(pk, w)))
     return w
 
 
