@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What waits for a lent GPU (kernels/NOTES.md, "Pending"), in two device calls of under ten
+# What waits for a lent GPU (kernels/NOTES.md, "Pending"), in device calls of under ten
 # minutes each:
 #
 #   bash eval/tools/gpu_session.sh "$OUT" kernels [LABEL...]  # tests and kernel benchmark
@@ -7,8 +7,10 @@
 #
 # LABELs pick which trees the kernels phase measures: main, and the pending patches' names
 # (v7-cp-async-ring, ...); all of them by default. Each tree compiles its eight variants on
-# first use (about 15 s each), so with three trees one call may not finish in ten minutes:
-# then run `kernels main v7-cp-async-ring` and `kernels v8-tiled-gemm` as two calls.
+# first use (about 15 s each; the v9 tree builds for sm_90a, its 256-token wgmma kernel alone
+# 12 s in ptxas), so one call cannot measure all four trees in ten minutes: run
+# `kernels main v7-cp-async-ring`, then `kernels v8-tiled-gemm v9-wgmma` (or v9-wgmma alone if
+# v8's call ran long), then `decode`.
 #
 # kernels: the GPU tests of the tree as it is (the kernels, and `--device auto` in
 #   tests/test_placement.py), the kernel benchmark at 8192^2 with the split-K, branch-item and
