@@ -28,7 +28,9 @@ LABEL = re.compile(r"^(\.L_x_\d+):")
 INSTRUCTION = re.compile(r"/\*[0-9a-f]+\*/\s+(.*?)\s*;")
 GUARD = re.compile(r"^@!?U?P(?:\d+|T)\s+")
 BRANCH = re.compile(r"^BRA(?:\.\w+)*\s+`\((\.L_x_\d+)\)")
-HGMMA = re.compile(r"^HGMMA\.64x(\d+)x\d+\.F32\w*\s+R(\d+),\s*(\w+)")
+# The shape, the accumulators' first register and A (a register, or gdesc[...] for shared memory),
+# for every input type: HGMMA.64x64x16.F32 (FP16) and HGMMA.64x64x16.F32.BF16 alike.
+HGMMA = re.compile(r"^HGMMA\.64x(\d+)x\d+\.F32(?:\.\w+)*\s+R(\d+),\s*(\w+)")
 WAIT_ALL = re.compile(r"^WARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b")
 REGISTER = re.compile(r"R(\d+)")
 # Opcodes that write no general register (stores, control, synchronisation) or only predicates.
@@ -123,6 +125,10 @@ def overwrites(name: str, instructions: list[str], labels: dict[str, int]) -> li
     return found
 
 
+def _is_hgmma(instruction: str) -> bool:
+    return GUARD.sub("", instruction).startswith("HGMMA")
+
+
 def nvdisasm() -> str | None:
     """nvdisasm from the CUDA toolkit, or from the nvidia-cuda-nvdisasm wheel."""
     if found := shutil.which("nvdisasm"):
@@ -141,13 +147,18 @@ def main(cubins: list[str]) -> int:
     problems = 0
     for cubin in cubins:
         sass = subprocess.run([tool, "-c", cubin], check=True, capture_output=True, text=True).stdout
-        with_hgmma = {name: body for name, body in functions(sass).items() if any(HGMMA.match(GUARD.sub("", i)) for i in body[0])}
+        with_hgmma = {name: body for name, body in functions(sass).items() if any(_is_hgmma(i) for i in body[0])}
         if not with_hgmma:
             print(f"cuda_sass: {cubin}: no warpgroup MMA")
         for name, (instructions, labels) in with_hgmma.items():
-            hgmmas = sum(bool(HGMMA.match(GUARD.sub("", i))) for i in instructions)
+            hgmmas = [i for i in instructions if _is_hgmma(i)]
+            unread = [i for i in hgmmas if not HGMMA.match(GUARD.sub("", i))]
+            if unread:  # a form this check cannot read would otherwise go unchecked
+                print(f"cuda_sass: {name}: cannot read {unread[0]!r} ({len(unread)} such)")
+                problems += len(unread)
+                continue
             found = overwrites(name, instructions, labels)
-            print(f"cuda_sass: {name}: {hgmmas} HGMMA, {len(found)} writes of registers they still use")
+            print(f"cuda_sass: {name}: {len(hgmmas)} HGMMA, {len(found)} writes of registers they still use")
             for overwrite in found[:5]:
                 print(f"    {overwrite.hgmma}  <-  {overwrite.writer}")
             problems += len(found)

@@ -31,6 +31,12 @@ def test_a_write_of_an_in_flight_a_register_through_the_back_edge_is_found():
     assert [o.writer for o in found] == ["LOP3.LUT R57, R8, 0xf000f, RZ, 0xc0, !PT"]
 
 
+def test_bfloat16_hgmmas_are_read_too():
+    bf16 = LOOP.replace("HGMMA.64x64x16.F32 ", "HGMMA.64x64x16.F32.BF16 ").format(decoded=57, late=72, epilogue=100)
+    (name, (instructions, labels)), = functions(bf16).items()
+    assert [o.writer for o in overwrites(name, instructions, labels)] == ["LOP3.LUT R57, R8, 0xf000f, RZ, 0xc0, !PT"]
+
+
 def test_a_write_of_an_in_flight_accumulator_is_found():
     assert [o.writer for o in _check(decoded=40, late=72, epilogue=100)[1]] == ["LOP3.LUT R40, R8, 0xf000f, RZ, 0xc0, !PT"]
 
