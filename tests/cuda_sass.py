@@ -26,7 +26,8 @@ from pathlib import Path
 FUNCTION = re.compile(r"^\.text\.(\w+):$")
 LABEL = re.compile(r"^(\.L_x_\d+):")
 INSTRUCTION = re.compile(r"/\*[0-9a-f]+\*/\s+(.*?)\s*;")
-GUARD = re.compile(r"^@!?U?P(?:\d+|T)\s+")
+PREDICATE = r"!?U?P(?:\d+|T)"
+GUARD = re.compile(rf"^@{PREDICATE}\s+")
 BRANCH = re.compile(r"^BRA(?:\.\w+)*\s+`\((\.L_x_\d+)\)")
 # The shape, the accumulators' first register and A (a register, or gdesc[...] for shared memory),
 # for every input type: HGMMA.64x64x16.F32 (FP16) and HGMMA.64x64x16.F32.BF16 alike.
@@ -41,7 +42,6 @@ NO_REGISTER_WRITE = ("ST", "STS", "STG", "STL", "RED", "BAR", "BRA", "BSSY", "BS
 
 @dataclass(frozen=True)
 class Overwrite:
-    function: str
     hgmma: str
     writer: str
 
@@ -62,9 +62,9 @@ def written_registers(instruction: str) -> set[int]:
     if opcode.split(".")[0] in NO_REGISTER_WRITE:
         return set()
     for operand in (o.strip() for o in operands.split(",")):
-        if re.fullmatch(r"!?U?P(?:\d+|T)", operand):
+        if re.fullmatch(PREDICATE, operand):
             continue
-        match = re.fullmatch(r"R(\d+)", operand)
+        match = REGISTER.fullmatch(operand)
         return set(range(int(match.group(1)), int(match.group(1)) + _width(opcode))) if match else set()
     return set()
 
@@ -98,7 +98,7 @@ def _successors(instructions: list[str], labels: dict[str, int], index: int) -> 
     return following
 
 
-def overwrites(name: str, instructions: list[str], labels: dict[str, int]) -> list[Overwrite]:
+def overwrites(instructions: list[str], labels: dict[str, int]) -> list[Overwrite]:
     """Every instruction reachable from an HGMMA, before a wait for all groups, that writes its A
     registers (4) or its accumulators (N/2 for a 64xN F32 tile)."""
     found = []
@@ -120,7 +120,7 @@ def overwrites(name: str, instructions: list[str], labels: dict[str, int]) -> li
             if WAIT_ALL.match(GUARD.sub("", instructions[at])):
                 continue
             if written_registers(instructions[at]) & busy:
-                found.append(Overwrite(name, instruction, instructions[at]))
+                found.append(Overwrite(instruction, instructions[at]))
             pending.extend(_successors(instructions, labels, at))
     return found
 
@@ -157,7 +157,7 @@ def main(cubins: list[str]) -> int:
                 print(f"cuda_sass: {name}: cannot read {unread[0]!r} ({len(unread)} such)")
                 problems += len(unread)
                 continue
-            found = overwrites(name, instructions, labels)
+            found = overwrites(instructions, labels)
             print(f"cuda_sass: {name}: {len(hgmmas)} HGMMA, {len(found)} writes of registers they still use")
             for overwrite in found[:5]:
                 print(f"    {overwrite.hgmma}  <-  {overwrite.writer}")
