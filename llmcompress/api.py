@@ -15,31 +15,34 @@ from .calib import calibration_windows
 from .checkpoint import check_output_dir, checkpoint_config, save, unique_state_dict
 from .config import CompressConfig
 from .errors import CalibrationError, ConfigError, ModelError
+from .flags import RecipeLike, as_recipe
 from .memory import pin_mmap_threshold
 from .models import load_model, load_tokenizer, resolve_model_dir
 from .pipeline import CompressionReport, compress_blocks, find_decoder_blocks, plan_targets
 from .pipeline.sharded import materialize_head, materialize_outside, meta_model
-from .shards import ShardedWeights
+from .recipe import Recipe
 from .rundir import RunDirectory
+from .shards import ShardedWeights
 from .streaming import DiskStream
 
 
-def compress(model: nn.Module | str | os.PathLike | None, config: CompressConfig | None = None, *,
+def compress(model: nn.Module | str | os.PathLike | None, recipe: RecipeLike | None = None, *,
              calibration: str | Tensor | None = None, output_dir: str | os.PathLike | None = None,
              tokenizer=None, device: str = "cpu", overwrite: bool = False, progress: bool = True, activations: str = "auto",  # noqa: ANN001
              offload_dir: str | os.PathLike | None = None) -> nn.Module:
-    """Compress ``model`` (a module, a path / hub id, or None for the bundled default) in place.
+    """Compress ``model`` (a module, a path / hub id, or None for the bundled default) in place,
+    as ``recipe`` says (a ``Recipe``, a dict, a YAML file's path, or a ``CompressConfig``).
 
     ``calibration`` is a text source (see ``llmcompress.calib``) or token windows
     [nsamples, seqlen]; when None, methods that need data use ``config.calib.source`` and
     data-free methods (RTN) skip the calibration pass. With calibration, every layer's output
     error on it is measured and reported. The returned model carries ``compression_report``
-    and ``llmcompress_config``; with ``output_dir`` it is also saved there as a checkpoint.
+    and ``llmcompress_config`` (the recipe as run); with ``output_dir`` it is also saved there as a checkpoint.
     ``activations`` and ``offload_dir`` say where the calibration activations between blocks
     are kept (see ``pipeline.compress_blocks``). ``device``: "cpu", "cuda[:N]", or "auto" (the
     blocks spread over the visible GPUs, see ``pipeline.placement``).
     """
-    config = config or CompressConfig()
+    config = as_recipe(recipe)
     _check_device(device)
     if output_dir is not None:
         check_output_dir(output_dir, overwrite)
@@ -59,7 +62,7 @@ def compress(model: nn.Module | str | os.PathLike | None, config: CompressConfig
     return model
 
 
-def compress_to_disk(model: str | os.PathLike | None, config: CompressConfig | None, output_dir: str | os.PathLike, *,
+def compress_to_disk(model: str | os.PathLike | None, recipe: RecipeLike | None, output_dir: str | os.PathLike, *,
                      calibration: str | Tensor | None = None, device: str = "cpu", resume: bool = False, overwrite: bool = False,
                      progress: bool = True, command: str | None = None, activations: str = "auto",
                      offload_dir: str | os.PathLike | None = None) -> tuple[Path, CompressionReport]:
@@ -75,7 +78,7 @@ def compress_to_disk(model: str | os.PathLike | None, config: CompressConfig | N
     ``pipeline.compress_blocks``); ``device`` is as for ``compress``.
     """
     pin_mmap_threshold()  # first: tokenising the calibration text fragments the heap too
-    config = config or CompressConfig()
+    config = as_recipe(recipe)
     _check_device(device)
     if model is not None and not Path(model).expanduser().exists() and str(model) != "default":
         raise ModelError(f"model path {str(model)!r} does not exist: check the path (compressing block by block needs a local model)")
@@ -111,16 +114,16 @@ def _check_device(device: str) -> None:
         raise ConfigError(f"device={device!r} but PyTorch sees no CUDA GPU: use device='cpu'")
 
 
-def _effective_config(config: CompressConfig, calibration: str | Tensor | None, windows: Tensor | None) -> CompressConfig:
+def _effective_config(config: Recipe, calibration: str | Tensor | None, windows: Tensor | None) -> Recipe:
     """The configuration as run: the calibration it really used."""
     source = "none" if windows is None else ("token windows" if isinstance(calibration, Tensor) else calibration or config.calib.source)
     calib = dataclasses.replace(config.calib, source=source)
     if windows is not None:
         calib = dataclasses.replace(calib, nsamples=windows.shape[0], seqlen=windows.shape[1])
-    return dataclasses.replace(config, calib=calib)
+    return config.with_calib(calib)
 
 
-def _calibration_windows(config: CompressConfig, calibration: str | Tensor | None, tokenizer) -> Tensor | None:  # noqa: ANN001
+def _calibration_windows(config: Recipe, calibration: str | Tensor | None, tokenizer) -> Tensor | None:  # noqa: ANN001
     if isinstance(calibration, Tensor):
         if calibration.dim() != 2 or calibration.dtype != torch.long:
             raise CalibrationError(f"calibration token windows must be a 2-D long tensor [nsamples, seqlen], got {calibration.dtype} {tuple(calibration.shape)}")
@@ -128,10 +131,7 @@ def _calibration_windows(config: CompressConfig, calibration: str | Tensor | Non
     source = calibration if calibration is not None else (config.calib.source if config.needs_calibration else None)
     if source is None or source.strip().lower() == "none":
         if config.needs_calibration:
-            needs = (f"method {config.method!r}" if config.method != "rtn" else
-                     f"pruning method {config.prune.method!r}" if config.prune.uses_calibration else
-                     f"low-rank method {config.lowrank.method!r}")
-            raise CalibrationError(f"{needs} needs calibration data: give a text source, not 'none'")
+            raise CalibrationError(f"{', '.join(config.calibrated_passes())} needs calibration data: give a text source, not 'none'")
         return None
     if tokenizer is None:
         raise CalibrationError("calibration text needs the model's tokenizer: pass tokenizer=..., or token windows as calibration=")

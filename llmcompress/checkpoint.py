@@ -3,13 +3,15 @@
 Layout of a checkpoint directory:
 
 - ``config.json``: the model's Hugging Face config plus ``quantization_config`` =
-  ``{"quant_method": "llmcompress", "format_version": 1, "config": <CompressConfig>,
+  ``{"quant_method": "llmcompress", "format_version": 2, "recipe": <the Recipe as run>,
   "modules": {name: {"format": <QuantFormat, or null for a 16-bit N:M sparse weight>,
   "in_features", "out_features", "g_idx", "layout": <LayerLayout: low-rank rank and dtype,
   smoothing, activation format, N:M sparse storage>}},
   "tied": {dropped: kept}}``. It is written last: a directory without it is unfinished.
 - ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``:
   every tensor in its stored dtype; quantized layers hold the packed tensors of ``packing``.
+- ``recipe.yaml``: the same recipe as a file; ``compress --recipe`` run on it reproduces the
+  checkpoint byte for byte.
 - the tokenizer files, and ``compression_report.json`` (per-layer errors of the run).
 
 Everything is written into a hidden staging directory beside the target and renamed into place,
@@ -30,6 +32,8 @@ from torch import Tensor, nn
 
 from . import __version__
 from .config import CompressConfig, QuantFormat, _from_dict
+from .flags import recipe_from_config
+from .recipe import Recipe
 from .errors import CheckpointError, ConfigError
 from .fileio import staged_directory, staged_file
 from .models import cast_model, load_model
@@ -38,8 +42,11 @@ from .packing import LayerLayout, packed_spec
 from .shards import INDEX_FILE, SINGLE_FILE, ShardedWeights
 
 QUANT_METHOD = "llmcompress"
-FORMAT_VERSION = 1
+# Format 2 stores the recipe; format 1 stored the flag-shaped CompressConfig, still read.
+FORMAT_VERSION = 2
+LEGACY_FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
+RECIPE_FILE = "recipe.yaml"
 REPORT_FILE = "compression_report.json"
 EXPORT_QUANT_METHODS = ("compressed-tensors", "gptq")  # read here, written by llmcompress.export
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -73,7 +80,7 @@ def unique_state_dict(model: nn.Module, exclude: str | None = None) -> tuple[dic
     return tensors, tied
 
 
-def save(model: nn.Module, out_dir: str | os.PathLike, config: CompressConfig, tokenizer: Any = None,
+def save(model: nn.Module, out_dir: str | os.PathLike, config: Recipe, tokenizer: Any = None,
          report: dict | None = None, overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write a compressed model as a native checkpoint; returns the directory. Where ``compress``
     read the float model from is recorded, so that ``compress eval --baseline`` finds it."""
@@ -107,7 +114,7 @@ def module_entries(module: nn.Module, prefix: str = "") -> dict[str, dict]:
     }
 
 
-def checkpoint_config(model: nn.Module, config: CompressConfig, modules: dict[str, dict], tied: dict[str, str],
+def checkpoint_config(model: nn.Module, config: Recipe, modules: dict[str, dict], tied: dict[str, str],
                       source_model: str | None = None) -> dict:
     """config.json of a native checkpoint: the model's config plus our ``quantization_config``."""
     hf_config = model.config.to_dict()
@@ -117,7 +124,7 @@ def checkpoint_config(model: nn.Module, config: CompressConfig, modules: dict[st
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
         "llmcompress_version": __version__,
-        "config": config.to_dict(),
+        "recipe": config.to_dict(),
         "modules": modules,
         "tied": tied,
         "source_model": source_model,
@@ -126,6 +133,10 @@ def checkpoint_config(model: nn.Module, config: CompressConfig, modules: dict[st
 
 
 def write_config(hf_config: dict, directory: Path) -> None:
+    """config.json, and the recipe beside it as a file that ``--recipe`` takes back."""
+    recipe = (hf_config.get("quantization_config") or {}).get("recipe")
+    if recipe is not None:
+        (directory / RECIPE_FILE).write_text(Recipe.from_dict(recipe).to_yaml())
     (directory / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True, default=str))
 
 
@@ -215,14 +226,20 @@ def skeleton(path: str | os.PathLike) -> nn.Module:
     return model
 
 
-def _native_config(path: Path, quantization: dict) -> CompressConfig:
-    if quantization.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} uses checkpoint format {quantization.get('format_version')}; this llmcompress reads format {FORMAT_VERSION}: upgrade llmcompress")
-    missing_keys = [key for key in ("config", "modules") if key not in quantization]
+def _native_config(path: Path, quantization: dict) -> Recipe:
+    """The recipe a native checkpoint was made with (format 1 stored the flag-shaped config)."""
+    version = quantization.get("format_version")
+    if version not in (LEGACY_FORMAT_VERSION, FORMAT_VERSION):
+        raise CheckpointError(f"{path} uses checkpoint format {version}; this llmcompress reads formats "
+                              f"{LEGACY_FORMAT_VERSION} and {FORMAT_VERSION}: upgrade llmcompress")
+    key = "config" if version == LEGACY_FORMAT_VERSION else "recipe"
+    missing_keys = [k for k in (key, "modules") if k not in quantization]
     if missing_keys:
         raise CheckpointError(f"{path / CONFIG_FILE}: quantization_config lacks {', '.join(missing_keys)}: the checkpoint is corrupt")
     try:
-        return CompressConfig.from_dict(quantization["config"])
+        if version == LEGACY_FORMAT_VERSION:
+            return recipe_from_config(CompressConfig.from_dict(quantization[key]))
+        return Recipe.from_dict(quantization[key])
     except ConfigError as err:
         raise CheckpointError(f"{path / CONFIG_FILE}: its compression config is invalid ({err}): the checkpoint is corrupt") from err
 
@@ -246,7 +263,7 @@ def _empty_model(path: Path, quantization: dict) -> nn.Module:
     return model
 
 
-def _build(path: Path, quantization: dict, tensors: dict[str, Tensor], compress_config: CompressConfig | None,
+def _build(path: Path, quantization: dict, tensors: dict[str, Tensor], compress_config: Recipe | None,
            device: str | torch.device, dtype: torch.dtype | None):  # noqa: ANN202 - (model, tokenizer)
     """The model of ``path``'s config with ``CompressedLinear`` layers as ``quantization["modules"]`` says."""
     model = _empty_model(path, quantization)

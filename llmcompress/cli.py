@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 import torch
+from click.core import ParameterSource
 
 from . import checkpoint, reports, rundir
 from .api import compress as compress_model
@@ -42,12 +43,14 @@ from .export import FORMATS as EXPORT_FORMATS
 from .export import ExportError, export
 from .export import notes as export_notes
 from .fileio import staged_file
+from .flags import recipe_from_config
 from .memory import pin_mmap_threshold
 from .models import DEFAULT_MODEL_NAME, load_model, resolve_model_dir
 from .pipeline import find_decoder_blocks, plan_targets
 from .pipeline.activations import PLACES
 from .pipeline.placement import AUTO, DEVICES, single_device
 from .pipeline.sharded import meta_model
+from .recipe import Recipe, load_recipe
 from .summary import SizeSummary, size_summary
 
 DEFAULT_COMMAND = "run"
@@ -60,14 +63,49 @@ class DefaultCommandGroup(click.Group):
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         ctx.meta[ARGUMENTS_KEY] = list(args)  # quoted back in the command that resumes a run
+        if args in (["-h"], ["--help"]):
+            return super().parse_args(ctx, args)
         if not args or args[0] not in self.commands:
             args = [DEFAULT_COMMAND, *args]
         return super().parse_args(ctx, args)
 
 
+class SectionedCommand(click.Command):
+    """A command whose --help lists its options under headings (one per pass, then calibration,
+    evaluation, output, ...) instead of one long list."""
+
+    def __init__(self, *args, sections: dict[str, tuple[str, ...]], **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.sections = sections
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        records = {p.name: p.get_help_record(ctx) for p in self.get_params(ctx)}
+        placed = {name for names in self.sections.values() for name in names}
+        for title, names in [*self.sections.items(), ("Other options", tuple(n for n in records if n not in placed))]:
+            rows = [records[name] for name in names if records.get(name)]
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+RUN_SECTIONS = {
+    "Recipe": ("recipe_path", "print_recipe", "settings"),
+    "Quantize": ("kind", "bits", "group_size", "symmetric", "method", "act_order", "static_groups", "damp", "gptq_clip", "awq_grid",
+                 "no_awq_clip", "act_bits"),
+    "Low-rank branch": ("rank", "lowrank_method", "lowrank_alloc", "lowrank_dtype"),
+    "Prune": ("prune_method", "sparsity", "pattern"),
+    "Modules": ("skips", "overrides"),
+    "Calibration": ("calib", "nsamples", "seqlen", "seed", "batch_size"),
+    "Evaluation": ("run_eval", "eval_text", "eval_seqlen", "eval_windows"),
+    "Output": ("out_dir", "overwrite", "resume", "export_format", "adapter"),
+    "Placement": ("device", "activations", "offload_dir"),
+}
+
+
 @click.group(cls=DefaultCommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """Compress a Hugging Face causal LM: `compress [MODEL] --bits 4 --out DIR`."""
+    """Compress a Hugging Face causal LM: `compress [MODEL] --bits 4 --out DIR`
+    (the same as `compress run ...`). `compress COMMAND --help` tells more."""
 
 
 def _parse_override(text: str) -> ModuleOverride:
@@ -84,8 +122,14 @@ def _parse_override(text: str) -> ModuleOverride:
     return ModuleOverride(pattern=pattern, **values)
 
 
-@main.command(name=DEFAULT_COMMAND)
+@main.command(name=DEFAULT_COMMAND, cls=SectionedCommand, sections=RUN_SECTIONS,
+              short_help="Compress a model (the default command): flags or a recipe file.")
 @click.argument("model", required=False)
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), default=None,
+              help="Run this YAML recipe (passes, options, targets, overrides) instead of building one from the flags below.")
+@click.option("--print-recipe", is_flag=True, help="Print the recipe the options make, as YAML, and exit.")
+@click.option("--set", "settings", multiple=True, metavar="KIND.OPTION=VALUE",
+              help="Change one field of the recipe, e.g. quantize.bits=3 or calibration.nsamples=64 (repeatable).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output directory [default: out/<model>-<format>].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory (or an unfinished run).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last committed block (same model and options).")
@@ -137,23 +181,20 @@ def _parse_override(text: str) -> ModuleOverride:
               help="Checkpoint format to write: ours (keeps everything), or compressed-tensors / gptq, which transformers and vLLM load.")
 @click.option("--adapter/--no-adapter", default=True, show_default=True,
               help="compressed-tensors / gptq: write low-rank branches as a PEFT LoRA adapter in OUT/adapter (else refuse them).")
-def run(model: str | None, out_dir: str | None, overwrite: bool, resume: bool, kind: str, bits: int, group_size: int | None,
-        symmetric: bool | None, method: str, act_order: bool, static_groups: bool, damp: float, awq_grid: int,
-        gptq_clip: bool | None, no_awq_clip: bool,
-        rank: int, lowrank_method: str | None, lowrank_alloc: str, lowrank_dtype: str, act_bits: str | None,
-        prune_method: str | None, sparsity: float | None, pattern: str, skips: tuple[str, ...], overrides: tuple[str, ...], calib: str | None,
-        nsamples: int, seqlen: int, seed: int, batch_size: int, run_eval: bool, eval_text: str, eval_seqlen: int,
-        eval_windows: int, device: str, activations: str, offload_dir: str | None, export_format: str, adapter: bool) -> None:
+def run(model: str | None, recipe_path: str | None, print_recipe: bool, settings: tuple[str, ...], out_dir: str | None, overwrite: bool,
+        resume: bool, calib: str | None, run_eval: bool, eval_text: str, eval_seqlen: int, eval_windows: int, device: str,
+        activations: str, offload_dir: str | None, export_format: str, adapter: bool, **flags) -> None:  # noqa: ANN003
     """Compress MODEL (a Hugging Face directory, a .gguf file or a hub id; default: the bundled
-    SmolLM2-135M-Instruct) and write a packed checkpoint that `llmcompress.load` reads."""
+    SmolLM2-135M-Instruct) and write a packed checkpoint that `llmcompress.load` reads.
+
+    What is done is a recipe: the flags build one (--print-recipe shows it), or --recipe reads one."""
     started = time.perf_counter()
     out, streaming = None, False
     try:
-        config = build_config(kind=kind, bits=bits, group_size=group_size, symmetric=symmetric, method=method, act_order=act_order,
-                              static_groups=static_groups, damp=damp, awq_grid=awq_grid, gptq_clip=gptq_clip, no_awq_clip=no_awq_clip,
-                              rank=rank, lowrank_method=lowrank_method, lowrank_alloc=lowrank_alloc, lowrank_dtype=lowrank_dtype,
-                              act_bits=act_bits, prune_method=prune_method, sparsity=sparsity, pattern=pattern, skips=skips,
-                              overrides=overrides, calib=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size)
+        config = recipe_from_options(click.get_current_context(), recipe_path, settings, calib=calib, **flags)
+        if print_recipe:
+            click.echo(config.to_yaml(), nl=False)
+            return
         _check_device(device)
         if device == AUTO:
             click.echo(_describe_auto())
@@ -170,7 +211,7 @@ def run(model: str | None, out_dir: str | None, overwrite: bool, resume: bool, k
         else:
             checkpoint.check_output_dir(out, overwrite)
         eval_limit = eval_windows or None
-        describe = _describe_run(config, config.quant, method, calib, rank, lowrank_alloc)
+        describe = _describe_run(config, calib)
         evaluation = (eval_text, eval_seqlen, eval_limit) if run_eval else None
         placement = {"activations": activations, "offload_dir": offload_dir}
         if streaming:
@@ -186,7 +227,21 @@ def run(model: str | None, out_dir: str | None, overwrite: bool, resume: bool, k
         sys.exit(130)
     except LLMCompressError as err:
         raise click.ClickException(str(err)) from err
-    click.echo(_summary_table(before, after, before_ppl, after_ppl, time.perf_counter() - started, out, config.prune))
+    click.echo(_summary_table(before, after, before_ppl, after_ppl, time.perf_counter() - started, out, config.summary_notes()))
+
+
+def recipe_from_options(ctx: click.Context, recipe_path: str | None, settings: tuple[str, ...], **flags) -> Recipe:  # noqa: ANN003
+    """The recipe a `compress run` command line describes: the --recipe file, or the one its flags
+    build; then each --set applied."""
+    if recipe_path is not None:
+        given = [f"--{name.replace('_', '-')}" for name in flags if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]
+        if given:
+            raise ConfigError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} part of the recipe, which --recipe {recipe_path} "
+                              f"already gives: change it with --set KIND.OPTION=VALUE (e.g. --set quantize.bits=3), or edit the file")
+        recipe = load_recipe(recipe_path)
+    else:
+        recipe = recipe_from_config(build_config(**flags))
+    return recipe.with_settings(settings) if settings else recipe
 
 
 def build_config(*, kind: str, bits: int, group_size: int | None, symmetric: bool | None, method: str, act_order: bool,
@@ -228,16 +283,12 @@ def _has_safetensors(model: str | None) -> bool:
     return (path / checkpoint.SINGLE_FILE).is_file() or (path / checkpoint.INDEX_FILE).is_file()
 
 
-def _describe_run(config: CompressConfig, quant: QuantFormat | None, method: str, calib: str | None, rank: int, lowrank_alloc: str) -> str:
-    data = "data-free" if not config.needs_calibration and (calib is None or config.calib.is_none) else f"calibration {calib or config.calib.source}"
-    branch = f", {config.lowrank.method} rank {rank} ({lowrank_alloc})" if config.wants_lowrank else ""
-    activations = f", activations {config.act_format(quant).describe()}" if quant and config.act_bits else ""
-    pruning = f", pruning {config.prune.describe()}" if config.prune.enabled else ""
-    weights = f"{quant.describe()}, method {method}" if quant else "16-bit weights"
-    return f"compressing: {weights}{pruning}{branch}{activations}, {data}"
+def _describe_run(recipe: Recipe, calib: str | None) -> str:
+    data = "data-free" if not recipe.needs_calibration and (calib is None or recipe.calib.is_none) else f"calibration {calib or recipe.calib.source}"
+    return f"compressing: {recipe.describe()}, {data}"
 
 
-def _run_in_memory(model: str | None, config: CompressConfig, out: Path, calib: str | None, device: str, overwrite: bool,
+def _run_in_memory(model: str | None, config: Recipe, out: Path, calib: str | None, device: str, overwrite: bool,
                    export_format: str, adapter: bool, describe: str, evaluation: tuple | None, placement: dict) -> tuple:
     single = single_device(device)  # loading and evaluation; the blocks go to ``device``, which may be "auto"
     click.echo(f"loading {model or DEFAULT_MODEL_NAME + ' (bundled default)'}")
@@ -255,7 +306,7 @@ def _run_in_memory(model: str | None, config: CompressConfig, out: Path, calib: 
     return before, after, before_ppl, after_ppl
 
 
-def _run_streaming(model: str | None, config: CompressConfig, out: Path, calib: str | None, device: str, resume: bool,
+def _run_streaming(model: str | None, config: Recipe, out: Path, calib: str | None, device: str, resume: bool,
                    overwrite: bool, describe: str, evaluation: tuple | None, placement: dict) -> tuple:
     single = single_device(device)  # loading and evaluation; the blocks go to ``device``, which may be "auto"
     pin_mmap_threshold()
@@ -418,13 +469,14 @@ def _check_grid(grid: reports.Grid) -> None:
     """Every configuration's options must parse and make a valid config for this model, before hours are spent on the others."""
     skeleton = meta_model(resolve_model_dir(grid.model))
     blocks_path, blocks = find_decoder_blocks(skeleton)
-    config_options = inspect.signature(build_config).parameters
     for configuration in grid.configurations:
         if configuration.is_float:
             continue
         try:
             with run.make_context("compress", list(configuration.args)) as ctx:
-                config = build_config(**{name: ctx.params[name] for name in config_options})
+                params = ctx.params
+                config = recipe_from_options(ctx, params["recipe_path"], params["settings"],
+                                             **{name: params[name] for name in FLAG_OPTIONS})
             plan_targets(blocks, blocks_path, config)
         except (click.ClickException, LLMCompressError) as err:
             message = err.format_message() if isinstance(err, click.ClickException) else str(err)
@@ -438,20 +490,13 @@ def _load_any(model: str | None, device: str) -> tuple:
     return checkpoint.load(model, device=device)
 
 
-def _default_out_dir(model: str | None, config: CompressConfig) -> str:
+def _default_out_dir(model: str | None, recipe: Recipe) -> str:
     name = Path(model).stem if model else "smollm2-135m-instruct"
-    tag = re.sub(r"[^a-z0-9]+", "-", (config.quant.describe() if config.quant else "16bit").lower()).strip("-")
-    branch = f"-{config.lowrank.method}{config.lowrank.rank}" if config.wants_lowrank else ""
-    activations = f"-a{config.act_bits}" if config.act_bits else ""
-    pruning = ""
-    if config.prune.enabled:
-        shape = config.prune.pattern.replace(":", "of") if config.prune.n_m else f"s{round(config.prune.sparsity * 100)}"
-        pruning = f"-{config.prune.method}-{shape}"
-    method = f"-{config.method}" if config.quant else ""
-    return str(Path("out") / f"{name}-{tag}{method}{pruning}{branch}{activations}")
+    tag = re.sub(r"[^a-z0-9]+", "-", recipe.describe().lower()).strip("-")
+    return str(Path("out") / f"{name}-{tag}")
 
 
-def _target_names(model: torch.nn.Module, config: CompressConfig) -> list[str]:
+def _target_names(model: torch.nn.Module, config: Recipe) -> list[str]:
     path, blocks = find_decoder_blocks(model)
     return [target.name for target in plan_targets(blocks, path, config)]
 
@@ -465,7 +510,7 @@ def _evaluate(model, tokenizer, label: str, text: str, seqlen: int, windows: int
 
 
 def _summary_table(before: SizeSummary, after: SizeSummary, before_ppl: PerplexityResult | None,
-                   after_ppl: PerplexityResult | None, seconds: float, out: Path, prune: PruneConfig) -> str:
+                   after_ppl: PerplexityResult | None, seconds: float, out: Path, notes: list[str]) -> str:
     rows = [
         ("quantized layers: weights", f"{before.layer_parameters:,}", f"{after.layer_parameters:,}"),
         ("quantized layers: bytes", _mb(before.layer_bytes), _mb(after.layer_bytes)),
@@ -482,21 +527,15 @@ def _summary_table(before: SizeSummary, after: SizeSummary, before_ppl: Perplexi
     lines += [f"{name:{width}}  {b:>14}  {a:>14}" for name, b, a in rows]
     if after_ppl:
         lines.append(f"perplexity protocol: {after_ppl.protocol}")
-    if prune.enabled:
-        lines.append(_sparsity_note(prune))
+    lines += notes
     lines.append(f"wall time: {seconds:.1f} s")
     lines.append(f"wrote: {out}")
     return "\n".join(lines)
 
 
-def _sparsity_note(prune: PruneConfig) -> str:
-    """What the sparsity buys, honestly: only N:M is stored compact, and no kernel here skips zeros."""
-    if prune.n_m is None:
-        return (f"sparsity: {prune.sparsity:.0%} unstructured, stored dense (the zeros take as many bytes as any weight): "
-                "no size or speed gain from it")
-    return (f"sparsity: {prune.pattern}, stored compact (kept weights plus a 1-bit position mask); "
-            "no speed gain: layers decompress to dense before the matmul")
-
-
 def _mb(nbytes: int) -> str:
     return f"{nbytes / 1e6:,.2f} MB"
+
+
+# The options that build a recipe (everything build_config takes), as click names them.
+FLAG_OPTIONS = tuple(inspect.signature(build_config).parameters)

@@ -9,6 +9,7 @@ from conftest import TINY_VOCAB, tiny_model
 import llmcompress
 from llmcompress import checkpoint
 from llmcompress.config import CompressConfig, ModuleOverride, QuantFormat
+from llmcompress.recipe import Recipe, load_recipe
 from llmcompress.errors import CheckpointError
 from llmcompress.nn import CompressedLinear
 
@@ -61,9 +62,10 @@ def test_config_records_everything_needed_to_load(tmp_path):
     model = llmcompress.compress(tiny_model("llama"), config, progress=False)
     checkpoint.save(model, tmp_path / "ckpt", model.llmcompress_config)
     quantization = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
-    assert quantization["quant_method"] == "llmcompress" and quantization["format_version"] == 1
+    assert quantization["quant_method"] == "llmcompress" and quantization["format_version"] == 2
     assert quantization["modules"]["model.layers.0.mlp.down_proj"]["format"] == {"kind": "int", "bits": 8, "group_size": -1, "symmetric": False}
-    assert CompressConfig.from_dict(quantization["config"]) == model.llmcompress_config
+    assert Recipe.from_dict(quantization["recipe"]) == model.llmcompress_config
+    assert load_recipe(tmp_path / "ckpt" / "recipe.yaml") == model.llmcompress_config
 
 
 def test_sharded_checkpoint_round_trips(tmp_path):
@@ -165,6 +167,22 @@ def test_tensor_that_does_not_match_the_config_is_refused(tmp_path):
         llmcompress.load(tmp_path / "ckpt")
 
 
+def test_format_1_checkpoints_still_load(tmp_path):
+    """Checkpoints written before recipes stored the flag-shaped config; it is read as the recipe it stands for."""
+    model = _compressed()
+    checkpoint.save(model, tmp_path / "ckpt", model.llmcompress_config)
+    config_file = tmp_path / "ckpt" / "config.json"
+    config = json.loads(config_file.read_text())
+    quantization = config["quantization_config"]
+    quantization["format_version"] = 1
+    quantization["config"] = CompressConfig(quant=QuantFormat(bits=4, group_size=32)).to_dict()
+    del quantization["recipe"]
+    config_file.write_text(json.dumps(config))
+    loaded, _ = llmcompress.load(tmp_path / "ckpt")
+    assert torch.equal(_logits(loaded), _logits(model))
+    assert loaded.llmcompress_config.passes == model.llmcompress_config.passes
+
+
 def test_plain_model_directory_loads_as_float(tiny_model_dir):
     model, tokenizer = llmcompress.load(tiny_model_dir)
     assert not any(isinstance(m, CompressedLinear) for m in model.modules()) and tokenizer is not None
@@ -175,9 +193,9 @@ def test_damaged_quantization_config_is_refused(tmp_path):
     checkpoint.save(model, tmp_path / "ckpt", model.llmcompress_config)
     config_file = tmp_path / "ckpt" / "config.json"
     config = json.loads(config_file.read_text())
-    config["quantization_config"]["config"]["quant"]["bits"] = 11
+    config["quantization_config"]["recipe"]["passes"][0]["quantize"]["bits"] = 11
     config_file.write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="QuantFormat.bits=11.*corrupt"):
+    with pytest.raises(CheckpointError, match=r"passes\[0\] \(quantize\): QuantFormat.bits=11.*corrupt"):
         llmcompress.load(tmp_path / "ckpt")
     del config["quantization_config"]["modules"]
     config_file.write_text(json.dumps(config))

@@ -249,7 +249,7 @@ def test_bad_low_rank_configurations_say_what_to_do():
         CompressConfig(act_bits=3)
     with pytest.raises(ConfigError, match="at most 32.*smaller --lowrank"):
         llmcompress.compress(tiny_model(), CompressConfig(quant=W3, lowrank=LowRankConfig(rank=40)), calibration=_windows(), progress=False)
-    with pytest.raises(CalibrationError, match="low-rank method 'eora' needs calibration"):
+    with pytest.raises(CalibrationError, match=r"lowrank \(eora rank 4\) needs calibration"):
         llmcompress.compress(tiny_model(), CompressConfig(quant=W3, lowrank=LowRankConfig(rank=4)), calibration="none", progress=False)
 
 

@@ -34,19 +34,19 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..config import CompressConfig
 from ..errors import ModelError
 from ..memory import forward_allocations
-from ..methods.awq import search_scales
-from ..methods.lowrank import hessian_error, sampled_error, search_smoothing
 from ..nn import CompressedLinear, dequantized_weights
-from ..stats import ABS_MAX, ABS_MEAN, HESSIAN, SAMPLES, LayerStats, output_error, weight_error
+from ..passes import LayerState, Pass, Target
+from ..flags import RecipeLike, as_recipe
+from ..recipe import Recipe
+from ..stats import HESSIAN, LayerStats, output_error, weight_error
 from .activations import Activations, choose_place
 from .folding import Fold, apply_fold, find_fold
-from .layers import LayerJob, LayerResult, compress_stage
+from .layers import layer_states, run_layer_passes
 from .placement import block_devices
 from .runner import BlockInputs, catch_block_inputs, device_of, gather_statistics, run_block
-from .structure import Target, find_decoder_blocks, input_groups, plan_targets
+from .structure import find_decoder_blocks, input_groups, plan_targets
 
 
 @dataclass
@@ -98,7 +98,7 @@ class BlockStream(Protocol):
         """Persist the compressed block (and the activations entering the next), then drop its tensors."""
 
 
-def compress_blocks(model: nn.Module, config: CompressConfig, windows: Tensor | None, device: str | torch.device = "cpu",
+def compress_blocks(model: nn.Module, recipe: RecipeLike, windows: Tensor | None, device: str | torch.device = "cpu",
                     progress: bool = True, stream: BlockStream | None = None, activations: str = "auto",
                     offload_dir: str | Path | None = None) -> CompressionReport:
     """Compress every targeted Linear of ``model`` in place, block by block, on ``device``
@@ -108,8 +108,10 @@ def compress_blocks(model: nn.Module, config: CompressConfig, windows: Tensor | 
     (on the device when they fit, else on the host, else in ``offload_dir``), "device",
     "host" or "disk" (files in ``offload_dir``)."""
     started = time.perf_counter()
+    recipe = as_recipe(recipe)
     blocks_path, blocks = find_decoder_blocks(model)
-    targets = plan_targets(blocks, blocks_path, config)
+    targets = plan_targets(blocks, blocks_path, recipe)
+    passes = recipe.instantiate()
     devices = block_devices(blocks, device)
     report = CompressionReport(blocks_path=blocks_path, num_blocks=len(blocks),
                                calibration_tokens=0 if windows is None else windows.numel(),
@@ -127,12 +129,11 @@ def compress_blocks(model: nn.Module, config: CompressConfig, windows: Tensor | 
         report.activations = choose_place(activations, hidden_bytes, devices[min(start, len(blocks) - 1)], offload_dir)
         if start == 0:
             store = Activations(devices[0], report.activations, offload_dir)
-            inputs = catch_block_inputs(model, blocks, windows, config.calib.batch_size, devices[0], into=store)
+            inputs = catch_block_inputs(model, blocks, windows, recipe.calib.batch_size, devices[0], into=store)
         elif start < len(blocks):
             inputs = stream.resumed_inputs(devices[start], report.activations, offload_dir)
     folds: dict[tuple[str, ...], Fold | None] = {}
-    passes = " + ".join(p for p in (config.prune.describe() if config.prune.enabled else "", config.method if config.quant else "") if p)
-    bar = tqdm(range(start, len(blocks)), initial=start, total=len(blocks), desc=f"compressing blocks ({passes})", unit="block",
+    bar = tqdm(range(start, len(blocks)), initial=start, total=len(blocks), desc=f"compressing blocks ({recipe.describe()})", unit="block",
                disable=not progress)
     for index in bar:
         block = blocks[index]
@@ -144,7 +145,7 @@ def compress_blocks(model: nn.Module, config: CompressConfig, windows: Tensor | 
             inputs.move_to(devices[index])
         block_targets = [t for t in targets if t.block == index]
         _check_finite(block, block_targets)
-        records = _compress_block(block, block_targets, inputs, config, folds)
+        records = _compress_block(block, block_targets, inputs, recipe, passes, folds)
         report.layers.extend(records)
         if inputs is not None and index + 1 < len(blocks):
             with dequantized_weights(block, inputs.dtype), forward_allocations():
@@ -174,26 +175,27 @@ def _block_line(index: int, count: int, records: list[LayerRecord]) -> str:
             f"worst {worst} {errors[worst]:.4f}")
 
 
-def _compress_block(block: nn.Module, targets: list[Target], inputs: BlockInputs | None, config: CompressConfig,
+def _compress_block(block: nn.Module, targets: list[Target], inputs: BlockInputs | None, recipe: Recipe, passes: list[Pass],
                     folds: dict[tuple[str, ...], Fold | None]) -> list[LayerRecord]:
+    layer_passes = [p for p in passes if p.phase == "layer"]
     if inputs is None:
-        return _compress_stage(block, targets, {}, config, {}, {})
+        return _compress_stage(block, targets, {}, layer_passes, {}, {}, {})
     groups = input_groups(block, targets, inputs)
+    notes: dict[str, list[str]] = {}
+    labels: dict[str, list[str]] = {}  # the block passes that ran on each layer, for its record
     smooths: dict[str, Tensor] = {}
-    notes: dict[str, str] = {}
-    if config.uses_awq:
-        notes = _apply_awq_scales(block, targets, groups, inputs, config, folds)
-    elif config.uses_svdquant:
-        notes, smooths = _apply_smoothing(block, targets, groups, inputs, config, folds)
+    for block_pass in (p for p in passes if p.phase == "block"):
+        _smooth_groups(block, block_pass, targets, groups, inputs, folds, notes, labels, smooths)
     # Layers that read the calibration inputs beyond H's diagonal sum (GPTQ, SparseGPT) or prune by
     # input norms (Wanda) see what the already-compressed layers before them produce.
-    sequential = (config.uses_gptq or config.prune.uses_calibration) and config.gptq.true_sequential
+    sequential = recipe.sequential
     stages = groups if sequential else [[t for group in groups for t in group]]
+    wanted = frozenset({HESSIAN}).union(*(c.statistics() for t in targets for c in t.configs if c is not None))
     records = []
     for stage in stages:
         with dequantized_weights(block, inputs.dtype), forward_allocations():
-            stats = gather_statistics(block, stage, inputs, frozenset({HESSIAN}), stop_after_last=True, one_input=sequential)
-        records += _compress_stage(block, stage, stats, config, notes, smooths)
+            stats = gather_statistics(block, stage, inputs, wanted, stop_after_last=True, one_input=sequential)
+        records += _compress_stage(block, stage, stats, layer_passes, notes, labels, smooths)
     return records
 
 
@@ -205,10 +207,6 @@ def _group_fold(block: nn.Module, group: list[Target], inputs: BlockInputs, fold
     return folds[key]
 
 
-def _note_group(notes: dict[str, str], group: list[Target], text: str) -> None:
-    notes.update(dict.fromkeys((t.name for t in group), text))
-
-
 def _fold_into_producer(block: nn.Module, fold: Fold, linears: list[nn.Module], scales: Tensor) -> None:
     """Divide the producer's output by ``scales`` and multiply the layers' input columns by it:
     the float block computes the same function."""
@@ -218,116 +216,111 @@ def _fold_into_producer(block: nn.Module, fold: Fold, linears: list[nn.Module], 
             linear.weight.copy_((linear.weight.float() * scales.to(linear.weight.device)).to(linear.weight.dtype))
 
 
-def _apply_awq_scales(block: nn.Module, targets: list[Target], groups: list[list[Target]], inputs: BlockInputs,
-                      config: CompressConfig, folds: dict[tuple[str, ...], Fold | None]) -> dict[str, str]:
-    """AWQ's scale search for each input group on the float block, folded where it can be."""
-    stats = gather_statistics(block, targets, inputs, frozenset({HESSIAN, ABS_MEAN}))
-    notes: dict[str, str] = {}
+def _smooth_groups(block: nn.Module, block_pass: Pass, targets: list[Target], groups: list[list[Target]], inputs: BlockInputs,
+                   folds: dict[tuple[str, ...], Fold | None], notes: dict[str, list[str]], labels: dict[str, list[str]],
+                   smooths: dict[str, Tensor]) -> None:
+    """A block pass's search for each input group on the float block. The scale is folded into the
+    group's producer where it can be; otherwise it stays inside the layers (they then compute on
+    x / s) if the pass allows that, or is not applied."""
+    members = [t for t in targets if t.config(block_pass.index) is not None]
+    if not members:
+        return
+    stats = gather_statistics(block, members, inputs, block_pass.block_statistics(members))
     for group in groups:
-        layer_stats = stats.get(group[0].name)
+        chosen = [t for t in group if t.config(block_pass.index) is not None]
+        if not chosen:
+            continue
+        config = chosen[0].config(block_pass.index)
+        label = config.label()
+
+        def note(text: str, chosen: list[Target] = chosen) -> None:
+            for target in chosen:
+                notes.setdefault(target.name, []).append(text)
+
+        layer_stats = stats.get(chosen[0].name)
+        for target in chosen:
+            labels.setdefault(target.name, []).append(label)
+        if len(chosen) < len(group):
+            note(f"{label}: not applied, its input also feeds layers this pass skips")
+            continue
         if layer_stats is None:
-            _note_group(notes, group, "awq: no calibration input reached it")
+            note(f"{label}: no calibration input reached it")
             continue
         fold = _group_fold(block, group, inputs, folds)
-        if fold is None:
-            _note_group(notes, group, "awq: input has no foldable producer, not scaled")
+        if fold is None and not config.keeps_unfoldable:
+            note(f"{label}: input has no foldable producer, not scaled")
             continue
         linears = [block.get_submodule(t.local_name) for t in group]
-        search = search_scales([m.weight for m in linears], [t.fmt for t in group], layer_stats.hessian,
-                               layer_stats.act_abs_mean, grid=config.awq.grid, duo_scaling=config.awq.duo_scaling)
-        if search.alpha is None:
-            _note_group(notes, group, "awq: s=1 was best")
+        found = block_pass.search([m.weight for m in linears], group, config, layer_stats)
+        if found.scales is None:
+            note(f"{label}: leaving the input as it is was best")
             continue
-        _fold_into_producer(block, fold, linears, search.scales)
-        gain = search.error / search.error_unscaled if search.error_unscaled > 0 else 1.0
-        _note_group(notes, group, f"awq: a={search.alpha:.2f} into {fold.module} ({fold.kind}), error x{gain:.3f}")
-    return notes
-
-
-def _apply_smoothing(block: nn.Module, targets: list[Target], groups: list[list[Target]], inputs: BlockInputs,
-                     config: CompressConfig, folds: dict[tuple[str, ...], Fold | None]) -> tuple[dict[str, str], dict[str, Tensor]]:
-    """SVDQuant's smoothing search for each input group on the float block. The smoothing is
-    folded into the group's producer where it can be; otherwise it stays inside the layers
-    (returned per layer name) and they compute on x / smooth."""
-    act_formats = {config.act_format(t.fmt) for t in targets}
-    wanted = {HESSIAN, ABS_MAX} | ({SAMPLES} if act_formats != {None} else set())
-    stats = gather_statistics(block, targets, inputs, frozenset(wanted))
-    notes: dict[str, str] = {}
-    smooths: dict[str, Tensor] = {}
-    for group in groups:
-        layer_stats = stats.get(group[0].name)
-        if layer_stats is None:
-            _note_group(notes, group, "svdquant: no calibration input reached it, not smoothed")
-            continue
-        linears = [block.get_submodule(t.local_name) for t in group]
-        act_format = config.act_format(group[0].fmt)
-        if act_format is None:
-            error = partial(hessian_error, hessian=layer_stats.hessian)
-        else:
-            error = partial(sampled_error, samples=layer_stats.samples, act_format=act_format)
-        search = search_smoothing([m.weight.detach().float() for m in linears], [t.fmt for t in group], [t.rank for t in group],
-                                  layer_stats.act_abs_max, error, grid=config.lowrank.smooth_grid)
-        if search.alpha is None:
-            _note_group(notes, group, "svdquant: lambda=1 was best")
-            continue
-        gain = search.error / search.error_unsmoothed if search.error_unsmoothed > 0 else 1.0
-        fold = _group_fold(block, group, inputs, folds)
         if fold is None:
-            smooths.update(dict.fromkeys((t.name for t in group), search.smooth))
+            smooths.update(dict.fromkeys((t.name for t in group), found.scales))
             where = "kept in the layer (no foldable producer)"
         else:
-            _fold_into_producer(block, fold, linears, search.smooth)
+            _fold_into_producer(block, fold, linears, found.scales)
             where = f"into {fold.module} ({fold.kind})"
-        _note_group(notes, group, f"svdquant: a={search.alpha:.2f} {where}, error x{gain:.3f}")
-    return notes, smooths
+        note(f"{label}: a={found.alpha:.2f} {where}, error x{found.gain:.3f}")
 
 
-def _compress_stage(block: nn.Module, stage: list[Target], stats: dict[str, LayerStats], config: CompressConfig,
-                    notes: dict[str, str], smooths: dict[str, Tensor]) -> list[LayerRecord]:
-    """Compress layers whose statistics are gathered, replace them with ``CompressedLinear``s, record them."""
+def _compress_stage(block: nn.Module, stage: list[Target], stats: dict[str, LayerStats], layer_passes: list[Pass],
+                    notes: dict[str, list[str]], labels: dict[str, list[str]], smooths: dict[str, Tensor]) -> list[LayerRecord]:
+    """Run the layer passes on layers whose statistics are gathered, replace them with
+    ``CompressedLinear``s, record them."""
     started = time.perf_counter()
     linears: list[nn.Linear] = [block.get_submodule(t.local_name) for t in stage]
     originals = [linear.weight.detach().float() for linear in linears]
-    # One H tensor per shared accumulator: layers reading one input (q/k/v) then share it by
-    # identity, which is how the stage stacks them for GPTQ and decomposes H once for EoRA.
-    hessians: dict[int, Tensor] = {}
-    for layer_stats in stats.values():
-        if id(layer_stats) not in hessians:
-            hessians[id(layer_stats)] = layer_stats.hessian
-    jobs = [LayerJob(target=t, weight=w, hessian=hessians[id(stats[t.name])] if t.name in stats else None, smooth=smooths.get(t.name))
-            for t, w in zip(stage, originals, strict=True)]
-    results = compress_stage(jobs, config)
+    # Layers reading one input (q/k/v) share one statistics record, so their H is one tensor.
+    hessians = _shared_hessians(stats)
+    states = layer_states(stage, originals, [hessians.get(t.name) for t in stage], [smooths.get(t.name) for t in stage])
+    run_layer_passes(states, layer_passes)
     seconds = (time.perf_counter() - started) / len(stage)
     records = []
-    for job, linear, weight, result in zip(jobs, linears, originals, results, strict=True):
-        target = job.target
-        _install(block, target, linear, result, job.smooth, config)
+    for state, linear in zip(states, linears, strict=True):
+        target = state.target
+        effective = state.computed_weight()
+        _install(block, state, linear, effective)
         records.append(LayerRecord(
-            name=target.name, format=target.fmt.describe() if target.fmt else "16-bit", method=result.method,
+            name=target.name, format=target.fmt.describe() if target.fmt else "16-bit", method="+".join((*labels.get(target.name, ()), *state.methods)) or "none",
             out_features=linear.out_features, in_features=linear.in_features,
-            weight_error=weight_error(weight, result.effective),
-            output_error=None if job.hessian is None else output_error(weight, result.effective, job.hessian),
-            seconds=seconds, rank=0 if result.branch is None else result.branch.rank,
-            notes="; ".join(n for n in (notes.get(target.name, ""), *result.notes) if n),
-            sparsity=0.0 if result.mask is None else 1 - float(result.mask.float().mean()),
+            weight_error=weight_error(state.original, effective),
+            output_error=None if target.name not in hessians else output_error(state.original, effective, hessians[target.name]),
+            seconds=seconds, rank=0 if state.branch is None else state.branch.rank,
+            notes="; ".join((*notes.get(target.name, ()), *state.notes)),
+            sparsity=0.0 if state.mask is None else 1 - float(state.mask.float().mean()),
         ))
     return records
 
 
-def _install(block: nn.Module, target: Target, linear: nn.Linear, result: LayerResult, smooth: Tensor | None,
-             config: CompressConfig) -> None:
+def _shared_hessians(stats: dict[str, LayerStats]) -> dict[str, Tensor]:
+    """Each layer's H, computed once per statistics record, so layers that read one input share
+    one tensor object."""
+    computed: list[tuple[LayerStats, Tensor]] = []
+    hessians = {}
+    for name, layer_stats in stats.items():
+        hessian = next((h for known, h in computed if known is layer_stats), None)
+        if hessian is None:
+            hessian = layer_stats.hessian
+            computed.append((layer_stats, hessian))
+        hessians[name] = hessian
+    return hessians
+
+
+def _install(block: nn.Module, state: LayerState, linear: nn.Linear, effective: Tensor) -> None:
     """Put the compressed layer in the block. An N:M mask is stored compact; an unstructured one
     stays dense (zeros in the codes, or in a plain Linear's 16-bit weight)."""
-    compact = config.prune.pattern if config.prune.n_m is not None and result.mask is not None else None
-    if result.quantized is None and compact is None:
+    compact = state.compact_pattern if state.mask is not None else None
+    if state.quantized is None and compact is None:
         with torch.no_grad():
-            linear.weight.copy_(result.effective.to(linear.weight.dtype))
+            linear.weight.copy_(effective.to(linear.weight.dtype))
         return
-    if result.quantized is None:
-        layer = CompressedLinear.from_pruned(result.effective.to(linear.weight.dtype), result.mask, compact, linear.bias)
+    target = state.target
+    if state.quantized is None:
+        layer = CompressedLinear.from_pruned(effective.to(linear.weight.dtype), state.mask, compact, linear.bias)
     else:
-        layer = CompressedLinear.from_quantized(result.quantized, target.fmt, linear.bias, branch=result.branch,
-                                                lowrank_dtype=config.lowrank.dtype, smooth=smooth, act_format=config.act_format(target.fmt),
-                                                sparsity=compact, mask=result.mask)
+        layer = CompressedLinear.from_quantized(state.quantized, target.fmt, linear.bias, branch=state.branch,
+                                                lowrank_dtype=state.branch_dtype, smooth=state.smooth, act_format=target.act_format,
+                                                sparsity=compact, mask=state.mask)
     parent_name, _, child_name = target.local_name.rpartition(".")
     setattr(block.get_submodule(parent_name) if parent_name else block, child_name, layer)

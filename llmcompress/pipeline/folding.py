@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .runner import BlockInputs, call_block
-from .structure import Target
+from ..passes import Target
 
 FoldKind = Literal["rows", "scale", "one_plus"]
 # float16 blocks reproduce x / s to about 1e-3; a wrong candidate misses by orders of magnitude more.

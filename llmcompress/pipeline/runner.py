@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ModelError
+from ..passes import Target
 from ..stats import LayerStats
 from .activations import Activations
-
-if TYPE_CHECKING:
-    from .structure import Target
 
 BlockInputs = Activations
 

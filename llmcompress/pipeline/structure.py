@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from ..config import PER_CHANNEL, CompressConfig, QuantFormat
 from ..errors import ConfigError, ModelError
 from ..nn import CompressedLinear
+from ..passes import Target
+from ..passes.state import merged_declarations
+from ..flags import RecipeLike, as_recipe
 from .runner import BlockInputs, call_block
-
-
-@dataclass(frozen=True)
-class Target:
-    """One Linear layer the configuration compresses; ``fmt`` None: pruned only, kept in 16 bits."""
-
-    name: str
-    block: int
-    local_name: str
-    fmt: QuantFormat | None
-    rank: int = 0
 
 
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -50,38 +39,27 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return name, module
 
 
-def plan_targets(blocks: nn.ModuleList, blocks_path: str, config: CompressConfig) -> list[Target]:
-    """Every Linear inside the blocks with the format it gets; checks what would fail later."""
+def plan_targets(blocks: nn.ModuleList, blocks_path: str, recipe: RecipeLike) -> list[Target]:
+    """Every Linear inside the blocks that some pass of the recipe applies to, with each pass's
+    config for it and what the passes declare about it; checks what would fail later."""
+    recipe = as_recipe(recipe)
     targets = []
     for index, block in enumerate(blocks):
         for local_name, module in block.named_modules():
             if not isinstance(module, nn.Linear):
                 continue
             name = f"{blocks_path}.{index}.{local_name}"
-            if not config.is_target(name):
+            configs = recipe.configs_for(name)
+            if configs is None:
                 continue
-            fmt = config.format_for(name)
-            n_m = config.prune.n_m if config.prune.enabled else None
-            if n_m is not None and module.in_features % n_m[1]:
-                raise ConfigError(
-                    f"pattern {config.prune.pattern} groups every {n_m[1]} inputs, but {name} has {module.in_features} input features, "
-                    f"not a multiple of {n_m[1]}: use another N:M, unstructured, or --skip this module"
-                )
-            if fmt is not None and fmt.group_size != PER_CHANNEL and fmt.group_size > module.in_features and not fmt.is_fp4:
-                raise ConfigError(
-                    f"group_size={fmt.group_size} is larger than {name}'s {module.in_features} input features: "
-                    f"use a smaller group, -1 (per channel), or an override for this module"
-                )
-            rank = config.rank_for(name)
-            if rank > min(module.in_features, module.out_features):
-                raise ConfigError(
-                    f"low-rank rank {rank} is larger than {name}'s smaller side "
-                    f"({module.out_features}x{module.in_features}, so at most {min(module.in_features, module.out_features)}): "
-                    f"use a smaller --lowrank, or an override with a smaller rank for this module"
-                )
-            targets.append(Target(name=name, block=index, local_name=local_name, fmt=fmt, rank=rank))
+            facts = merged_declarations(configs, name)
+            for config in configs:
+                if config is not None:
+                    config.check_module(name, module.in_features, module.out_features)
+            targets.append(Target(name=name, block=index, local_name=local_name, configs=configs, fmt=facts.get("fmt"),
+                                  act_format=facts.get("act_format"), split_rank=facts.get("split_rank", 0)))
     if not targets:
-        raise ConfigError("the configuration leaves no Linear layer to compress: check the overrides' patterns")
+        raise ConfigError("the recipe leaves no Linear layer to compress: check its targets, ignore patterns and overrides")
     return targets
 
 

@@ -17,6 +17,8 @@ import transformers
 
 from .. import __version__
 from ..config import CompressConfig
+from ..flags import recipe_from_config
+from ..recipe import Recipe
 from .grid import Grid
 
 # The layer types of the heatmap, in a block's order; others (OPT's fc1/fc2 ...) follow by name.
@@ -37,9 +39,12 @@ class Row:
         return self.record.get("status") == "ok"
 
     @property
-    def config(self) -> CompressConfig | None:
+    def config(self) -> Recipe | None:
+        """The recipe the run used (records written before recipes hold the flag-shaped config)."""
         data = self.record.get("config")
-        return None if data is None else CompressConfig.from_dict(data)
+        if data is None:
+            return None
+        return Recipe.from_dict(data) if "passes" in data else recipe_from_config(CompressConfig.from_dict(data))
 
     @property
     def perplexity(self) -> float:
@@ -50,15 +55,7 @@ class Row:
         config = self.config
         if config is None:
             return {"method": "float", "weights": "unquantized", "branch": "", "pruning": "", "rank": 0, "lowrank_method": None}
-        branch = f"{config.lowrank.method} r{config.lowrank.rank}" if config.wants_lowrank else ""
-        return {
-            "method": config.method if config.quant else "none",
-            "weights": config.quant.describe() + (f", A{config.act_bits}" if config.act_bits else "") if config.quant else "16-bit",
-            "branch": branch,
-            "pruning": config.prune.describe() if config.prune.enabled else "",
-            "rank": config.lowrank.rank if config.wants_lowrank else 0,
-            "lowrank_method": config.lowrank.method if config.wants_lowrank else None,
-        }
+        return config.report_labels()
 
     def bits(self, float_size: dict | None) -> dict:
         """Bits per weight of the compressed layers (base codes, low-rank branch, metadata) and of the

@@ -121,7 +121,7 @@ def _run_configuration(grid: Grid, configuration: Configuration, run_dir: Path, 
     else:
         report = json.loads((checkpoint / REPORT_FILE).read_text())
         hf_config = json.loads((checkpoint / CONFIG_FILE).read_text())
-        record.update(config=hf_config["quantization_config"]["config"], size=report["size_after"], size_float=report["size_before"],
+        record.update(config=hf_config["quantization_config"]["recipe"], size=report["size_after"], size_float=report["size_before"],
                       compression_seconds=report["seconds"], weights_on_disk_bytes=_safetensors_bytes(checkpoint),
                       activations=report.get("activations"))
         # The per-layer statistics, kept with the record so the report needs neither the checkpoint nor a second pass.
