@@ -1,15 +1,17 @@
 """llmcompress: post-training compression of causal language models."""
 
-__version__ = "0.1.0"
-
-from . import evaluate  # noqa: E402  (after __version__, which checkpoint reads)
-from .api import compress  # noqa: E402
-from .checkpoint import load  # noqa: E402
-from .config import AWQConfig, CalibConfig, CompressConfig, GPTQConfig, LowRankConfig, ModuleOverride, PruneConfig, QuantFormat  # noqa: E402
-from .errors import CalibrationError, CheckpointError, ConfigError, LLMCompressError, ModelError  # noqa: E402
-from .nn import CompressedLinear  # noqa: E402
+from . import evaluate
+from .api import compress
+from .checkpoint import load
+from .config import AWQConfig, CalibConfig, CompressConfig, GPTQConfig, LowRankConfig, ModuleOverride, PruneConfig, QuantFormat
+from .errors import CalibrationError, CheckpointError, ConfigError, LLMCompressError, ModelError
+from .nn import CompressedLinear
+from .passes import Pass, PassConfig, register
+from .recipe import PassEntry, Recipe, load_recipe
+from .version import __version__
 
 __all__ = [
     "AWQConfig", "CalibConfig", "CalibrationError", "GPTQConfig", "CheckpointError", "CompressConfig", "CompressedLinear", "ConfigError",
-    "LLMCompressError", "LowRankConfig", "ModelError", "ModuleOverride", "PruneConfig", "QuantFormat", "__version__", "compress", "evaluate", "load",
+    "LLMCompressError", "LowRankConfig", "ModelError", "ModuleOverride", "Pass", "PassConfig", "PassEntry", "PruneConfig", "QuantFormat",
+    "Recipe", "__version__", "compress", "evaluate", "load", "load_recipe", "register",
 ]

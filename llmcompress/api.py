@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import __version__
 from .calib import calibration_windows
 from .checkpoint import check_output_dir, checkpoint_config, save, unique_state_dict
 from .config import CompressConfig
@@ -24,6 +23,7 @@ from .recipe import Recipe
 from .rundir import RunDirectory
 from .shards import ShardedWeights
 from .streaming import DiskStream
+from .version import __version__
 
 
 def compress(model: nn.Module | str | os.PathLike | None, recipe: RecipeLike | None = None, *,

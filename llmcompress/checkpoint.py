@@ -30,10 +30,11 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from . import __version__
 from .config import CompressConfig, QuantFormat, _from_dict
 from .flags import recipe_from_config
 from .recipe import Recipe
+from .runstate import describe_unfinished, partial_path, unfinished_run
+from .version import __version__
 from .errors import CheckpointError, ConfigError
 from .fileio import staged_directory, staged_file
 from .models import cast_model, load_model
@@ -169,8 +170,6 @@ def write_index(weight_map: dict[str, str], total_bytes: int, directory: Path) -
 
 
 def read_config(path: Path) -> dict:
-    from .rundir import describe_unfinished, partial_path, unfinished_run  # rundir writes checkpoints: it imports this module
-
     if not path.exists():
         run = unfinished_run(partial_path(path))
         if run is not None:

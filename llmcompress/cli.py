@@ -79,9 +79,12 @@ class SectionedCommand(click.Command):
         self.sections = sections
 
     def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        records = {p.name: p.get_help_record(ctx) for p in self.get_params(ctx)}
-        placed = {name for names in self.sections.values() for name in names}
-        for title, names in [*self.sections.items(), ("Other options", tuple(n for n in records if n not in placed))]:
+        params = self.get_params(ctx)
+        records = {p.name: p.get_help_record(ctx) for p in params}
+        help_names = tuple(p.name for p in params if "--help" in getattr(p, "opts", ()))
+        placed = {name for names in self.sections.values() for name in names} | set(help_names)
+        leftover = ("Other options", tuple(n for n in records if n not in placed))
+        for title, names in [*self.sections.items(), leftover, ("Help", help_names)]:
             rows = [records[name] for name in names if records.get(name)]
             if rows:
                 with formatter.section(title):
@@ -89,6 +92,7 @@ class SectionedCommand(click.Command):
 
 
 RUN_SECTIONS = {
+    "Model": ("model",),
     "Recipe": ("recipe_path", "print_recipe", "settings"),
     "Quantize": ("kind", "bits", "group_size", "symmetric", "method", "act_order", "static_groups", "damp", "gptq_clip", "awq_grid",
                  "no_awq_clip", "act_bits"),

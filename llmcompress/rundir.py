@@ -29,33 +29,12 @@ from torch import Tensor
 from .checkpoint import CONFIG_FILE, REPORT_FILE, check_output_dir, write_config, write_index
 from .errors import CheckpointError
 from .fileio import replace_directory, staged_directory, staged_file
+from .runstate import MANIFEST_FILE, PARTIAL_SUFFIX, STATE_DIR, describe_unfinished, partial_path, unfinished_run
 
-PARTIAL_SUFFIX = ".partial"
-STATE_DIR = ".llmcompress-run"
-MANIFEST_FILE = "manifest.json"
+__all__ = ["MANIFEST_FILE", "OUTSIDE_SHARD", "PARTIAL_SUFFIX", "STATE_DIR", "RunDirectory", "check_start", "describe_unfinished",
+           "partial_path", "unfinished_run"]
+
 OUTSIDE_SHARD = "model-outside.safetensors"
-
-
-def partial_path(out: Path) -> Path:
-    return out.with_name(out.name + PARTIAL_SUFFIX)
-
-
-def unfinished_run(directory: Path) -> dict | None:
-    """The manifest of the unfinished run in ``directory`` (an ``OUT.partial``), if there is one."""
-    manifest = directory / STATE_DIR / MANIFEST_FILE
-    if not manifest.is_file():
-        return None
-    try:
-        return json.loads(manifest.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{manifest} is corrupt ({err}): start the run again with --overwrite") from err
-
-
-def describe_unfinished(manifest: dict) -> str:
-    """'12 of 30 blocks committed; resume with: compress ... --resume'."""
-    done, total = len(manifest["blocks"]), manifest["identity"].get("num_blocks", "?")
-    command = manifest.get("command") or "the same compress command"
-    return f"{done} of {total} blocks committed; resume with: {command} --resume"
 
 
 def check_start(out: str | Path, resume: bool, overwrite: bool) -> None:

@@ -18,7 +18,7 @@ def test_compress_tiny_model_end_to_end(tiny_model_dir, tmp_path):
     result = _run(tiny_model_dir, "--out", out, "--bits", 4, "--group-size", 32, "--sym", "--calib", "austen:train",
                   "--nsamples", 4, "--seqlen", 64, "--eval-seqlen", 64, "--eval-windows", 3, "--override", "down_proj:bits=8")
     assert result.exit_code == 0, result.output
-    for text in ("compressing: INT4 g32 sym, method rtn, calibration austen:train", "quantized layers: bits/weight", "perplexity", f"wrote: {out}"):
+    for text in ("compressing: rtn INT4 g32 sym, calibration austen:train", "quantized layers: bits/weight", "perplexity", f"wrote: {out}"):
         assert text in result.output
     report = json.loads((out / "compression_report.json").read_text())
     assert report["calibration_tokens"] == 256 and report["perplexity_after"]["windows"] == 3
@@ -47,7 +47,7 @@ def test_lowrank_options_reach_the_checkpoint(tiny_model_dir, tmp_path):
     result = _run(tiny_model_dir, "--out", out, "--bits", 3, "--group-size", 32, "--lowrank", 4, "--calib", "none", "--no-eval",
                   "--lowrank-dtype", "int8", "--override", "down_proj:rank=2")
     assert result.exit_code == 0, result.output
-    assert "method rtn, lorc rank 4 (uniform), data-free" in result.output and "of which low-rank branch" in result.output
+    assert "compressing: rtn INT3 g32 asym + lorc rank 4, data-free" in result.output and "of which low-rank branch" in result.output
     model, _ = llmcompress.load(out)
     assert model.model.layers[0].mlp.down_proj.layout.rank == 2 and model.model.layers[0].mlp.up_proj.layout.rank == 4
     assert model.model.layers[0].mlp.up_proj.lowrank_a.dtype == torch.int8
@@ -55,13 +55,13 @@ def test_lowrank_options_reach_the_checkpoint(tiny_model_dir, tmp_path):
     result = _run(tiny_model_dir, "--out", out, "--bits", 4, "--group-size", 32, "--lowrank", 4, "--lowrank-method", "svdquant",
                   "--act-bits", 4, "--nsamples", 4, "--seqlen", 32, "--no-eval")
     assert result.exit_code == 0, result.output
-    assert "svdquant rank 4 (uniform), activations INT4 g64 sym, calibration austen:train" in result.output
+    assert "compressing: svdquant smoothing + rtn INT4 g32 asym, A4 + svdquant rank 4, calibration austen:train" in result.output
     result = _run(tiny_model_dir, "--out", tmp_path / "big", "--group-size", 32, "--lowrank", 1000, "--calib", "none", "--no-eval")
     assert result.exit_code == 1 and "larger than" in result.output and "smaller --lowrank" in result.output
 
 
 def test_help_lists_the_options():
-    result = _run("--help")
+    result = _run("run", "--help")
     assert result.exit_code == 0
     for option in ("--bits", "--group-size", "--sym", "--format", "--method", "--calib", "--nsamples", "--seqlen", "--seed", "--eval", "--device", "--out",
                    "--lowrank", "--lowrank-method", "--lowrank-alloc", "--lowrank-dtype", "--act-bits"):
@@ -95,9 +95,12 @@ def test_calibrated_methods_from_the_command_line(tiny_model_dir, tmp_path, meth
     result = _run(tiny_model_dir, "--out", out, "--bits", 3, "--group-size", 32, "--method", method, "--nsamples", 4,
                   "--seqlen", 64, "--dynamic-groups", "--damp", 0.05, "--awq-grid", 4, "--no-eval")
     assert result.exit_code == 0, result.output
-    assert f"method {method}, calibration austen:train" in result.output
-    config = llmcompress.load(out)[0].llmcompress_config
-    assert not config.gptq.static_groups and config.gptq.damp == 0.05 and config.awq.grid == 4 and config.calib.nsamples == 4
+    described = {"gptq": "gptq INT3 g32 asym", "awq+gptq": "awq smoothing + gptq INT3 g32 asym"}[method]
+    assert f"compressing: {described}, calibration austen:train" in result.output
+    recipe = llmcompress.load(out)[0].llmcompress_config
+    quantize = next(entry.config for entry in recipe.passes if entry.kind == "quantize")
+    assert not quantize.static_groups and quantize.damp == 0.05 and recipe.calib.nsamples == 4
+    assert [entry.config.grid for entry in recipe.passes if entry.kind == "smooth"] == ([4] if method == "awq+gptq" else [])
 
 
 def test_export_from_the_command_line_and_the_native_fallback(tiny_model_dir, tmp_path):

@@ -17,7 +17,8 @@ from ..config import LOWRANK_METHODS, LowRankConfig, LowRankDtype, LowRankMethod
 from ..errors import ConfigError
 from ..methods.lowrank import Eigenbasis, allocate_ranks, eigenbasis, eora, error_spectrum, lorc, svdquant_split
 from ..stats import HESSIAN
-from .base import Pass, PassConfig, check_choice, register
+from .base import Pass, register
+from .options import PassConfig, check_choice
 from .state import LayerState
 
 

@@ -15,7 +15,8 @@ from ..errors import ConfigError
 from ..methods.gptq import gptq
 from ..methods.prune import input_norms_from_hessian, magnitude_mask, wanda_mask
 from ..stats import HESSIAN
-from .base import Pass, PassConfig, check_choice, register
+from .base import Pass, register
+from .options import PassConfig, check_choice
 from .state import ColumnPrune, LayerState, column_batches
 
 

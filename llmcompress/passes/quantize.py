@@ -16,7 +16,8 @@ from ..methods.awq import search_clipping
 from ..methods.gptq import gptq
 from ..methods.rtn import rtn
 from ..stats import HESSIAN
-from .base import Pass, PassConfig, check_choice, choices_of, register
+from .base import Pass, register
+from .options import PassConfig, check_choice, choices_of
 from .state import LayerState, column_batches
 
 QuantizeMethod = Literal["rtn", "gptq"]

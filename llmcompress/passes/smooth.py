@@ -18,7 +18,8 @@ from ..errors import ConfigError
 from ..methods.awq import search_scales
 from ..methods.lowrank import hessian_error, sampled_error, search_smoothing
 from ..stats import ABS_MAX, ABS_MEAN, HESSIAN, SAMPLES, LayerStats
-from .base import Pass, PassConfig, check_choice, choices_of, register
+from .base import Pass, register
+from .options import PassConfig, check_choice, choices_of
 from .state import Target
 
 SmoothMethod = Literal["awq", "svdquant"]
@@ -59,6 +60,9 @@ class SmoothPassConfig(PassConfig):
 
     def label(self) -> str:
         return self.method
+
+    def describe(self) -> str:
+        return f"{self.method} smoothing"
 
     def report_labels(self) -> dict[str, Any]:
         # SVDQuant's smoothing is half of its branch, which the lowrank pass's labels name.

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import Tensor
 
 from ..config import QuantFormat
+from ..errors import ConfigError
 from ..formats import QuantizedWeight
 from ..methods.lowrank import LowRank
-
-if TYPE_CHECKING:
-    from .base import PassConfig
+from .options import PassConfig
 
 
 @dataclass(frozen=True)
@@ -102,8 +101,6 @@ def column_batches(layers: Sequence[tuple[LayerState, PassConfig]]) -> list[list
 
 def merged_declarations(configs: tuple[PassConfig | None, ...], name: str) -> dict[str, Any]:
     """What the passes applying to a module declare about it; two passes declaring one fact clash."""
-    from ..errors import ConfigError
-
     merged: dict[str, Any] = {}
     owners: dict[str, int] = {}
     for index, config in enumerate(configs):

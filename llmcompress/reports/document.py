@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from .. import __version__
+from ..version import __version__
 from ..config import CompressConfig
 from ..flags import recipe_from_config
 from ..recipe import Recipe
