@@ -1,19 +1,22 @@
 """A check of what ptxas built, which no source-level test can see: between a warpgroup MMA
 (HGMMA) and the WARPGROUP.DEPBAR that waits for it, no other instruction may write the registers
 it reads as A or accumulates into. PTX makes that undefined (see wgmma.wait_group), and the
-compiler does not prevent it. The pending wgmma kernel (kernels/pending/v9-wgmma.patch) once
-named its two fragment buffers through one array indexed by the k-block's parity: ptxas gave
-both the same registers, and each k-block's decode overwrote the A of the wgmmas still in
-flight. The CUDA emulator runs the C++, where the two buffers are distinct, so only the SASS
-shows this.
+compiler does not prevent it. The wgmma kernel (kernels/w4_linear_tiled.cu) once named its two
+fragment buffers through one array indexed by the k-block's parity: ptxas gave both the same
+registers, and each k-block's decode overwrote the A of the wgmmas still in flight
+(docs/decisions/0007). The CUDA emulator runs the C++, where the two buffers are distinct, so
+only the SASS shows this.
 
-    python tests/cuda_sass.py BUILD.cubin ...   (needs nvdisasm: pip install nvidia-cuda-nvdisasm)
+    python tests/cuda_sass.py [--require-hgmma] BUILD.cubin ...   (needs nvdisasm: pip install nvidia-cuda-nvdisasm)
 
-Exits 1, naming the writes, if any cubin has one. .ci/run runs it on every variant it builds.
+Exits 1, naming the writes, if any cubin has one, or with --require-hgmma, if one has no
+warpgroup MMA at all (a wgmma source built for plain sm_90, where its wrappers trap, would
+otherwise pass unchecked). .ci/run runs it on every variant it builds.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -139,30 +142,42 @@ def nvdisasm() -> str | None:
     return None
 
 
-def main(cubins: list[str]) -> int:
+def problems(cubin: str, sass: str, require_hgmma: bool = False) -> int:
+    """Check one cubin's SASS, printing what it finds: how many problems it has."""
+    found_problems = 0
+    with_hgmma = {name: body for name, body in functions(sass).items() if any(_is_hgmma(i) for i in body[0])}
+    if not with_hgmma:
+        print(f"cuda_sass: {cubin}: no warpgroup MMA" + (", but --require-hgmma" if require_hgmma else ""))
+        found_problems += int(require_hgmma)
+    for name, (instructions, labels) in with_hgmma.items():
+        hgmmas = [i for i in instructions if _is_hgmma(i)]
+        unread = [i for i in hgmmas if not HGMMA.match(GUARD.sub("", i))]
+        if unread:  # a form this check cannot read would otherwise go unchecked
+            print(f"cuda_sass: {name}: cannot read {unread[0]!r} ({len(unread)} such)")
+            found_problems += len(unread)
+            continue
+        found = overwrites(instructions, labels)
+        print(f"cuda_sass: {name}: {len(hgmmas)} HGMMA, {len(found)} writes of registers they still use")
+        for overwrite in found[:5]:
+            print(f"    {overwrite.hgmma}  <-  {overwrite.writer}")
+        found_problems += len(found)
+    return found_problems
+
+
+def main(arguments: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("cubins", nargs="+")
+    parser.add_argument("--require-hgmma", action="store_true", help="a cubin without a warpgroup MMA is a problem")
+    args = parser.parse_args(arguments)
     tool = nvdisasm()
     if tool is None:
         print("cuda_sass: no nvdisasm (pip install nvidia-cuda-nvdisasm)", file=sys.stderr)
         return 2
-    problems = 0
-    for cubin in cubins:
+    total = 0
+    for cubin in args.cubins:
         sass = subprocess.run([tool, "-c", cubin], check=True, capture_output=True, text=True).stdout
-        with_hgmma = {name: body for name, body in functions(sass).items() if any(_is_hgmma(i) for i in body[0])}
-        if not with_hgmma:
-            print(f"cuda_sass: {cubin}: no warpgroup MMA")
-        for name, (instructions, labels) in with_hgmma.items():
-            hgmmas = [i for i in instructions if _is_hgmma(i)]
-            unread = [i for i in hgmmas if not HGMMA.match(GUARD.sub("", i))]
-            if unread:  # a form this check cannot read would otherwise go unchecked
-                print(f"cuda_sass: {name}: cannot read {unread[0]!r} ({len(unread)} such)")
-                problems += len(unread)
-                continue
-            found = overwrites(instructions, labels)
-            print(f"cuda_sass: {name}: {len(hgmmas)} HGMMA, {len(found)} writes of registers they still use")
-            for overwrite in found[:5]:
-                print(f"    {overwrite.hgmma}  <-  {overwrite.writer}")
-            problems += len(found)
-    return 1 if problems else 0
+        total += problems(cubin, sass, args.require_hgmma)
+    return 1 if total else 0
 
 
 if __name__ == "__main__":

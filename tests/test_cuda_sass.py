@@ -2,7 +2,7 @@
 each case: the hazard it exists for (a k-block's decode overwriting the A registers of the
 wgmmas still in flight, reached through the loop's back edge), and the shapes that are fine."""
 
-from cuda_sass import functions, overwrites, written_registers
+from cuda_sass import functions, overwrites, problems, written_registers
 
 LOOP = """
         .text.w4_wgmma_demo:
@@ -42,6 +42,15 @@ def test_a_write_of_an_in_flight_accumulator_is_found():
 
 def test_writes_after_the_wait_or_to_other_registers_are_fine():
     assert _check(decoded=72, late=56, epilogue=24)[1] == []
+
+
+def test_a_cubin_counts_its_writes_and_with_require_hgmma_the_lack_of_any_hgmma():
+    """.ci/run requires warpgroup MMAs in the sm_90a builds of a source with the wgmma kernel: a
+    build for plain sm_90, whose wrappers trap, would otherwise pass with nothing checked."""
+    hazard, fine = LOOP.format(decoded=57, late=72, epilogue=100), LOOP.format(decoded=72, late=56, epilogue=24)
+    without = fine.replace("HGMMA.64x64x16.F32 R24, R56, gdesc[UR8], R24, gsb0", "HMMA.16816.F32 R24, R56, R8, R24")
+    assert (problems("hazard", hazard), problems("fine", fine, require_hgmma=True)) == (1, 0)
+    assert (problems("without", without), problems("without", without, require_hgmma=True)) == (0, 1)
 
 
 def test_destinations_span_the_registers_the_opcode_writes():

@@ -1,14 +1,18 @@
-"""The fused CUDA kernels: the prepacked layout (checked on the CPU against the kernel contract)
-and, on a GPU with CuPy, every kernel against the float32 reference."""
+"""The fused CUDA kernels: the prepacked layout (checked on the CPU against the kernel contract),
+the launch plans, dispatch and choice of kernel source, and, on a GPU with CuPy, every kernel of
+every source (launch.SOURCES) against the float32 reference."""
 
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 
 from llmcompress.config import QuantFormat
+from llmcompress.cuda import launch
+from llmcompress.errors import ConfigError
 from llmcompress.formats import E2M1_VALUES, dequantize, quantize
 from llmcompress.methods.lowrank import LowRank
 from llmcompress.nn import CompressedLinear
@@ -24,6 +28,12 @@ FORMATS = {
     "nvfp4": QuantFormat(kind="nvfp4"),
     "mxfp4": QuantFormat(kind="mxfp4"),
 }
+SOURCES = list(launch.SOURCES.values())
+# Each test of a launch path runs for every source that has it, named by its LLMCOMPRESS_KERNEL value.
+EVERY_SOURCE = pytest.mark.parametrize("source", SOURCES, ids=[source.name for source in SOURCES])
+ROW_BLOCK_KERNELS = [(source, family) for source in SOURCES for family in source.families if family != "linear"]
+EVERY_ROW_BLOCK_KERNEL = pytest.mark.parametrize(("source", "family"), ROW_BLOCK_KERNELS,
+                                                 ids=[f"{source.name}-{family}" for source, family in ROW_BLOCK_KERNELS])
 
 
 def _layer_tensors(out_features: int, in_features: int, fmt: QuantFormat, rank: int, seed: int, device: str = "cpu",
@@ -161,9 +171,8 @@ def _assert_sound_plan(plan: dict, k_blocks: int, tile_tokens: int, tokens: int,
 @pytest.mark.parametrize("shared_limit", [H100_SHARED, 101376 - 16], ids=["sm90", "sm89"])
 @pytest.mark.parametrize("wave", [264, 528, 660])
 @pytest.mark.parametrize("kind", ["int4", "int4g32"])
-def test_launch_plan_covers_k_and_fits_shared_memory(kind: str, wave: int, shared_limit: int) -> None:
-    from llmcompress.cuda import launch
-
+@EVERY_SOURCE
+def test_launch_plan_covers_k_and_fits_shared_memory(kind: str, wave: int, shared_limit: int, source: launch.KernelSource) -> None:
     for out_features, in_features in [(576, 576), (4096, 4096), (8192, 8192), (11008, 4096), (4096, 11008),
                                       (28672, 8192), (100, 200), (48, 1000)]:
         for rank in (0, 32, 64):
@@ -171,36 +180,118 @@ def test_launch_plan_covers_k_and_fits_shared_memory(kind: str, wave: int, share
             k_blocks = -(-in_features // K_BLOCK)
             for tokens in (1, 3, 16, 64, 129):
                 for splits in (None, 1, 7):
-                    plan = launch.fused_plan(pk, tokens, wave, shared_limit, splits)
+                    plan = launch.fused_plan(pk, tokens, wave, shared_limit, splits, source=source)
                     case = f"{out_features}x{in_features} r={rank} M={tokens} splits={splits}: {plan}"
                     _assert_sound_plan(plan, k_blocks, 8 * plan["token_tiles"], tokens, rank, shared_limit, case)
 
 
+@pytest.mark.parametrize("shared_limit", [H100_SHARED, 101376 - 16], ids=["sm90", "sm89"])
+@pytest.mark.parametrize("kind", ["int4", "int4g32"])
+def test_tiled_plan_covers_k_and_tokens_and_fits_shared_memory(kind: str, shared_limit: int) -> None:
+    for out_features, in_features in [(576, 576), (8192, 8192), (11008, 4096), (4096, 11008), (100, 200), (48, 1000)]:
+        for rank in (0, 32, 256):
+            pk = _plan_layer(out_features, in_features, rank, kind)
+            k_blocks = -(-in_features // K_BLOCK)
+            for tokens in (17, 64, 65, 129, 256, 1000):
+                for splits in (None, 1, 7):
+                    plan = launch.gemm_plan(pk, tokens, 132, splits)
+                    case = f"{out_features}x{in_features} r={rank} M={tokens} splits={splits}: {plan}"
+                    _assert_sound_plan(plan, k_blocks, 16 * plan["token_tiles"], tokens, rank, shared_limit, case)
+
+
+@pytest.mark.parametrize("kind", ["int4", "int4g32", "nvfp4"])
+def test_wgmma_plan_covers_k_and_tokens_and_fits_shared_memory(kind: str) -> None:
+    """The wgmma kernel runs only on Hopper, so only the H100's shared memory applies."""
+    for out_features, in_features in [(576, 576), (8192, 8192), (11008, 4096), (4096, 11008), (100, 200), (48, 1000)]:
+        for rank in (0, 32, 256):
+            pk = _plan_layer(out_features, in_features, rank, kind)
+            k_blocks = -(-in_features // K_BLOCK)
+            for tokens in (17, 64, 65, 129, 256, 257, 1000):
+                for splits in (None, 1, 7):
+                    plan = launch.wgmma_plan(pk, tokens, 132, splits)
+                    case = f"{out_features}x{in_features} r={rank} M={tokens} splits={splits}: {plan}"
+                    _assert_sound_plan(plan, k_blocks, 8 * plan["token_tiles"], tokens, rank, H100_SHARED, case)
+
+
+def test_tiled_input_gathers_act_order_columns_pads_k_and_aligns() -> None:
+    """What the tiled kernel requires of x (no perm, K % 8 == 0, 16-byte aligned), built on the CPU."""
+    fmt = QuantFormat(bits=4, group_size=32)
+    tensors, _, _ = _layer_tensors(100, 200, fmt, rank=0, seed=3, act_order=True)
+    pk = prepack(tensors, fmt, 200, LayerLayout(), torch.float16)
+    x = torch.randn(3 * 200 + 1).half()[1:].view(3, 200)  # 2-byte aligned
+    assert torch.equal(launch.tiled_input(x, pk), x[:, pk.perm.long()])
+    plain = _plan_layer(40, 1003, 0)
+    x = torch.randn(3 * 1003 + 1).half()[1:].view(3, 1003)
+    padded = launch.tiled_input(x, plain)
+    assert padded.shape == (3, 1008) and padded.data_ptr() % 16 == 0
+    assert torch.equal(padded[:, :1003], x) and not padded[:, 1003:].any()
+    aligned = torch.randn(3, 1008).half()
+    assert launch.tiled_input(aligned, plain).data_ptr() == aligned.data_ptr()
+
+
 def test_dispatch_takes_each_path_in_its_range() -> None:
-    from llmcompress.cuda import launch
+    """The default source (the measured kernel): fused up to 64 tokens, then dequantize + cuBLAS,
+    on any GPU. The tiled source: fused up to 16, then the tiled kernel (wgmma on Hopper, built
+    for sm_90a there) up to 1024, then dequantize + cuBLAS."""
+    default, tiled, hopper = launch.SOURCES["default"], launch.SOURCES["tiled"], launch.WGMMA_CAPABILITY
+    for capability in (launch.MIN_CAPABILITY, hopper):
+        assert [launch.path(m, capability, default) for m in (1, 64, 65, 1024)] == ["fused", "fused"] + ["dequant+cuBLAS"] * 2
+        assert launch.WGMMA_ARCH not in launch.module_options("int4_f16", capability, default)
+    assert [launch.path(m, source=tiled) for m in (1, 16, 17, 1024, 1025)] == ["fused", "fused", "tiled", "tiled", "dequant+cuBLAS"]
+    assert [launch.path(m, hopper, tiled) for m in (16, 17, 1024, 1025)] == ["fused", "wgmma", "wgmma", "dequant+cuBLAS"]
+    assert launch.gemm_token_tile(64) == 4 and launch.gemm_token_tile(65) == 8
+    assert [launch.wgmma_token_tile(m) for m in (17, 64, 65, 128, 129, 1000)] == [8, 8, 16, 16, 32, 32]
+    assert launch.WGMMA_ARCH in launch.module_options("int4_f16", hopper, tiled)
+    assert launch.WGMMA_ARCH not in launch.module_options("int4_f16", (8, 9), tiled)
 
-    assert [launch.path(m) for m in (1, launch.FUSED_MAX_M, launch.FUSED_MAX_M + 1)] == ["fused", "fused", "dequant+cuBLAS"]
+
+def test_the_environment_picks_the_kernel_source_and_default_is_the_measured_one(monkeypatch) -> None:
+    monkeypatch.delenv(launch.KERNEL_ENV, raising=False)
+    assert launch.selected() is launch.SOURCES["default"] and launch.selected().filename == "w4_linear.cu"
+    assert launch.FUSED_MAX_M == 64
+    for value, name in (("tiled", "tiled"), (" tiled ", "tiled"), ("", "default"), ("default", "default")):
+        monkeypatch.setenv(launch.KERNEL_ENV, value)
+        assert launch.selected() is launch.SOURCES[name]
+    monkeypatch.setenv(launch.KERNEL_ENV, "tiled")
+    assert (launch.FUSED_MAX_M, launch.TILED_MAX_M, launch.path(17)) == (16, 1024, "tiled")
+    monkeypatch.setenv(launch.KERNEL_ENV, "wgmma")
+    with pytest.raises(ConfigError, match="LLMCOMPRESS_KERNEL='wgmma' names no kernel source: choose one of default, tiled"):
+        launch.selected()
+    with pytest.raises(ConfigError):  # before any GPU or CuPy is looked for: a typo is not a fallback
+        launch.check_cupy()
+    with pytest.raises(launch.KernelUnavailable, match="LLMCOMPRESS_KERNEL=tiled has"):
+        launch.having("gemm", launch.SOURCES["default"])
 
 
-def test_launch_plan_takes_the_benchmarks_branch_item_count() -> None:
+def test_every_kernel_file_is_a_source_and_its_text_holds_the_shared_header() -> None:
+    """Each kernels/*.cu is a source the loader can select (CI compiles each of them, and the wheel
+    carries them: tests/test_packaging.py); the text the loader compiles has its header inlined."""
+    kernels = Path(__file__).resolve().parents[1] / "kernels"
+    assert sorted(path.name for path in kernels.glob("*.cu")) == sorted(source.filename for source in SOURCES)
+    header = (kernels / "w4_common.cuh").read_text()
+    for source in SOURCES:
+        assert source.path == kernels / source.filename
+        text = launch.kernel_text(source)
+        assert '#include "' not in text and header in text
+        assert '#include "w4_common.cuh"' in source.path.read_text()
+
+
+@EVERY_SOURCE
+def test_launch_plan_takes_the_benchmarks_branch_item_count(source: launch.KernelSource) -> None:
     """eval/bench_kernels.py --sweep-branch sets the item count: it is kept, clamped to 1..K's
     k-blocks, and counted in the grid; at rank 0 there are no items whatever is asked."""
-    from llmcompress.cuda import launch
-
     k_blocks = 11008 // K_BLOCK
     for items, expected in ((5, 5), (0, 1), (10_000, k_blocks)):
-        plan = launch.fused_plan(_plan_layer(4096, 11008, 32), 1, 264, H100_SHARED, splits=6, branch_items=items)
+        plan = launch.fused_plan(_plan_layer(4096, 11008, 32), 1, 264, H100_SHARED, splits=6, branch_items=items, source=source)
         assert (plan["splits"], plan["branch_items"]) == (6, expected)
         assert plan["blocks"] == plan["tiles"] * 6 + expected
-    assert launch.fused_plan(_plan_layer(4096, 11008, 0), 1, 264, H100_SHARED, branch_items=5)["branch_items"] == 0
+    assert launch.fused_plan(_plan_layer(4096, 11008, 0), 1, 264, H100_SHARED, branch_items=5, source=source)["branch_items"] == 0
 
 
 def test_launch_plan_keeps_the_measured_h100_decomposition() -> None:
     """8192^2, rank 32, M = 1 with two blocks per multiprocessor (v6's residency): 4 splits and
     8 down-projection items of 16 k-blocks, the plan kernels/NOTES.md measured at +10%."""
-    from llmcompress.cuda import launch
-
-    plan = launch.fused_plan(_plan_layer(8192, 8192, 32), 1, 2 * 132, H100_SHARED)
+    plan = launch.fused_plan(_plan_layer(8192, 8192, 32), 1, 2 * 132, H100_SHARED, source=launch.SOURCES["default"])
     assert (plan["splits"], plan["blocks_per_split"], plan["branch_items"], plan["blocks"]) == (4, 32, 8, 264)
 
 
@@ -213,6 +304,18 @@ GPU_SHAPES = [(576, 576), (1536, 576), (4096, 4096), (11008, 4096), (4096, 11008
 GPU_TOKENS = [1, 3, 16, 64, 129]
 GPU_RANKS = [0, 16, 32, 64]
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+ROW_BLOCK_LAUNCH = {"gemm": launch.tiled_linear, "wgmma": launch.wgmma_linear}
+
+
+def _hopper() -> bool:
+    return torch.cuda.get_device_capability() == launch.WGMMA_CAPABILITY
+
+
+def _row_block_families_here(source: launch.KernelSource) -> list[str]:
+    """The source's tiled kernels that this GPU runs (wgmma only on Hopper)."""
+    return [family for family in source.families if family in ROW_BLOCK_LAUNCH and (family != "wgmma" or _hopper())]
 
 
 def _reference(x: torch.Tensor, weight: torch.Tensor, branch: LowRank | None, bias: torch.Tensor) -> torch.Tensor:
@@ -231,9 +334,11 @@ def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 @pytest.mark.parametrize("name", sorted(FORMATS))
-def test_fused_kernel_matches_float32_reference(name: str, dtype: torch.dtype) -> None:
-    from llmcompress.cuda import launch
-
+@EVERY_SOURCE
+def test_fused_kernel_matches_float32_reference(name: str, dtype: torch.dtype, source: launch.KernelSource, monkeypatch) -> None:
+    """Every kernel of the source, and its dispatch (launch.linear, the source selected through
+    LLMCOMPRESS_KERNEL), on every format, dtype, shape, rank and token count."""
+    monkeypatch.setenv(launch.KERNEL_ENV, source.name)
     fmt = FORMATS[name]
     failures = []
     seed = 0
@@ -246,10 +351,14 @@ def test_fused_kernel_matches_float32_reference(name: str, dtype: torch.dtype) -
             for tokens in GPU_TOKENS:
                 x = torch.randn(tokens, in_features, device="cuda").to(dtype)
                 ref = _reference(x, weight, branch, bias)
+                # Poisoned outputs: every element must be written.
                 out = torch.full((tokens, out_features), float("nan"), dtype=dtype, device="cuda")
-                y = launch.fused_linear(x, pk, bias, out=out)
-                dispatched = launch.linear(x, pk, bias)
-                for path, result in (("fused", y), ("dispatch", dispatched)):
+                results = [("fused", launch.fused_linear(x, pk, bias, out=out, source=source)),
+                           ("dispatch", launch.linear(x, pk, bias))]
+                for family in _row_block_families_here(source):
+                    results.append((family, ROW_BLOCK_LAUNCH[family](x, pk, bias, out=torch.full_like(out, float("nan")),
+                                                                     source=source)))
+                for path, result in results:
                     error = _relative_error(result, ref)
                     if not torch.isfinite(result).all() or error > TOLERANCE[dtype]:
                         failures.append(f"{path} N={out_features} K={in_features} r={rank} M={tokens}: error {error:.2e}")
@@ -259,11 +368,10 @@ def test_fused_kernel_matches_float32_reference(name: str, dtype: torch.dtype) -
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize(("splits", "branch_items"), [(1, None), (2, 1), (3, 5), (7, 1000)])
-def test_split_k_branch_items_and_odd_shapes_agree(splits: int, branch_items: int | None) -> None:
+@EVERY_SOURCE
+def test_split_k_branch_items_and_odd_shapes_agree(splits: int, branch_items: int | None, source: launch.KernelSource) -> None:
     """Any split count and any branch item count (the benchmark's sweeps), including items past
     the last k-block, which sum nothing."""
-    from llmcompress.cuda import launch
-
     for fmt, shape, act_order in ((QuantFormat(bits=4, group_size=32), (100, 200), True),
                                   (QuantFormat(bits=4, group_size=-1), (48, 1000), False),
                                   (QuantFormat(kind="nvfp4"), (24, 1040), False)):
@@ -271,8 +379,34 @@ def test_split_k_branch_items_and_odd_shapes_agree(splits: int, branch_items: in
         pk = prepack(tensors, fmt, shape[1], LayerLayout(rank=24), torch.float16)
         x = torch.randn(5, shape[1], device="cuda").half()
         bias = torch.zeros(shape[0], device="cuda").half()
-        y = launch.fused_linear(x, pk, bias, splits=splits, branch_items=branch_items)
+        y = launch.fused_linear(x, pk, bias, splits=splits, branch_items=branch_items, source=source)
         assert _relative_error(y, _reference(x, weight, branch, bias)) < 2e-3
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize(("splits", "branch_items"), [(1, None), (2, 1), (3, 5), (7, 1000)])
+@EVERY_ROW_BLOCK_KERNEL
+def test_tiled_kernel_on_odd_shapes_and_act_order(splits: int, branch_items: int | None, source: launch.KernelSource,
+                                                  family: str) -> None:
+    """The tiled and the wgmma kernels' own input handling: act-order columns gathered, K not a
+    multiple of 8 padded, a misaligned x copied; token counts across one and several tiles of each size."""
+    if family == "wgmma" and not _hopper():
+        pytest.skip("the wgmma kernel needs an sm_90 GPU")
+    run = ROW_BLOCK_LAUNCH[family]
+
+    for fmt, shape, act_order in ((QuantFormat(bits=4, group_size=32), (100, 200), True),
+                                  (QuantFormat(bits=4, group_size=-1), (40, 1003), False),
+                                  (QuantFormat(kind="nvfp4"), (136, 1040), False)):
+        tensors, weight, branch = _layer_tensors(*shape, fmt, rank=24, seed=splits, device="cuda", act_order=act_order)
+        pk = prepack(tensors, fmt, shape[1], LayerLayout(rank=24), torch.float16)
+        bias = torch.randn(shape[0], device="cuda").half()
+        for tokens in (5, 70, 150):
+            x = torch.randn(tokens * shape[1] + 1, device="cuda").half()[1:].view(tokens, shape[1])  # 2-byte aligned
+            out = torch.full((tokens, shape[0]), float("nan"), dtype=torch.float16, device="cuda")
+            y = run(x, pk, bias, out=out, splits=splits, branch_items=branch_items, source=source)
+            error = _relative_error(y, _reference(x, weight, branch, bias))
+            assert torch.isfinite(y).all() and error < 2e-3, f"{fmt.describe()} {shape} M={tokens}: {error:.2e}"
 
 
 def _gpu_layer(out_features: int, in_features: int, rank: int, seed: int) -> tuple[Prepacked, torch.Tensor, LowRank | None]:
@@ -284,33 +418,38 @@ def _gpu_layer(out_features: int, in_features: int, rank: int, seed: int) -> tup
 
 @gpu
 @pytest.mark.gpu
-def test_one_split_too_wide_for_shared_memory_is_split_by_the_plan() -> None:
+@EVERY_SOURCE
+def test_one_split_too_wide_for_shared_memory_is_split_by_the_plan(source: launch.KernelSource) -> None:
     """16 tokens of K = 11008 in one split would stage 352 KB of x: the plan splits K instead."""
-    from llmcompress.cuda import launch
-
     pk, weight, branch = _gpu_layer(256, 11008, rank=16, seed=8)
     x = torch.randn(16, 11008, device="cuda").half()
     bias = torch.zeros(256, device="cuda").half()
-    assert launch.device_plan(pk, 16, splits=1)["splits"] > 1
-    y = launch.fused_linear(x, pk, bias, splits=1)
+    assert launch.device_plan(pk, 16, splits=1, source=source)["splits"] > 1
+    y = launch.fused_linear(x, pk, bias, splits=1, source=source)
     assert _relative_error(y, _reference(x, weight, branch, bias)) < 2e-3
 
 
 @gpu
 @pytest.mark.gpu
-def test_repeated_launches_are_deterministic() -> None:
-    from llmcompress.cuda import launch
-
+@EVERY_SOURCE
+def test_repeated_launches_are_deterministic(source: launch.KernelSource) -> None:
     pk, _, _ = _gpu_layer(4096, 4096, rank=32, seed=9)
     x = torch.randn(16, 4096, device="cuda").half()
-    first = launch.fused_linear(x, pk, None)
+    first = launch.fused_linear(x, pk, None, source=source)
     for _ in range(20):
-        assert torch.equal(launch.fused_linear(x, pk, None), first)
+        assert torch.equal(launch.fused_linear(x, pk, None, source=source), first)
+    x = torch.randn(100, 4096, device="cuda").half()
+    for family in _row_block_families_here(source):
+        first = ROW_BLOCK_LAUNCH[family](x, pk, None, source=source)
+        for _ in range(20):
+            assert torch.equal(ROW_BLOCK_LAUNCH[family](x, pk, None, source=source), first)
 
 
 @gpu
 @pytest.mark.gpu
-def test_compressed_linear_uses_the_kernel_on_cuda(recwarn) -> None:
+@EVERY_SOURCE
+def test_compressed_linear_uses_the_kernel_on_cuda(recwarn, source: launch.KernelSource, monkeypatch) -> None:
+    monkeypatch.setenv(launch.KERNEL_ENV, source.name)
     fmt = FORMATS["int4-asym-g128"]
     gen = torch.Generator().manual_seed(5)
     q = quantize(torch.randn(256, 512, generator=gen) * 0.05, fmt)

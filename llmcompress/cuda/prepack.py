@@ -1,8 +1,8 @@
-"""Reorder one layer's canonical packed tensors into the layout ``kernels/w4_linear.cu`` reads.
+"""Reorder one layer's canonical packed tensors into the layout the kernel sources of ``kernels/`` read.
 
 Pure tensor functions (they run on any device, so the CPU tests check the layout): the kernel
-contract is written at the top of the ``.cu`` file, and each constant here names the part of
-it that it implements. The checkpoint never sees this layout.
+contract is written at the top of ``kernels/w4_common.cuh``, which every source includes, and
+each constant here names the part of it that it implements. The checkpoint never sees this layout.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Run kernels/w4_linear.cu on the CPU, through the emulator in emulator.h (its header says what
-it emulates and what it checks). Each variant is built once with g++ and cached on disk, keyed
-by the kernel source, the emulator and the defines."""
+"""Run the kernel sources of kernels/ (launch.SOURCES) on the CPU, through the emulator in
+emulator.h (its header says what it emulates and what it checks). Each variant of each source is
+built once with g++ and cached on disk, keyed by the kernel text, the emulator and the defines."""
 
 from __future__ import annotations
 
@@ -78,24 +78,25 @@ def _cache_dir() -> Path:
 
 
 @functools.cache
-def library(variant: str) -> ctypes.CDLL:
-    """The emulated build of one kernel variant (compiled on first use: about 6 s on 2 cores)."""
+def library(source: launch.KernelSource, variant: str) -> ctypes.CDLL:
+    """The emulated build of one variant of a kernel source (compiled on first use: about 6 s on 2 cores)."""
     cxx = compiler()
     if cxx is None:
         raise EmulatorError("no C++ compiler (g++) to build the CUDA emulator")
-    code = translate(launch.SOURCE.read_text(), variant)
-    options = ["-std=c++17", "-O1", "-shared", "-fPIC", "-fno-strict-aliasing", "-w", f"-I{HERE / 'include'}",
-               *launch.compile_defines(variant)]
+    code = translate(launch.kernel_text(source), variant)
+    options = ["-std=c++17", "-O1", "-shared", "-fPIC", "-fvisibility=hidden", "-fno-strict-aliasing", "-w", f"-I{HERE / 'include'}",
+               *launch.compile_defines(variant, source)]
     key = hashlib.sha256("\0".join([code, (HERE / "emulator.h").read_text(), *options]).encode()).hexdigest()[:16]
-    built = _cache_dir() / f"w4_linear_{variant}_{key}.so"
+    stem = Path(source.filename).stem
+    built = _cache_dir() / f"{stem}_{variant}_{key}.so"
     if not built.exists():
         built.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=built.parent) as work:
-            source, output = Path(work) / "w4_linear.cpp", Path(work) / "w4_linear.so"
-            source.write_text(code)
-            result = subprocess.run([cxx, *options, "-o", str(output), str(source)], capture_output=True, text=True)
+            translated, output = Path(work) / f"{stem}.cpp", Path(work) / f"{stem}.so"
+            translated.write_text(code)
+            result = subprocess.run([cxx, *options, "-o", str(output), str(translated)], capture_output=True, text=True)
             if result.returncode:
-                raise EmulatorError(f"{cxx} could not build {launch.SOURCE.name} ({variant}) for the emulator:\n"
+                raise EmulatorError(f"{cxx} could not build {source.filename} ({variant}) for the emulator:\n"
                                     f"{result.stderr[-4000:]}")
             os.replace(output, built)  # whole or not at all, for a concurrent or later run
     emulated = ctypes.CDLL(str(built))
@@ -120,9 +121,9 @@ def _encode(argument: object) -> tuple[int, int, int]:
     raise EmulatorError(f"a kernel argument of type {type(argument).__name__}")
 
 
-def run(variant: str, kernel: str, blocks: int, threads: int, shared: int, arguments: Sequence[object],
-        schedule: str | Schedule = "late") -> None:
-    """Launch ``kernel`` of ``variant`` as CuPy would: ``blocks`` x ``threads``, ``shared``
+def run(source: launch.KernelSource, variant: str, kernel: str, blocks: int, threads: int, shared: int,
+        arguments: Sequence[object], schedule: str | Schedule = "late") -> None:
+    """Launch ``kernel`` of ``source``'s ``variant`` as CuPy would: ``blocks`` x ``threads``, ``shared``
     bytes of dynamic shared memory, run as ``schedule`` (a Schedule or a name in SCHEDULES).
     Tensors are read and written in place."""
     encoded = [_encode(argument) for argument in arguments]
@@ -132,6 +133,6 @@ def run(variant: str, kernel: str, blocks: int, threads: int, shared: int, argum
     sizes = (ctypes.c_uint64 * count)(*(size for _, _, size in encoded))
     error = ctypes.create_string_buffer(4096)
     how = SCHEDULES[schedule] if isinstance(schedule, str) else schedule
-    if library(variant).emu_launch(kernel.encode(), blocks, threads, shared, how.resident, how.seed, count, kinds, values, sizes,
+    if library(source, variant).emu_launch(kernel.encode(), blocks, threads, shared, how.resident, how.seed, count, kinds, values, sizes,
                                    how.flags, error, len(error)):
         raise EmulatorError(f"{kernel}: {error.value.decode()}")

@@ -1,13 +1,13 @@
 /*
- * A CPU emulator of the CUDA subset that kernels/w4_linear.cu uses, so that the kernels' index
- * arithmetic, fragment layouts, shared-memory pipelines and work-item protocol run in tests on a
- * machine without a GPU. It says nothing about speed, and nothing about memory ordering between
- * threads (everything here is sequentially consistent); a GPU run stays the real check.
+ * A CPU emulator of the CUDA subset that the kernel sources of kernels/ use, so that the kernels'
+ * index arithmetic, fragment layouts, shared-memory pipelines and work-item protocol run in tests
+ * on a machine without a GPU. It says nothing about speed, and nothing about memory ordering
+ * between threads (everything here is sequentially consistent); a GPU run stays the real check.
  *
- * The kernel source compiles unchanged with g++, except that the Python side (__init__.py)
- * rewrites its `extern __shared__` declaration into a call to dynamic_shared() and appends one
- * EMU_KERNEL line per kernel. Its PTX wrappers (mma, ldmatrix, cp.async, ld.acquire) are
- * skipped through W4_EMULATED_PTX and defined here instead.
+ * A kernel source (its included header inlined, as the loader does) compiles unchanged with g++,
+ * except that the Python side (__init__.py) rewrites its `extern __shared__` declaration into a
+ * call to dynamic_shared() and appends one EMU_KERNEL line per kernel. Its PTX wrappers (mma,
+ * ldmatrix, cp.async, ld.acquire, wgmma) are skipped through W4_EMULATED_PTX and defined here instead.
  *
  * Execution: each CUDA thread is a ucontext fiber of one OS thread, switched only where CUDA
  * threads meet: __syncthreads, the warp-wide instructions (all 32 lanes must arrive at the same
@@ -29,7 +29,14 @@
  * cp.async copies land either when cp.async.wait_group says they must (LATE, the default: a read
  * before its wait sees poison) or when issued (EARLY: a refill of a slot another warp still reads
  * overwrites it); fibers run in thread order or in reverse (REVERSE), so warps meet each other's
- * pipelines in both orders.
+ * pipelines in both orders. Warpgroup MMAs (wgmma, sm_90a) land the same way: at the
+ * wgmma.wait_group that covers them (LATE: they read their A registers and shared memory then,
+ * and only then write the accumulators) or at issue (EARLY). A wgmma issued without a wgmma.fence
+ * since the thread's last wait, or a block that ends with wgmmas not waited for, is reported.
+ * cp.async writes through the generic proxy and wgmma reads through the async proxy, so a wgmma
+ * must not read a byte whose cp.async landed after the copying thread's last fence.proxy.async:
+ * each byte remembers the thread whose landed copy it holds until that thread's fence, and a
+ * wgmma that reads such a byte, at issue or when it lands, is reported.
  */
 #pragma once
 
@@ -185,7 +192,7 @@ namespace emu {
 
 enum class State { ready, barrier, warp, done, failed };
 enum Flags { EARLY = 1, REVERSE = 2 };
-enum class Op { none, mma_f16, mma_bf16, ldmatrix };
+enum class Op { none, mma_f16, mma_bf16, ldmatrix, wgmma_f16, wgmma_bf16, wgmma_commit, wgmma_wait, syncwarp };
 
 struct Copy {
     unsigned char* destination;
@@ -200,11 +207,25 @@ struct Thread {
     std::vector<Copy> uncommitted;
     std::deque<std::vector<Copy>> groups;
     const void* collective = nullptr;  // this lane's operands while it waits in a warp-wide instruction
+    bool wgmma_fenced = false;         // a wgmma.fence since its last wgmma.wait_group
+    std::vector<std::pair<size_t, int>> unfenced;  // (shared offset, bytes) of its landed copies no fence.proxy.async has ordered
+};
+
+// One warp's share of a wgmma.m64n64k16 (its 16 rows of A and D), issued and not yet landed: each
+// lane's accumulators and A registers, read when it lands, and where B lies in shared memory.
+struct Wgmma {
+    bool half;
+    float* d[32];
+    const unsigned* a[32];
+    const unsigned char* b;
+    size_t lbo, sbo;
 };
 
 struct Warp {
     Op op = Op::none;
     int arrived = 0;
+    std::vector<Wgmma> uncommitted;
+    std::deque<std::vector<Wgmma>> groups;
 };
 
 struct Buffer {
@@ -221,6 +242,7 @@ struct Block {
     std::vector<Warp> warps;
     std::vector<unsigned char*> stacks;
     unsigned char* shared = nullptr;                        // its dynamic shared memory
+    std::vector<unsigned> generic_writer;                   // per byte of it: 1 + the thread whose unfenced copy it holds, or 0
     std::map<int, std::vector<std::max_align_t>> statics;  // its __shared__ variables, by declaration
 };
 
@@ -336,8 +358,18 @@ inline void collective(Op op, const Operands& mine, Complete complete) {
     }
 }
 
+// A cp.async copy lands: a write through the generic proxy, hidden from the async proxy until
+// the copying thread's next fence.proxy.async.
+inline void land(const Copy& copy) {
+    std::memcpy(copy.destination, copy.data, copy.bytes);
+    Block& block = *active()->running;
+    Thread& thread = self();
+    const size_t offset = (size_t)(copy.destination - block.shared);
+    std::fill_n(block.generic_writer.begin() + offset, copy.bytes, thread.index.x + 1);
+    thread.unfenced.emplace_back(offset, copy.bytes);
+}
 inline void land(const std::vector<Copy>& group) {
-    for (const Copy& copy : group) std::memcpy(copy.destination, copy.data, copy.bytes);
+    for (const Copy& copy : group) land(copy);
 }
 
 inline void fiber_entry() {
@@ -373,12 +405,15 @@ inline void start_block(Launch& launch, Block& block, unsigned index) {
     block.running = true;
     block.statics.clear();
     std::memset(block.shared, 0xFF, launch.shared_bytes);
+    block.generic_writer.assign(launch.shared_bytes, 0);
     for (size_t i = 0; i < block.threads.size(); ++i) {
         Thread& thread = block.threads[i];
         thread.index = dim3{(unsigned)i, 0, 0};
         thread.state = State::ready;
         thread.uncommitted.clear();
         thread.groups.clear();
+        thread.wgmma_fenced = false;
+        thread.unfenced.clear();
         getcontext(&thread.context);
         thread.context.uc_stack.ss_sp = block.stacks[i];
         thread.context.uc_stack.ss_size = launch.stack_bytes;
@@ -407,6 +442,11 @@ inline bool run_pass(Launch& launch, Block& block) {
     }
     const Tally counts = tally(block);
     if (counts.done == count) {
+        for (const Warp& warp : block.warps)
+            if (!warp.uncommitted.empty() || !warp.groups.empty()) {
+                launch.error = "block " + std::to_string(block.index.x) + " finished with wgmmas it never waited for";
+                return moved;
+            }
         block.running = false;
         launch.spins = 0;
     } else if (counts.barrier && counts.barrier + counts.done == count) {  // threads that finished no longer take part
@@ -519,6 +559,12 @@ inline void __syncthreads() {
     emu::switch_out();
 }
 
+// Every lane of the warp arrives before any goes on (the full mask, the only one the kernel uses).
+inline void __syncwarp() {
+    struct Operands {};
+    emu::collective(emu::Op::syncwarp, Operands{}, [](const Operands* const*) {});
+}
+
 inline void __nanosleep(unsigned) {
     if (++emu::active()->spins > 1000000) emu::fail("a spin wait never ended: a block waits on work that no resident block does");
     emu::switch_out();  // still ready: the other threads (and blocks) run first
@@ -541,6 +587,29 @@ inline int atomicExch(int* address, int value) {
 
 // ----------------------------------------------------------------------------- PTX
 
+namespace emu {
+
+// The low (high = 0) or high 16-bit element of a fragment register, FP16 or BF16.
+inline double fragment_element(unsigned word, int high, bool half) {
+    const unsigned short bits = (unsigned short)(high ? word >> 16 : word & 0xFFFFu);
+    return (double)(half ? half_to_float(bits) : bfloat_to_float(bits));
+}
+
+// Lane (g = lane / 4, t = lane % 4)'s A fragment a[0..3] of mma.m16n8k16, which is also each
+// warp's share (its 16 rows) of a wgmma's A from registers: elements (g, 2t..2t+1), (g+8, 2t..),
+// (g, 2t+8..), (g+8, 2t+8..).
+inline void put_a_fragment(double (&A)[16][16], int lane, const unsigned* a, bool half) {
+    const int g = lane / 4, t = lane % 4;
+    for (int h = 0; h < 2; ++h) {
+        A[g][2 * t + h] = fragment_element(a[0], h, half);
+        A[g + 8][2 * t + h] = fragment_element(a[1], h, half);
+        A[g][2 * t + 8 + h] = fragment_element(a[2], h, half);
+        A[g + 8][2 * t + 8 + h] = fragment_element(a[3], h, half);
+    }
+}
+
+}  // namespace emu
+
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: lane (g = lane / 4, t = lane % 4) holds A
 // elements (g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..) in a[0..3], B elements
 // (k = 2t..2t+1, n = g) and (k = 2t+8.., n = g) in b0, b1, and C/D (g, 2t), (g, 2t+1),
@@ -554,21 +623,14 @@ inline void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigne
     const Operands mine{c, {a[0], a[1], a[2], a[3]}, {b0, b1}};
     constexpr bool half = std::is_same_v<T, __half>;
     emu::collective(half ? emu::Op::mma_f16 : emu::Op::mma_bf16, mine, [](const Operands* const* lanes) {
-        auto value = [](unsigned word, int high) {
-            const unsigned short bits = (unsigned short)(high ? word >> 16 : word & 0xFFFFu);
-            return (double)(half ? emu::half_to_float(bits) : emu::bfloat_to_float(bits));
-        };
         double A[16][16], B[16][8];
         for (int lane = 0; lane < 32; ++lane) {
             const int g = lane / 4, t = lane % 4;
             const Operands& o = *lanes[lane];
+            emu::put_a_fragment(A, lane, o.a, half);
             for (int h = 0; h < 2; ++h) {
-                A[g][2 * t + h] = value(o.a[0], h);
-                A[g + 8][2 * t + h] = value(o.a[1], h);
-                A[g][2 * t + 8 + h] = value(o.a[2], h);
-                A[g + 8][2 * t + 8 + h] = value(o.a[3], h);
-                B[2 * t + h][g] = value(o.b[0], h);
-                B[2 * t + 8 + h][g] = value(o.b[1], h);
+                B[2 * t + h][g] = emu::fragment_element(o.b[0], h, half);
+                B[2 * t + 8 + h][g] = emu::fragment_element(o.b[1], h, half);
             }
         }
         float D[16][8];
@@ -616,7 +678,7 @@ inline void cp_async_zfill(void* smem, const void* global, bool valid) {
         std::memcpy(copy.data, global, BYTES);
     }
     if (emu::active()->flags & emu::EARLY)
-        std::memcpy(copy.destination, copy.data, BYTES);
+        emu::land(copy);
     else
         emu::self().uncommitted.push_back(copy);
 }
@@ -636,6 +698,126 @@ inline void cp_async_wait() {
     }
 }
 
+
+// The shared-memory address space of the running block: an offset into its dynamic shared memory.
+inline size_t __cvta_generic_to_shared(const void* address) {
+    emu::check_shared(address, 1, 1, "a shared-memory address");
+    return (size_t)(static_cast<const unsigned char*>(address) - emu::dynamic_shared());
+}
+
+namespace emu {
+
+// The async proxy reads a wgmma's B: no byte of it may hold a copy whose thread has not fenced it.
+inline void check_visible_to_async_proxy(const Wgmma& op) {
+    const Block& block = *active()->running;
+    for (int n = 0; n < 8; ++n)
+        for (int k = 0; k < 2; ++k) {
+            const size_t start = (size_t)(op.b + n * op.sbo + k * op.lbo - block.shared);
+            for (size_t offset = start; offset < start + 128; ++offset)
+                if (block.generic_writer[offset])
+                    fail("a wgmma reads shared offset " + std::to_string(offset) + ", which thread " +
+                         std::to_string(block.generic_writer[offset] - 1) +
+                         " wrote by cp.async and has not ordered for the async proxy (fence.proxy.async) since");
+        }
+}
+
+inline void land(const Wgmma& op) {
+    check_visible_to_async_proxy(op);
+    double A[16][16], B[16][64];
+    for (int lane = 0; lane < 32; ++lane) put_a_fragment(A, lane, op.a[lane], op.half);
+    for (int k = 0; k < 16; ++k)
+        for (int n = 0; n < 64; ++n) {
+            unsigned short bits;
+            std::memcpy(&bits, op.b + (n / 8) * op.sbo + (n % 8) * 16 + (k / 8) * op.lbo + (k % 8) * 2, 2);
+            B[k][n] = fragment_element(bits, 0, op.half);
+        }
+    for (int lane = 0; lane < 32; ++lane) {
+        const int g = lane / 4, t = lane % 4;
+        for (int j = 0; j < 8; ++j)
+            for (int e = 0; e < 4; ++e) {
+                const int row = g + 8 * (e / 2), col = 8 * j + 2 * t + e % 2;
+                double sum = op.d[lane][4 * j + e];
+                for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
+                op.d[lane][4 * j + e] = (float)sum;
+            }
+    }
+}
+
+inline Warp& own_warp() { return active()->running->warps[self().index.x / 32]; }
+
+}  // namespace emu
+
+// wgmma.mma_async.sync.aligned.m64n64k16.f32.{f16,bf16} with A from registers, B from shared memory
+// through a K-major descriptor without swizzle (the only form the kernel uses; any other is
+// refused): element (k, n) of B at start + (n / 8) * SBO + (n % 8) * 16 + (k / 8) * LBO + (k % 8) * 2
+// bytes (PTX ISA, "Shared Memory Matrix Layout"). Each warp computes its own 16 rows, which depend
+// only on its lanes' A and on B, so the warp, not the warpgroup, is the unit here. It lands at
+// wgmma.wait_group (LATE: a read of d, or a change of a or of B, before the wait shows) or at
+// issue (EARLY).
+template <typename T>
+inline void wgmma_m64n64k16(float (&d)[8][4], const unsigned (&a)[4], unsigned long long descriptor) {
+    struct Operands {
+        float* d;
+        const unsigned* a;
+        unsigned long long descriptor;
+    };
+    if (!emu::self().wgmma_fenced) emu::fail("a wgmma.mma_async without a wgmma.fence since the thread's last wgmma.wait_group");
+    const Operands mine{&d[0][0], a, descriptor};
+    constexpr bool half = std::is_same_v<T, __half>;
+    emu::collective(half ? emu::Op::wgmma_f16 : emu::Op::wgmma_bf16, mine, [](const Operands* const* lanes) {
+        const unsigned long long descriptor = lanes[0]->descriptor;
+        for (int lane = 1; lane < 32; ++lane)
+            if (lanes[lane]->descriptor != descriptor) emu::fail("the lanes of a wgmma gave different descriptors");
+        if ((descriptor >> 62) || ((descriptor >> 49) & 7))
+            emu::fail("a wgmma descriptor with a swizzle mode or a base offset: the emulator models only K-major without swizzle");
+        emu::Wgmma op{half, {}, {}, emu::dynamic_shared() + ((descriptor & 0x3FFF) << 4), ((descriptor >> 16) & 0x3FFF) << 4,
+                      ((descriptor >> 32) & 0x3FFF) << 4};
+        for (int n = 0; n < 8; ++n)
+            for (int k = 0; k < 2; ++k) emu::check_shared(op.b + n * op.sbo + k * op.lbo, 128, 16, "a wgmma core matrix of B");
+        for (int lane = 0; lane < 32; ++lane) {
+            op.d[lane] = lanes[lane]->d;
+            op.a[lane] = lanes[lane]->a;
+        }
+        emu::check_visible_to_async_proxy(op);  // at issue, and again when it lands
+        if (emu::active()->flags & emu::EARLY)
+            emu::land(op);
+        else
+            emu::own_warp().uncommitted.push_back(op);
+    });
+}
+inline void wgmma_fence() { emu::self().wgmma_fenced = true; }
+inline void wgmma_commit() {
+    struct Operands {};
+    emu::collective(emu::Op::wgmma_commit, Operands{}, [](const Operands* const*) {
+        emu::Warp& warp = emu::own_warp();
+        warp.groups.push_back(std::move(warp.uncommitted));
+        warp.uncommitted.clear();
+    });
+}
+template <int PENDING>
+inline void wgmma_wait() {
+    struct Operands {};
+    emu::self().wgmma_fenced = false;
+    emu::collective(emu::Op::wgmma_wait, Operands{}, [](const Operands* const*) {
+        emu::Warp& warp = emu::own_warp();
+        while ((int)warp.groups.size() > PENDING) {
+            for (const emu::Wgmma& op : warp.groups.front()) emu::land(op);
+            warp.groups.pop_front();
+        }
+    });
+}
+template <int MT>
+inline void wgmma_fence_operands(float (&)[1][MT][4]) {}
+// fence.proxy.async.shared::cta: the thread's landed copies become visible to the async proxy.
+inline void fence_proxy_async() {
+    emu::Thread& thread = emu::self();
+    emu::Block& block = *emu::active()->running;
+    for (const auto& [start, bytes] : thread.unfenced)
+        for (size_t offset = start; offset < start + bytes; ++offset)
+            if (block.generic_writer[offset] == thread.index.x + 1) block.generic_writer[offset] = 0;
+    thread.unfenced.clear();
+}
+
 inline unsigned load_acquire(const int* flag) { return (unsigned)*static_cast<const volatile int*>(flag); }
 
 // ----------------------------------------------------------------------------- the entry point
@@ -644,10 +826,14 @@ inline unsigned load_acquire(const int* flag) { return (unsigned)*static_cast<co
 // shared memory, `resident` blocks at a time (slots visited in an order shuffled by `seed`, or in
 // order for 0). Parameter i is a pointer (kinds[i] == 0: values[i] its address, 0 for null,
 // sizes[i] its bytes) or a 4-byte scalar (kinds[i] == 1: values[i] its bits). Returns 0, or 1
-// with the reason in `error`.
-extern "C" int emu_launch(const char* name, unsigned blocks, unsigned threads, unsigned shared, unsigned resident, unsigned seed,
-                          int count, const int* kinds, const uint64_t* values, const uint64_t* sizes, int flags, char* error,
-                          int error_bytes) {
+// with the reason in `error`. The only symbol a build exports (__init__.py builds with
+// -fvisibility=hidden): the builds of two sources define kernels of the same names, and their
+// registries (static locals of inline functions, which g++ would otherwise bind once across every
+// library loaded, RTLD_LOCAL or not) must stay apart.
+extern "C" __attribute__((visibility("default"))) int emu_launch(const char* name, unsigned blocks, unsigned threads,
+                                                                 unsigned shared, unsigned resident, unsigned seed, int count,
+                                                                 const int* kinds, const uint64_t* values, const uint64_t* sizes,
+                                                                 int flags, char* error, int error_bytes) {
     auto report = [&](const std::string& message) {
         std::snprintf(error, (size_t)error_bytes, "%s", message.c_str());
         return 1;
