@@ -8,9 +8,15 @@ copies of the weights so that the working set exceeds the L2 cache), achieved GB
 bytes the call must move, that as a percent of the measured device-to-device copy bandwidth,
 and the speedups over FP16 and over the unfused path (our kernel at rank 0 plus two separate
 low-rank matmuls). ``int4`` is INT4 g128 asymmetric, ``nvfp4`` is NVFP4 (E4M3 per 16 +
-global). Their columns time the path ``launch.linear`` dispatches to; above
-``launch.FUSED_MAX_M`` tokens the JSON also holds the time of every path in ``PATHS``.
-Every timing in one table comes from one run on one GPU. Needs a CUDA GPU and CuPy.
+global). Their columns time the path ``launch.linear`` dispatches to; above the source's
+``fused_max_m`` tokens the JSON also holds the time of every path this source and GPU have
+(``paths``): the fused kernel, the tiled kernel where the source's families include "gemm", the
+wgmma kernel where they include "wgmma" and the GPU is Hopper (sm_90), and dequantize + cuBLAS.
+
+It times the kernel source that ``LLMCOMPRESS_KERNEL`` selects (``default`` or ``tiled``,
+kernels/README.md), recorded in the JSON as "kernel"; run it once under each value, on the
+same GPU, to compare them (eval/tools/gpu_session.sh does). Every timing in one table comes
+from one run on one GPU. Needs a CUDA GPU and CuPy.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch
 
 from llmcompress.config import QuantFormat
 from llmcompress.cuda import launch
+from llmcompress.errors import ConfigError
 from llmcompress.cuda.prepack import Prepacked, prepack
 from llmcompress.formats import quantize
 from llmcompress.packing import LayerLayout, pack_branch, pack_weight
@@ -39,8 +46,19 @@ FORMATS = {"int4": QuantFormat(bits=4, group_size=128), "nvfp4": QuantFormat(kin
 # (several times the 50 MB L2 of an H100).
 ROTATION_BYTES = 256 * 2**20
 REPLAYS = 25
-# Each path the dispatch can take, callable on any token count.
-PATHS = {"fused": launch.fused_linear, "dequant": launch.dequantized_linear}
+
+
+def paths(source: launch.KernelSource, capability: tuple[int, int]) -> dict:
+    """Each path ``source``'s dispatch can take on a GPU of ``capability``, named as ``launch.path``
+    names it (dequantize + cuBLAS as "dequant"), each callable on any token count as
+    ``call(x, pk, bias, ...)``."""
+    routes = {"fused": launch.fused_linear}
+    if "gemm" in source.families:
+        routes["tiled"] = launch.tiled_linear
+    if "wgmma" in source.families and capability == launch.WGMMA_CAPABILITY:
+        routes["wgmma"] = launch.wgmma_linear
+    routes["dequant"] = launch.dequantized_linear
+    return routes
 
 
 def copy_bandwidth() -> float:
@@ -127,6 +145,7 @@ def time_layer(call, x: torch.Tensor, copies: list[Prepacked], **options) -> flo
 
 def bench_shape(out_features: int, in_features: int, tokens_list: list[int], ranks: list[int], bandwidth: float) -> list[dict]:
     dtype = torch.float16
+    source, capability = launch.selected(), torch.cuda.get_device_capability()
     rows = []
     dense_copies = rotated_dense(out_features, in_features)
     layers = {}
@@ -142,9 +161,9 @@ def bench_shape(out_features: int, in_features: int, tokens_list: list[int], ran
             for name in FORMATS:
                 copies = layers[name, rank]
                 row[f"{name}_us"] = time_layer(launch.linear, x, copies)
-                row[f"{name}_path"] = launch.path(tokens)
-                if tokens > launch.FUSED_MAX_M:  # every path, to check the dispatch
-                    for route, call in PATHS.items():
+                row[f"{name}_path"] = launch.path(tokens, capability, source)
+                if tokens > source.fused_max_m:  # every path, to check the dispatch
+                    for route, call in paths(source, capability).items():
                         row[f"{name}_{route}_us"] = time_layer(call, x, copies)
                 moved = layer_bytes(copies[0]) + 2 * tokens * (in_features + out_features)
                 row[f"{name}_gbps"] = moved / row[f"{name}_us"] / 1e3
@@ -197,16 +216,19 @@ def sweep_splits(out_features: int, in_features: int) -> list[dict]:
 
 
 def sweep_dispatch(out_features: int, in_features: int) -> list[dict]:
-    """Time every path at rank 32 for token counts from 16 to 2048, beside FP16: the data for
-    launch.FUSED_MAX_M and launch.TILED_MAX_M."""
+    """Time every path at rank 32 for token counts from 16 to 2048, beside FP16: the data for the
+    selected source's fused_max_m and tiled_max_m (launch.SOURCES). The fused kernel is timed up
+    to 256 tokens; the tiled and wgmma kernels, where the source and GPU have them, at every count."""
+    source, capability = launch.selected(), torch.cuda.get_device_capability()
+    routes = paths(source, capability)
     dense_copies = rotated_dense(out_features, in_features)
     copies = rotated_copies(packed_layer(FORMATS["int4"], out_features, in_features, 32, torch.float16), at_least=8)
     rows = []
     for tokens in (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048):
         x = torch.randn(tokens, in_features, device="cuda", dtype=torch.float16)
-        row = {"N": out_features, "K": in_features, "M": tokens, "rank": 32, "path": launch.path(tokens),
+        row = {"N": out_features, "K": in_features, "M": tokens, "rank": 32, "path": launch.path(tokens, capability, source),
                "fp16_us": time_fp16(x, dense_copies)}
-        for route, call in PATHS.items():
+        for route, call in routes.items():
             if route != "fused" or tokens <= 256:
                 row[f"{route}_us"] = time_layer(call, x, copies)
         print(f"dispatch sweep {out_features}x{in_features} r=32 M={tokens} (takes {row['path']}): "
@@ -218,7 +240,7 @@ def sweep_dispatch(out_features: int, in_features: int) -> list[dict]:
 def sweep_branch(out_features: int, in_features: int) -> list[dict]:
     """Time rank 32 at each (split count, branch item count) around the plan's choice, beside
     rank 0: the data for launch.fused_plan's branch rule ("fewer splits and small items" against
-    "the same splits and large items", kernels/NOTES.md)."""
+    "the same splits and large items", docs/decisions/0002)."""
     base = rotated_copies(packed_layer(FORMATS["int4"], out_features, in_features, 0, torch.float16), at_least=8)
     copies = rotated_copies(packed_layer(FORMATS["int4"], out_features, in_features, 32, torch.float16), at_least=8)
     rows = []
@@ -248,12 +270,19 @@ def main() -> None:
                         help="also time every path at rank 32 for M = 16..2048 at 8192^2 and 4096 x 11008")
     parser.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     args = parser.parse_args()
+    try:
+        source = launch.selected()
+    except ConfigError as error:
+        raise SystemExit(str(error)) from None
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA GPU")
-    launch.check_cupy()
+    launch.check_cupy(source)
+    capability = torch.cuda.get_device_capability()
     bandwidth = copy_bandwidth()
     props = torch.cuda.get_device_properties(0)
-    print(f"{props.name}: measured copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
+    print(f"{props.name} (sm_{capability[0]}{capability[1]}): measured copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
+    print(f"{launch.KERNEL_ENV}={source.name} ({source.filename}): paths {', '.join(paths(source, capability))}; "
+          f"fused up to {source.fused_max_m} tokens, dequant+cuBLAS above {source.tiled_max_m}")
     sweeps = {}
     if args.sweep_splits:
         sweeps["splits"] = sweep_splits(8192, 8192) + sweep_splits(4096, 4096)
@@ -268,7 +297,8 @@ def main() -> None:
     driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True,
                             check=False).stdout.strip()
     commit = args.commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
-    result = {"gpu": props.name, "driver": driver, "commit": commit, "torch": torch.__version__, "python": platform.python_version(),
+    result = {"gpu": props.name, "capability": list(capability), "driver": driver, "commit": commit,
+              "kernel": source.name, "kernel_file": source.filename, "torch": torch.__version__, "python": platform.python_version(),
               "copy_bandwidth_gbps": bandwidth / 1e9, "int4_format": FORMATS["int4"].describe(), "dtype": "float16", "rows": rows, "sweeps": sweeps}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))

@@ -102,7 +102,7 @@ def compress_to_disk(model: str | os.PathLike | None, recipe: RecipeLike | None,
     run = RunDirectory(output_dir, identity, resume=resume, overwrite=overwrite, command=command)
     materialize_outside(skeleton, blocks_path, weights, "cpu")
     report = compress_blocks(skeleton, effective, windows, device=device, progress=progress,
-                             stream=DiskStream(weights, run, blocks_path), activations=activations, offload_dir=offload_dir)
+                             store=DiskStream(weights, run, blocks_path), activations=activations, offload_dir=offload_dir)
     materialize_head(skeleton, weights)
     outside, tied = unique_state_dict(skeleton, exclude=f"{blocks_path}.")
     hf_config = checkpoint_config(skeleton, effective, run.modules(), tied, source_model=str(model_dir.resolve()))

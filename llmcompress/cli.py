@@ -218,12 +218,8 @@ def run(model: str | None, recipe_path: str | None, print_recipe: bool, settings
         describe = _describe_run(config, calib)
         evaluation = (eval_text, eval_seqlen, eval_limit) if run_eval else None
         placement = {"activations": activations, "offload_dir": offload_dir}
-        if streaming:
-            before, after, before_ppl, after_ppl = _run_streaming(model, config, out, calib, device, resume, overwrite, describe,
-                                                                  evaluation, placement)
-        else:
-            before, after, before_ppl, after_ppl = _run_in_memory(model, config, out, calib, device, overwrite, export_format, adapter,
-                                                                  describe, evaluation, placement)
+        before, after, before_ppl, after_ppl = _compress_and_measure(model, config, out, calib, device, resume, overwrite, export_format,
+                                                                     adapter, describe, evaluation, placement, streaming)
     except KeyboardInterrupt:
         unfinished = rundir.unfinished_run(rundir.partial_path(out)) if streaming else None
         state = f"; {rundir.describe_unfinished(unfinished)}" if unfinished else ""
@@ -238,7 +234,8 @@ def recipe_from_options(ctx: click.Context, recipe_path: str | None, settings: t
     """The recipe a `compress run` command line describes: the --recipe file, or the one its flags
     build; then each --set applied."""
     if recipe_path is not None:
-        given = [f"--{name.replace('_', '-')}" for name in flags if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]
+        spelled = {p.name: p.opts[0] for p in ctx.command.params}
+        given = [spelled[name] for name in flags if ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE]
         if given:
             raise ConfigError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} part of the recipe, which --recipe {recipe_path} "
                               f"already gives: change it with --set KIND.OPTION=VALUE (e.g. --set quantize.bits=3), or edit the file")
@@ -292,48 +289,50 @@ def _describe_run(recipe: Recipe, calib: str | None) -> str:
     return f"compressing: {recipe.describe()}, {data}"
 
 
-def _run_in_memory(model: str | None, config: Recipe, out: Path, calib: str | None, device: str, overwrite: bool,
-                   export_format: str, adapter: bool, describe: str, evaluation: tuple | None, placement: dict) -> tuple:
+def _compress_and_measure(model: str | None, recipe: Recipe, out: Path, calib: str | None, device: str, resume: bool,
+                          overwrite: bool, export_format: str, adapter: bool, describe: str, evaluation: tuple | None,
+                          placement: dict, streaming: bool) -> tuple:
+    """One run, whichever store holds the blocks: sizes and perplexity before, the compression,
+    sizes and perplexity after, the output. Streaming, the model stays on disk and each block is
+    committed to OUT.partial as it finishes; otherwise the model is loaded whole and written at the end."""
     single = single_device(device)  # loading and evaluation; the blocks go to ``device``, which may be "auto"
-    click.echo(f"loading {model or DEFAULT_MODEL_NAME + ' (bundled default)'}")
-    float_model, tokenizer = load_model(model, device=single)
-    before_ppl = _evaluate(float_model, tokenizer, "float model", *evaluation) if evaluation else None
-    targets = _target_names(float_model, config)
+    label = model or DEFAULT_MODEL_NAME + " (bundled default)"
+    if streaming:
+        pin_mmap_threshold()
+        float_model, tokenizer = meta_model(resolve_model_dir(model)), None
+    else:
+        click.echo(f"loading {label}")
+        float_model, tokenizer = load_model(model, device=single)
+    targets = _target_names(float_model, recipe)
     before = size_summary(float_model, targets)
-    click.echo(describe)
-    compressed = compress_model(float_model, config, calibration=calib, tokenizer=tokenizer, device=device, **placement)
-    after_ppl = _evaluate(compressed, tokenizer, "compressed model", *evaluation) if evaluation else None
-    after = size_summary(compressed, targets)  # a layer that pruning left dense is still nn.Linear, and still counts
-    report = {**compressed.compression_report.to_dict(), **_report_extras(before, after, before_ppl, after_ppl)}
-    click.echo(f"writing {out} ({export_format})")
-    _write(compressed, out, export_format, tokenizer, report, overwrite, adapter)
-    return before, after, before_ppl, after_ppl
-
-
-def _run_streaming(model: str | None, config: Recipe, out: Path, calib: str | None, device: str, resume: bool,
-                   overwrite: bool, describe: str, evaluation: tuple | None, placement: dict) -> tuple:
-    single = single_device(device)  # loading and evaluation; the blocks go to ``device``, which may be "auto"
-    pin_mmap_threshold()
-    float_skeleton = meta_model(resolve_model_dir(model))
-    targets = _target_names(float_skeleton, config)
-    before = size_summary(float_skeleton, targets)
     before_ppl = None
     if evaluation:
-        click.echo(f"loading {model or DEFAULT_MODEL_NAME + ' (bundled default)'} whole, to evaluate it (--no-eval skips this)")
-        float_model, tokenizer = load_model(model, device=single)
-        before_ppl = _evaluate(float_model, tokenizer, "float model", *evaluation)
-        del float_model
+        if streaming:
+            click.echo(f"loading {label} whole, to evaluate it (--no-eval skips this)")
+        loaded, loaded_tokenizer = load_model(model, device=single) if streaming else (float_model, tokenizer)
+        before_ppl = _evaluate(loaded, loaded_tokenizer, "float model", *evaluation)
+        del loaded
     click.echo(describe)
-    click.echo(f"{'resuming' if resume else 'committing'} each block in {rundir.partial_path(out)}; {out} appears when all are done")
-    arguments = [a for a in click.get_current_context().meta[ARGUMENTS_KEY] if a not in ("--resume", "--overwrite")]
-    compress_to_disk(model, config, out, calibration=calib, device=device, resume=resume, overwrite=overwrite,
-                     command=shlex.join(["compress", *arguments]), **placement)
-    after = size_summary(checkpoint.skeleton(out), targets)
+    compressed = None
+    if streaming:
+        click.echo(f"{'resuming' if resume else 'committing'} each block in {rundir.partial_path(out)}; {out} appears when all are done")
+        arguments = [a for a in click.get_current_context().meta[ARGUMENTS_KEY] if a not in ("--resume", "--overwrite")]
+        compress_to_disk(model, recipe, out, calibration=calib, device=device, resume=resume, overwrite=overwrite,
+                         command=shlex.join(["compress", *arguments]), **placement)
+    else:
+        compressed = compress_model(float_model, recipe, calibration=calib, tokenizer=tokenizer, device=device, **placement)
     after_ppl = None
     if evaluation:
-        compressed, tokenizer = checkpoint.load(out, device=single)
-        after_ppl = _evaluate(compressed, tokenizer, "compressed model", *evaluation)
-    checkpoint.add_to_report(out, _report_extras(before, after, before_ppl, after_ppl))
+        loaded, loaded_tokenizer = (compressed, tokenizer) if compressed is not None else checkpoint.load(out, device=single)
+        after_ppl = _evaluate(loaded, loaded_tokenizer, "compressed model", *evaluation)
+    # A layer that pruning left dense is still nn.Linear, and still counts.
+    after = size_summary(compressed if compressed is not None else checkpoint.skeleton(out), targets)
+    extras = _report_extras(before, after, before_ppl, after_ppl)
+    if compressed is None:
+        checkpoint.add_to_report(out, extras)
+    else:
+        click.echo(f"writing {out} ({export_format})")
+        _write(compressed, out, export_format, tokenizer, {**compressed.compression_report.to_dict(), **extras}, overwrite, adapter)
     return before, after, before_ppl, after_ppl
 
 

@@ -1,4 +1,4 @@
-"""The pipeline's ``BlockStream`` for a model on disk: blocks read from the model's safetensors
+"""The pipeline's ``BlockStore`` for a model on disk: blocks read from the model's safetensors
 shards, compressed blocks committed to a ``RunDirectory``."""
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The README and docs/ stay readable: every relative link points to a file that exists,
-the README stays short, and it links every page under docs/.
+"""The README and docs/ stay readable: every relative link points to a file or directory
+that exists (docs/decisions/ is linked as a folder), the README stays short, and it links every
+page under docs/.
 
 Pure text parsing: no network, no model, well under a second.
 """

@@ -107,6 +107,8 @@ def test_the_cli_refuses_flags_beside_a_recipe_and_sets_fields(tmp_path):
     runner = CliRunner()
     result = runner.invoke(main, ["--recipe", str(tmp_path / "r.yaml"), "--bits", "3", "--print-recipe"])
     assert result.exit_code != 0 and "--bits is part of the recipe, which --recipe" in result.output and "--set" in result.output
+    result = runner.invoke(main, ["--recipe", str(tmp_path / "r.yaml"), "--skip", "q_proj", "--override", "k:bits=8", "--print-recipe"])
+    assert "--skip, --override are part of the recipe" in result.output
     result = runner.invoke(main, ["--recipe", str(tmp_path / "r.yaml"), "--set", "quantize.bits=3", "--print-recipe"])
     assert result.exit_code == 0 and "bits: 3" in result.output
     result = runner.invoke(main, ["--recipe", str(tmp_path / "r.yaml"), "--set", "quantize.bitz=3", "--print-recipe"])

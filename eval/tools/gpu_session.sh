@@ -1,42 +1,65 @@
 #!/usr/bin/env bash
-# What waits for a lent GPU (kernels/NOTES.md, "Pending"), in device calls of under ten
-# minutes each:
+# What waits for a lent GPU (docs/decisions/0004, "How a source becomes the default"), in device
+# calls of under ten minutes each:
 #
-#   bash eval/tools/gpu_session.sh "$OUT" kernels [LABEL...]  # tests and kernel benchmark
-#   bash eval/tools/gpu_session.sh "$OUT" decode               # decode tokens/s of the 7B-shaped stack
+#   bash eval/tools/gpu_session.sh "$OUT" kernels [SOURCE...]  # GPU tests and kernel benchmark
+#   bash eval/tools/gpu_session.sh "$OUT" decode [SOURCE...]   # decode tokens/s of the 7B-shaped stack
 #
-# LABELs pick which trees the kernels phase measures: main, and the pending patches' names
-# (v7-cp-async-ring, ...); all of them by default. Each tree compiles its eight variants on
-# first use (about 15 s each; the v9 tree builds for sm_90a, its 256-token wgmma kernel alone
-# 12 s in ptxas), so one call cannot measure all four trees in ten minutes: run
-# `kernels main v7-cp-async-ring`, then `kernels v8-tiled-gemm v9-wgmma` (or v9-wgmma alone if
-# v8's call ran long), then `decode`.
+# SOURCEs are LLMCOMPRESS_KERNEL values (launch.SOURCES): default (kernels/w4_linear.cu) and
+# tiled (kernels/w4_linear_tiled.cu); both by default, in that order, so each step under tiled
+# is timed on the same machine in the same call as the default it would replace.
 #
-# kernels: the GPU tests of the tree as it is (the kernels, and `--device auto` in
-#   tests/test_placement.py), the kernel benchmark at 8192^2 with the split-K, branch-item and
-#   dispatch sweeps; then, for each kernels/pending/*.patch applied in order on top of the ones
-#   before it in a copy of the tree, the same kernel tests and benchmark, so each change is timed
-#   on the same machine in the same call as what it would replace.
-# decode: eval/bench_decode.py for the tree, and for the copy with every pending patch.
+# kernels: once per SOURCE, with LLMCOMPRESS_KERNEL set to it:
+#   - the GPU tests (`pytest -m gpu` on tests/test_kernels.py and tests/test_placement.py). The
+#     kernel tests are parametrized by source and name it in their ids ([default-...],
+#     [tiled-...]), so each run takes that source's tests plus every GPU test keyed to no source
+#     (the `--device auto` test, whose blocks re-run on their compressed weights through the
+#     selected source): each test runs once, under the value it tests. Each run compiles its
+#     source's eight variants on first use (CuPy caches them on disk): about 15 s each for the
+#     default, longer for tiled's sm_90a builds (its 256-token wgmma kernel alone took 12 s in
+#     ptxas);
+#   - eval/bench_kernels.py at 8192^2 with the split-K, branch-item and dispatch sweeps. Under
+#     tiled, the rows above 16 tokens and the dispatch sweep also time the tiled kernel, and on
+#     Hopper the wgmma kernel.
+#   If one call runs long, split it: `kernels default`, then `kernels tiled` on the same warm
+#   machine.
+# decode: eval/bench_decode.py once per SOURCE.
 #
-# Every step writes its output to OUTPUT_FOLDER/STEP.txt and the script goes on past a failing
-# step, so one call brings back everything that could be measured. Exit status: the number of
-# failed steps.
+# Every step writes its output to OUTPUT_FOLDER/STEP.txt (the benchmarks also STEP.json, with the
+# source as "kernel") and the script goes on past a failing step, so one call brings back
+# everything that could be measured. Exit status: the number of failed steps. COMMIT overrides
+# the commit the benchmarks record (default: git rev-parse HEAD, "+changes" after it where the
+# tree differs from it, "unknown" without git).
 set -uo pipefail
-out=${1:?usage: gpu_session.sh OUTPUT_FOLDER kernels|decode}
-phase=${2:?usage: gpu_session.sh OUTPUT_FOLDER kernels|decode}
+usage="usage: gpu_session.sh OUTPUT_FOLDER kernels|decode [default] [tiled]"
+out=${1:?$usage}
+phase=${2:?$usage}
 shift 2
-wanted=" ${*:-all} "
+all_sources=(default tiled)  # launch.SOURCES
+if [ $# -gt 0 ]; then sources=("$@"); else sources=("${all_sources[@]}"); fi
+for source in "${sources[@]}"; do
+    [[ " ${all_sources[*]} " == *" $source "* ]] || { echo "unknown kernel source '$source': ${all_sources[*]}" >&2; exit 2; }
+done
+keyed=$(printf ' or %s' "${all_sources[@]}")  # tests whose ids name a source: " or default or tiled"
+keyed=${keyed# or }
 mkdir -p "$out"
 root=$(cd "$(dirname "$0")/../.." && pwd)
 python=${PYTHON:-python3}
+commit=${COMMIT:-}
+if [ -z "$commit" ]; then
+    if commit=$(git -C "$root" rev-parse HEAD 2>/dev/null); then
+        git -C "$root" diff --quiet HEAD 2>/dev/null || commit+="+changes"  # the tree differs from the commit
+    else
+        commit=unknown
+    fi
+fi
 failed=0
 
-step() {  # step NAME DIRECTORY COMMAND...: run COMMAND in DIRECTORY, its output to $out/NAME.txt
-    local name=$1 directory=$2
+step() {  # step NAME SOURCE COMMAND...: run COMMAND in the checkout under LLMCOMPRESS_KERNEL=SOURCE, its output to $out/NAME.txt
+    local name=$1 source=$2
     shift 2
-    echo "== $name: $*"
-    if (cd "$directory" && PYTHONPATH="$directory:$directory/eval" "$@") >"$out/$name.txt" 2>&1; then
+    echo "== $name (LLMCOMPRESS_KERNEL=$source): $*"
+    if (cd "$root" && LLMCOMPRESS_KERNEL=$source PYTHONPATH="$root:$root/eval" "$@") >"$out/$name.txt" 2>&1; then
         tail -n 3 "$out/$name.txt"
     else
         echo "   FAILED (exit $?), see $name.txt:"
@@ -45,58 +68,20 @@ step() {  # step NAME DIRECTORY COMMAND...: run COMMAND in DIRECTORY, its output
     fi
 }
 
-apply_patch() {  # apply_patch PATCH: in the current directory (git may be missing on the GPU machine)
-    if command -v git >/dev/null; then
-        git apply "$1"
-    else
-        patch -p1 --no-backup-if-mismatch <"$1"
-    fi
-}
-
-# The tree with each pending patch applied on top of the ones before it: "label directory" lines.
-patched_trees() {
-    local tree=$root patch label copy
-    shopt -s nullglob
-    for patch in "$root"/kernels/pending/*.patch; do
-        label=$(basename "$patch" .patch)
-        copy=$(mktemp -d)
-        (cd "$tree" && tar --exclude=./.git --exclude=./.venv --exclude=./out -cf - .) | tar -xf - -C "$copy"
-        if ! (cd "$copy" && apply_patch "$patch") >"$out/apply_$label.txt" 2>&1; then
-            echo "== $label: does not apply, see apply_$label.txt" >&2
-            return 1
-        fi
-        echo "$label $copy"
-        tree=$copy
-    done
-}
-
-asked() {  # asked LABEL: whether the kernels phase measures the tree LABEL
-    [[ $wanted == " all " || $wanted == *" $1 "* ]]
-}
-
-kernel_steps() {  # kernel_steps LABEL DIRECTORY, if LABEL was asked for
-    asked "$1" || return 0
-    step "tests_$1" "$2" "$python" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py
-    step "bench_$1" "$2" "$python" eval/bench_kernels.py --quick --sweep-splits --sweep-branch --sweep-dispatch --json "$out/bench_$1.json" --commit "$1"
-}
-
-trees=$(patched_trees) || failed=$((failed + 1))
 case $phase in
     kernels)
         nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv >"$out/gpu.txt" 2>&1
-        kernel_steps main "$root"
-        asked main && step placement "$root" "$python" -m pytest -q -p no:cacheprovider -m gpu tests/test_placement.py
-        while read -r label directory; do
-            [ -n "$label" ] && kernel_steps "$label" "$directory"
-        done <<<"$trees"
+        for source in "${sources[@]}"; do
+            step "tests_$source" "$source" "$python" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py tests/test_placement.py \
+                -k "$source or not ($keyed)"
+            step "bench_$source" "$source" "$python" eval/bench_kernels.py --quick --sweep-splits --sweep-branch --sweep-dispatch \
+                --json "$out/bench_$source.json" --commit "$commit"
+        done
         ;;
     decode)
-        step decode_main "$root" "$python" eval/bench_decode.py --json "$out/decode_main.json" --commit main
-        last=$(tail -n 1 <<<"$trees")
-        if [ -n "$last" ]; then
-            step "decode_${last%% *}" "${last#* }" "$python" eval/bench_decode.py --json "$out/decode_${last%% *}.json" \
-                --commit "${last%% *}"
-        fi
+        for source in "${sources[@]}"; do
+            step "decode_$source" "$source" "$python" eval/bench_decode.py --json "$out/decode_$source.json" --commit "$commit"
+        done
         ;;
     *)
         echo "unknown phase '$phase': kernels or decode" >&2

@@ -16,10 +16,12 @@
 
 Without calibration windows (data-free RTN, LoRC), step 2 and the re-runs are skipped.
 
-With a ``BlockStream`` the model arrives with its blocks on the meta device: each block is read
-when its turn comes and handed to the stream once compressed, which commits it to disk and
-drops it, so memory holds one block whatever the depth. A stream may also resume a run: the
-committed blocks are skipped and the activations entering the next one come from disk.
+Blocks come from and go to a ``BlockStore``, the one thing that differs between a model in
+memory and a model on disk: ``InMemoryBlocks`` reads each block where it is and returns it
+there; the disk store (``llmcompress.streaming``) gets a model whose blocks are on the meta
+device, reads each block when its turn comes and commits it to disk once compressed, so memory
+holds one block whatever the depth. A disk store may also resume a run: the committed blocks are
+skipped and the activations entering the next one come from disk.
 """
 
 from __future__ import annotations
@@ -80,8 +82,8 @@ class CompressionReport:
         return asdict(self)
 
 
-class BlockStream(Protocol):
-    """Where blocks come from and go to when the model is not whole in memory."""
+class BlockStore(Protocol):
+    """Where blocks come from and go to."""
 
     def first_block(self) -> int:
         """Blocks before this one are already committed (a resumed run)."""
@@ -92,17 +94,42 @@ class BlockStream(Protocol):
     def resumed_records(self) -> list[LayerRecord]: ...
 
     def load(self, index: int, block: nn.Module, device: torch.device) -> None:
-        """Read block ``index``'s tensors onto ``device``."""
+        """Make block ``index``'s tensors available on ``device`` (called once per block)."""
 
     def commit(self, index: int, block: nn.Module, records: list[LayerRecord], next_inputs: BlockInputs | None) -> None:
-        """Persist the compressed block (and the activations entering the next), then drop its tensors."""
+        """Keep the compressed block (and the activations entering the next) wherever this store keeps them."""
+
+
+class InMemoryBlocks:
+    """The store of a model held whole in memory: each block is compressed on the run's device and
+    goes back where it was."""
+
+    def __init__(self) -> None:
+        self.homes: dict[int, torch.device] = {}
+
+    def first_block(self) -> int:
+        return 0
+
+    def resumed_inputs(self, device: torch.device, place: str, offload_dir: Path | None) -> BlockInputs:
+        raise ModelError("a model in memory has no earlier run to resume")
+
+    def resumed_records(self) -> list[LayerRecord]:
+        return []
+
+    def load(self, index: int, block: nn.Module, device: torch.device) -> None:
+        self.homes[index] = device_of(block)
+        block.to(device)
+
+    def commit(self, index: int, block: nn.Module, records: list[LayerRecord], next_inputs: BlockInputs | None) -> None:
+        block.to(self.homes.pop(index))
 
 
 def compress_blocks(model: nn.Module, recipe: RecipeLike, windows: Tensor | None, device: str | torch.device = "cpu",
-                    progress: bool = True, stream: BlockStream | None = None, activations: str = "auto",
+                    progress: bool = True, store: BlockStore | None = None, activations: str = "auto",
                     offload_dir: str | Path | None = None) -> CompressionReport:
     """Compress every targeted Linear of ``model`` in place, block by block, on ``device``
-    ("auto": the blocks spread over the visible GPUs, see ``placement``).
+    ("auto": the blocks spread over the visible GPUs, see ``placement``), taking them from and
+    handing them to ``store`` (default: ``InMemoryBlocks``).
 
     ``activations`` says where the calibration activations between blocks are kept: "auto"
     (on the device when they fit, else on the host, else in ``offload_dir``), "device",
@@ -116,31 +143,30 @@ def compress_blocks(model: nn.Module, recipe: RecipeLike, windows: Tensor | None
     report = CompressionReport(blocks_path=blocks_path, num_blocks=len(blocks),
                                calibration_tokens=0 if windows is None else windows.numel(),
                                devices=sorted({str(d) for d in devices}))
-    start = 0 if stream is None else stream.first_block()
-    if stream is not None:
-        report.layers.extend(stream.resumed_records())
-        if start == 0:
-            stream.load(0, blocks[0], devices[0])  # catching its inputs calls it
+    store = InMemoryBlocks() if store is None else store
+    start = store.first_block()
+    report.layers.extend(store.resumed_records())
     inputs = None
+    preloaded = None  # a block loaded before the loop: catching block 0's inputs calls it
     if windows is not None:
         offload_dir = None if offload_dir is None else Path(offload_dir)
         embeddings = model.get_input_embeddings()
         hidden_bytes = windows.numel() * getattr(model.config, "hidden_size", embeddings.embedding_dim) * embeddings.weight.element_size()
         report.activations = choose_place(activations, hidden_bytes, devices[min(start, len(blocks) - 1)], offload_dir)
         if start == 0:
-            store = Activations(devices[0], report.activations, offload_dir)
-            inputs = catch_block_inputs(model, blocks, windows, recipe.calib.batch_size, devices[0], into=store)
+            store.load(0, blocks[0], devices[0])
+            preloaded = 0
+            caught = Activations(devices[0], report.activations, offload_dir)
+            inputs = catch_block_inputs(model, blocks, windows, recipe.calib.batch_size, devices[0], into=caught)
         elif start < len(blocks):
-            inputs = stream.resumed_inputs(devices[start], report.activations, offload_dir)
+            inputs = store.resumed_inputs(devices[start], report.activations, offload_dir)
     folds: dict[tuple[str, ...], Fold | None] = {}
     bar = tqdm(range(start, len(blocks)), initial=start, total=len(blocks), desc=f"compressing blocks ({recipe.describe()})", unit="block",
                disable=not progress)
     for index in bar:
         block = blocks[index]
-        home = device_of(block)
-        if stream is not None and home.type == "meta":
-            stream.load(index, block, devices[index])
-        block.to(devices[index])
+        if index != preloaded:
+            store.load(index, block, devices[index])
         if inputs is not None:
             inputs.move_to(devices[index])
         block_targets = [t for t in targets if t.block == index]
@@ -150,10 +176,7 @@ def compress_blocks(model: nn.Module, recipe: RecipeLike, windows: Tensor | None
         if inputs is not None and index + 1 < len(blocks):
             with dequantized_weights(block, inputs.dtype), forward_allocations():
                 inputs = run_block(block, inputs)
-        if stream is not None:
-            stream.commit(index, block, records, inputs if index + 1 < len(blocks) else None)
-        else:
-            block.to(home)
+        store.commit(index, block, records, inputs if index + 1 < len(blocks) else None)
         if progress:
             bar.write(_block_line(index, len(blocks), records))
     report.seconds = time.perf_counter() - started
