@@ -93,7 +93,7 @@ def gather_statistics(block: nn.Module, targets: Sequence[Target], inputs: Block
         raise ValueError("one_input skips the targets' matmuls, so it needs stop_after_last")
     stats: dict[str, LayerStats] = {}
     seen: list[tuple[Tensor, LayerStats]] = []  # holding the tensors also keeps their identity unique
-    updated: set[int] = set()
+    updated: list[LayerStats] = []  # the accumulators already fed this micro-batch
     last = targets[-1].name if stop_after_last and targets else None
 
     def make_hook(target: Target, in_features: int):  # noqa: ANN202
@@ -107,9 +107,9 @@ def gather_statistics(block: nn.Module, targets: Sequence[Target], inputs: Block
             accumulator = stats[target.name]
             if not any(tensor is x for tensor, _ in seen):
                 seen.append((x, accumulator))
-            if id(accumulator) not in updated:
+            if not any(done is accumulator for done in updated):
                 accumulator.update(x)
-                updated.add(id(accumulator))
+                updated.append(accumulator)
             if target.name == last:
                 raise _StopForward
 
