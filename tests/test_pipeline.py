@@ -201,3 +201,15 @@ def test_moving_the_rest_of_the_model_leaves_blocks_and_keeps_ties():
     assert model.model.embed_tokens.weight.device.type == "meta" and model.model.norm.weight.device.type == "meta"
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert all(p.device.type == "cpu" for p in blocks.parameters())
+
+
+def test_overflowing_activations_are_caught_where_they_appear():
+    """A float16 layer whose outputs pass 65504 poisons every statistic after it: the run stops
+    there, naming the layer whose input went non-finite, instead of a Cholesky traceback in GPTQ."""
+    model = tiny_model("llama", dtype=torch.float16)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.fill_(2000.0)
+    config = CompressConfig(quant=QuantFormat(bits=4, group_size=32), method="gptq")
+    with pytest.raises(ModelError, match=r"the input of model\.layers\.1\.mlp\.down_proj holds NaN or Inf on the calibration data, "
+                                         r"in torch\.float16 \(float16 holds at most 65504: convert the model to bfloat16"):
+        llmcompress.compress(model, config, calibration=_windows(), progress=False)

@@ -175,7 +175,7 @@ def compress_blocks(model: nn.Module, recipe: RecipeLike, windows: Tensor | None
         report.layers.extend(records)
         if inputs is not None and index + 1 < len(blocks):
             with dequantized_weights(block, inputs.dtype), forward_allocations():
-                inputs = run_block(block, inputs)
+                inputs = run_block(block, inputs, f"{blocks_path}.{index}")
         store.commit(index, block, records, inputs if index + 1 < len(blocks) else None)
         if progress:
             bar.write(_block_line(index, len(blocks), records))

@@ -34,6 +34,7 @@ def catch_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: Tensor,
         kwargs.pop("past_key_values", None)
         kwargs.pop("past_key_value", None)
         kwargs["use_cache"] = False
+        check_finite(hidden, "the input of the first decoder block (the embeddings' output)")
         caught.append(hidden, kwargs)
         raise _StopForward
 
@@ -65,14 +66,26 @@ def call_block(block: nn.Module, inputs: Sequence[tuple[Tensor, dict]]) -> None:
                 continue
 
 
-def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
+def run_block(block: nn.Module, inputs: BlockInputs, block_name: str | None = None) -> BlockInputs:
     """The block's outputs for each micro-batch, paired with the same keywords, stored like the inputs."""
     outputs = inputs.successor()
     with torch.no_grad():
         for hidden, kwargs in inputs:
             out = block(hidden, **kwargs)
-            outputs.append(out[0] if isinstance(out, tuple) else out, kwargs)
+            out = out[0] if isinstance(out, tuple) else out
+            check_finite(out, f"the output of {block_name or 'the block'}")
+            outputs.append(out, kwargs)
     return outputs
+
+
+def check_finite(activations: Tensor, what: str) -> None:
+    """Stop at the first NaN or Inf in the calibration activations, naming where it appeared:
+    past this point every statistic is poisoned, and GPTQ would end in a Cholesky traceback."""
+    if not torch.isfinite(activations).all():
+        overflow = (" (float16 holds at most 65504: convert the model to bfloat16 or float32 before compressing it)"
+                    if activations.dtype == torch.float16 else "")
+        raise ModelError(f"{what} holds NaN or Inf on the calibration data, in {activations.dtype}{overflow}; "
+                         "check the model's weights and the calibration text")
 
 
 def gather_statistics(block: nn.Module, targets: Sequence[Target], inputs: BlockInputs, wanted: frozenset[str],
@@ -108,6 +121,7 @@ def gather_statistics(block: nn.Module, targets: Sequence[Target], inputs: Block
             if not any(tensor is x for tensor, _ in seen):
                 seen.append((x, accumulator))
             if not any(done is accumulator for done in updated):
+                check_finite(x, f"the input of {target.name}")
                 accumulator.update(x)
                 updated.append(accumulator)
             if target.name == last:
