@@ -18,7 +18,7 @@ from .flags import RecipeLike, as_recipe
 from .memory import pin_mmap_threshold
 from .models import load_model, load_tokenizer, resolve_model_dir
 from .pipeline import CompressionReport, compress_blocks, find_decoder_blocks, plan_targets
-from .pipeline.sharded import materialize_head, materialize_outside, meta_model
+from .pipeline.sharded import check_head, materialize_head, materialize_outside, meta_model
 from .recipe import Recipe
 from .rundir import RunDirectory
 from .shards import ShardedWeights
@@ -87,6 +87,7 @@ def compress_to_disk(model: str | os.PathLike | None, recipe: RecipeLike | None,
     skeleton = meta_model(model_dir)
     blocks_path, blocks = find_decoder_blocks(skeleton)
     plan_targets(blocks, blocks_path, config)  # bad shapes and ranks fail here, before any file is touched
+    check_head(skeleton, weights)  # and a head the shards lack, before hours of blocks
     tokenizer = load_tokenizer(model_dir)
     windows = _calibration_windows(config, calibration, tokenizer)
     effective = _effective_config(config, calibration, windows)

@@ -265,3 +265,18 @@ def test_a_finished_but_unrenamed_run_is_named(tmp_path):
     (partial / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="holds a finished checkpoint that was not renamed: rename it to out"):
         rundir.check_start(tmp_path / "out", resume=False, overwrite=False)
+
+
+def test_a_head_the_shards_lack_fails_before_any_block(tmp_path):
+    """transformers 5 saves GPT-NeoX's head as embed_out.weight but names it lm_head in memory:
+    the run stops before the first block, naming both, and leaves nothing behind."""
+    from transformers import GPTNeoXConfig
+
+    model = AutoModelForCausalLM.from_config(GPTNeoXConfig(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                           num_attention_heads=4, max_position_embeddings=256, tie_word_embeddings=False))
+    model.save_pretrained(tmp_path / "neox")
+    windows = torch.randint(0, 384, (2, 32), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ModelError, match=r"lacks lm_head.weight \(tensors there that the model does not name: embed_out.weight\)"):
+        compress_to_disk(tmp_path / "neox", CompressConfig(quant=QuantFormat(bits=4, group_size=32)), tmp_path / "o",
+                         calibration=windows, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["neox"]

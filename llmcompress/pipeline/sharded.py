@@ -63,13 +63,22 @@ def materialize_outside(model: nn.Module, blocks_path: str, weights: ShardedWeig
                          "do not match the transformers model")
 
 
+def check_head(model: nn.Module, weights: ShardedWeights) -> None:
+    """Fail now, before any block is compressed, if the untied output head is not in the shards
+    under the name the model gives it."""
+    missing = sorted(_untied_head_names(model) - weights.location.keys())
+    if missing:
+        expected = set(model.state_dict())
+        unmatched = sorted(name for name in weights.location if name not in expected)
+        elsewhere = f" (tensors there that the model does not name: {', '.join(unmatched[:3])})" if unmatched else ""
+        raise ModelError(f"{weights.directory} lacks {', '.join(missing)}{elsewhere}: the checkpoint is incomplete, or it stores "
+                         "the output head under a name that this reader does not translate yet")
+
+
 def materialize_head(model: nn.Module, weights: ShardedWeights) -> None:
     """Read the untied output head that ``materialize_outside`` left out, onto the CPU."""
-    head = _untied_head_names(model)
-    missing = sorted(head - weights.location.keys())
-    if missing:
-        raise ModelError(f"{weights.directory} lacks {', '.join(missing)}: the checkpoint is incomplete")
-    model.load_state_dict(weights.read(sorted(head), "cpu"), assign=True, strict=False)
+    check_head(model, weights)
+    model.load_state_dict(weights.read(sorted(_untied_head_names(model)), "cpu"), assign=True, strict=False)
 
 
 def _untied_head_names(model: nn.Module) -> set[str]:
