@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .config import CompressConfig, QuantFormat, _from_dict
 from .flags import recipe_from_config
+from .layouts import compressed_tensors, gptq
 from .recipe import Recipe
 from .runstate import describe_unfinished, partial_path, unfinished_run
 from .version import __version__
@@ -280,8 +281,6 @@ def _build(path: Path, quantization: dict, tensors: dict[str, Tensor], compress_
 def _native_from_export(path: Path, raw: dict, quantization: dict) -> tuple[dict[str, Tensor], dict]:
     """A compressed-tensors or GPTQ directory (as ``llmcompress.export`` writes them) as our
     tensors and ``quantization_config``: the packed layers' tensors converted, the rest as they are."""
-    from .export import compressed_tensors, gptq
-
     method = quantization["quant_method"]
     reader = gptq if method == gptq.QUANT_METHOD else compressed_tensors
     tensors = _read_tensors(path)

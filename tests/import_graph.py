@@ -16,7 +16,9 @@ def module_name(path: Path, root: Path = PACKAGE_ROOT) -> str:
 
 def import_graph(root: Path = PACKAGE_ROOT) -> dict[str, set[str]]:
     """Each module of the package and the package modules it imports. ``from X import name``
-    counts as importing ``X.name`` where that is a module, else ``X``."""
+    counts as importing ``X.name`` where that is a module, else ``X``. Importing ``a.b.c`` also
+    runs ``a.b``'s ``__init__``, so it counts as importing every package above it that does not
+    hold the importer (a module inside ``a.b`` runs within that package's import already)."""
     files = {module_name(path, root): path for path in root.rglob("*.py")}
     graph: dict[str, set[str]] = {name: set() for name in files}
     for name, path in files.items():
@@ -33,8 +35,17 @@ def import_graph(root: Path = PACKAGE_ROOT) -> dict[str, set[str]]:
                 found = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in files else base for alias in node.names]
             else:
                 continue
-            graph[name].update(target for target in found if target in files and target != name)
+            for target in found:
+                graph[name].update(_with_parents(target, name, files))
     return graph
+
+
+def _with_parents(target: str, importer: str, files: dict[str, Path]) -> set[str]:
+    """``target`` and the packages whose ``__init__`` importing it runs, except those holding the importer."""
+    parts = target.split(".")
+    packages = {".".join(parts[:n]) for n in range(1, len(parts))}
+    reached = {target} | {p for p in packages if not (importer == p or importer.startswith(p + "."))}
+    return {module for module in reached if module in files and module != importer}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:

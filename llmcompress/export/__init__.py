@@ -24,7 +24,8 @@ from ..errors import CheckpointError
 from ..fileio import staged_directory
 from ..nn import CompressedLinear
 from ..packing import unpack_branch
-from . import compressed_tensors, gptq, peft
+from ..layouts import compressed_tensors, gptq
+from . import peft
 
 FORMATS = ("native", "compressed-tensors", "gptq")
 ADAPTER_DIR = "adapter"
