@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .config import CompressConfig, QuantFormat, _from_dict
 from .flags import recipe_from_config
 from .layouts import compressed_tensors, gptq
-from .recipe import Recipe
+from .recipe import Recipe, recipe_yaml
 from .runstate import describe_unfinished, partial_path, unfinished_run
 from .version import __version__
 from .errors import CheckpointError, ConfigError
@@ -138,7 +138,7 @@ def write_config(hf_config: dict, directory: Path) -> None:
     """config.json, and the recipe beside it as a file that ``--recipe`` takes back."""
     recipe = (hf_config.get("quantization_config") or {}).get("recipe")
     if recipe is not None:
-        (directory / RECIPE_FILE).write_text(Recipe.from_dict(recipe).to_yaml())
+        (directory / RECIPE_FILE).write_text(recipe_yaml(recipe))
     (directory / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True, default=str))
 
 

@@ -189,7 +189,7 @@ class Recipe:
         return data
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+        return recipe_yaml(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: Any) -> Recipe:
@@ -223,6 +223,11 @@ class Recipe:
             value = yaml.safe_load(text) if text.strip() else None
             _body(data, path.strip(), assignment)[path.strip().rsplit(".", 1)[-1]] = value
         return Recipe.from_dict(data)
+
+
+def recipe_yaml(data: Mapping[str, Any]) -> str:
+    """A recipe's dict (``Recipe.to_dict``) as the YAML of a recipe file, keys in recipe order."""
+    return yaml.safe_dump(dict(data), sort_keys=False, default_flow_style=False)
 
 
 def _body(data: dict, path: str, assignment: str) -> dict:
