@@ -18,6 +18,7 @@ from .flags import RecipeLike, as_recipe
 from .memory import pin_mmap_threshold
 from .models import load_model, load_tokenizer, resolve_model_dir
 from .pipeline import CompressionReport, compress_blocks, find_decoder_blocks, plan_targets
+from .pipeline.coverage import plan_coverage
 from .pipeline.sharded import check_head, materialize_head, materialize_outside, meta_model
 from .recipe import Recipe
 from .rundir import RunDirectory
@@ -29,7 +30,7 @@ from .version import __version__
 def compress(model: nn.Module | str | os.PathLike | None, recipe: RecipeLike | None = None, *,
              calibration: str | Tensor | None = None, output_dir: str | os.PathLike | None = None,
              tokenizer=None, device: str = "cpu", overwrite: bool = False, progress: bool = True, activations: str = "auto",  # noqa: ANN001
-             offload_dir: str | os.PathLike | None = None) -> nn.Module:
+             offload_dir: str | os.PathLike | None = None, strict: bool = False) -> nn.Module:
     """Compress ``model`` (a module, a path / hub id, or None for the bundled default) in place,
     as ``recipe`` says (a ``Recipe``, a dict, a YAML file's path, or a ``CompressConfig``).
 
@@ -40,7 +41,9 @@ def compress(model: nn.Module | str | os.PathLike | None, recipe: RecipeLike | N
     and ``llmcompress_config`` (the recipe as run); with ``output_dir`` it is also saved there as a checkpoint.
     ``activations`` and ``offload_dir`` say where the calibration activations between blocks
     are kept (see ``pipeline.compress_blocks``). ``device``: "cpu", "cuda[:N]", or "auto" (the
-    blocks spread over the visible GPUs, see ``pipeline.placement``).
+    blocks spread over the visible GPUs, see ``pipeline.placement``). ``strict`` refuses to start
+    when a weight would be left uncompressed without an explicit skip (``report.coverage`` lists
+    every weight and why it is or is not compressed).
     """
     config = as_recipe(recipe)
     _check_device(device)
@@ -53,7 +56,8 @@ def compress(model: nn.Module | str | os.PathLike | None, recipe: RecipeLike | N
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
     windows = _calibration_windows(config, calibration, tokenizer)
     effective = _effective_config(config, calibration, windows)
-    report = compress_blocks(model, effective, windows, device=device, progress=progress, activations=activations, offload_dir=offload_dir)
+    report = compress_blocks(model, effective, windows, device=device, progress=progress, activations=activations, offload_dir=offload_dir,
+                             strict=strict)
     model.llmcompress_config = effective
     model.compression_report = report
     model.llmcompress_source_model = source_model
@@ -65,7 +69,7 @@ def compress(model: nn.Module | str | os.PathLike | None, recipe: RecipeLike | N
 def compress_to_disk(model: str | os.PathLike | None, recipe: RecipeLike | None, output_dir: str | os.PathLike, *,
                      calibration: str | Tensor | None = None, device: str = "cpu", resume: bool = False, overwrite: bool = False,
                      progress: bool = True, command: str | None = None, activations: str = "auto",
-                     offload_dir: str | os.PathLike | None = None) -> tuple[Path, CompressionReport]:
+                     offload_dir: str | os.PathLike | None = None, strict: bool = False) -> tuple[Path, CompressionReport]:
     """Compress a model directory (or .gguf, or None for the bundled default) into a native
     checkpoint at ``output_dir`` without ever holding the whole model in memory.
 
@@ -75,7 +79,7 @@ def compress_to_disk(model: str | os.PathLike | None, recipe: RecipeLike | None,
     gives a checkpoint byte-identical to an uninterrupted run. ``command`` is the command line
     that started the run, quoted back to the user when it has to be resumed. ``activations`` and
     ``offload_dir`` say where the calibration activations between blocks are kept (see
-    ``pipeline.compress_blocks``); ``device`` is as for ``compress``.
+    ``pipeline.compress_blocks``); ``device`` and ``strict`` are as for ``compress``.
     """
     pin_mmap_threshold()  # first: tokenising the calibration text fragments the heap too
     config = as_recipe(recipe)
@@ -86,7 +90,9 @@ def compress_to_disk(model: str | os.PathLike | None, recipe: RecipeLike | None,
     weights = ShardedWeights(model_dir)
     skeleton = meta_model(model_dir)
     blocks_path, blocks = find_decoder_blocks(skeleton)
-    plan_targets(blocks, blocks_path, config)  # bad shapes and ranks fail here, before any file is touched
+    plan_targets(blocks, blocks_path, config)  # a recipe that compresses nothing fails here, before any file is touched
+    if strict:
+        plan_coverage(skeleton, blocks_path, blocks, config).check_strict()
     check_head(skeleton, weights)  # and a head the shards lack, before hours of blocks
     tokenizer = load_tokenizer(model_dir)
     windows = _calibration_windows(config, calibration, tokenizer)
@@ -103,7 +109,8 @@ def compress_to_disk(model: str | os.PathLike | None, recipe: RecipeLike | None,
     run = RunDirectory(output_dir, identity, resume=resume, overwrite=overwrite, command=command)
     materialize_outside(skeleton, blocks_path, weights, "cpu")
     report = compress_blocks(skeleton, effective, windows, device=device, progress=progress,
-                             store=DiskStream(weights, run, blocks_path), activations=activations, offload_dir=offload_dir)
+                             store=DiskStream(weights, run, blocks_path, skeleton), activations=activations, offload_dir=offload_dir,
+                             strict=strict)
     materialize_head(skeleton, weights)
     outside, tied = unique_state_dict(skeleton, exclude=f"{blocks_path}.")
     hf_config = checkpoint_config(skeleton, effective, run.modules(), tied, source_model=str(model_dir.resolve()))

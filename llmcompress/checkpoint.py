@@ -37,6 +37,8 @@ from .recipe import Recipe, recipe_yaml
 from .runstate import describe_unfinished, partial_path, unfinished_run
 from .version import __version__
 from .errors import CheckpointError, ConfigError
+from .disknames import CheckpointNames, stored_module_name
+from .experts import unfuse_experts
 from .fileio import staged_directory, staged_file
 from .models import cast_model, load_model
 from .nn import CompressedLinear
@@ -258,6 +260,7 @@ def _empty_model(path: Path, quantization: dict) -> nn.Module:
         stored_dtype = getattr(torch, stored_dtype)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=stored_dtype)
+    unfuse_experts(model)  # compression saw, and wrote, one Linear per expert
     for name, entry in quantization["modules"].items():
         _install_compressed(model, name, entry, stored_dtype)
     return model
@@ -283,7 +286,7 @@ def _native_from_export(path: Path, raw: dict, quantization: dict) -> tuple[dict
     tensors and ``quantization_config``: the packed layers' tensors converted, the rest as they are."""
     method = quantization["quant_method"]
     reader = gptq if method == gptq.QUANT_METHOD else compressed_tensors
-    tensors = _read_tensors(path)
+    tensors = _in_memory_names(path, _read_tensors(path))
     marker = f".{reader.PACKED_TENSOR}"
     packed_modules = sorted(name[: -len(marker)] for name in tensors if name.endswith(marker))
     try:
@@ -311,6 +314,19 @@ def _native_from_export(path: Path, raw: dict, quantization: dict) -> tuple[dict
             tied["lm_head.weight"] = embedding
     return tensors, {"quant_method": method, "modules": modules, "tied": tied,
                      "source": {key: value for key, value in quantization.items() if key != "config_groups"}}
+
+
+def _in_memory_names(path: Path, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """An export's tensors under the model's module names (experts are stored under the family's
+    per-expert names, Mixtral's ``block_sparse_moe.experts.3.w1``)."""
+    model = _empty_model(path, {"modules": {}})
+    names = CheckpointNames(model, {})
+    in_memory = {stored_module_name(names, name): name for name, _ in model.named_modules()}
+    renamed = {}
+    for key, tensor in tensors.items():
+        module, _, local = key.rpartition(".")
+        renamed[f"{in_memory.get(module, module)}.{local}" if module else key] = tensor
+    return renamed
 
 
 def _install_compressed(model: nn.Module, name: str, entry: dict, dtype: torch.dtype) -> None:

@@ -48,6 +48,7 @@ from .memory import pin_mmap_threshold
 from .models import DEFAULT_MODEL_NAME, load_model, resolve_model_dir
 from .pipeline import find_decoder_blocks, plan_targets
 from .pipeline.activations import PLACES
+from .pipeline.coverage import COMPRESSED, Coverage, plan_coverage
 from .pipeline.placement import AUTO, DEVICES, single_device
 from .pipeline.sharded import meta_model
 from .recipe import Recipe, load_recipe
@@ -98,7 +99,7 @@ RUN_SECTIONS = {
                  "no_awq_clip", "act_bits"),
     "Low-rank branch": ("rank", "lowrank_method", "lowrank_alloc", "lowrank_dtype"),
     "Prune": ("prune_method", "sparsity", "pattern"),
-    "Modules": ("skips", "overrides"),
+    "Modules": ("skips", "overrides", "strict"),
     "Calibration": ("calib", "nsamples", "seqlen", "seed", "batch_size"),
     "Evaluation": ("run_eval", "eval_text", "eval_seqlen", "eval_windows"),
     "Output": ("out_dir", "overwrite", "resume", "export_format", "adapter"),
@@ -166,6 +167,8 @@ def _parse_override(text: str) -> ModuleOverride:
               help="Unstructured (per row) or N:M along the inputs, e.g. 2:4 (stored compact) or 4:8.")
 @click.option("--skip", "skips", multiple=True, metavar="REGEX", help="Leave matching modules unquantized (repeatable).")
 @click.option("--override", "overrides", multiple=True, metavar="REGEX:k=v,...", help="Other bits/group_size/symmetric/kind for matching modules (repeatable).")
+@click.option("--strict", is_flag=True, help="Refuse to run when a weight would be left uncompressed without an explicit skip "
+              "(a module type no pass handles); routers, embeddings and the head are skipped by default.")
 @click.option("--calib", default=None, metavar="SOURCE", help="Calibration text: austen:train, FILE.txt, FILE.jsonl, hf:NAME, none [default: austen:train when the method needs data, else none].")
 @click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration windows.")
 @click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per calibration window.")
@@ -187,7 +190,7 @@ def _parse_override(text: str) -> ModuleOverride:
               help="compressed-tensors / gptq: write low-rank branches as a PEFT LoRA adapter in OUT/adapter (else refuse them).")
 def run(model: str | None, recipe_path: str | None, print_recipe: bool, settings: tuple[str, ...], out_dir: str | None, overwrite: bool,
         resume: bool, calib: str | None, run_eval: bool, eval_text: str, eval_seqlen: int, eval_windows: int, device: str,
-        activations: str, offload_dir: str | None, export_format: str, adapter: bool, **flags) -> None:  # noqa: ANN003
+        activations: str, offload_dir: str | None, export_format: str, adapter: bool, strict: bool, **flags) -> None:  # noqa: ANN003
     """Compress MODEL (a Hugging Face directory, a .gguf file or a hub id; default: the bundled
     SmolLM2-135M-Instruct) and write a packed checkpoint that `llmcompress.load` reads.
 
@@ -217,7 +220,7 @@ def run(model: str | None, recipe_path: str | None, print_recipe: bool, settings
         eval_limit = eval_windows or None
         describe = _describe_run(config, calib)
         evaluation = (eval_text, eval_seqlen, eval_limit) if run_eval else None
-        placement = {"activations": activations, "offload_dir": offload_dir}
+        placement = {"activations": activations, "offload_dir": offload_dir, "strict": strict}
         before, after, before_ppl, after_ppl = _compress_and_measure(model, config, out, calib, device, resume, overwrite, export_format,
                                                                      adapter, describe, evaluation, placement, streaming)
     except KeyboardInterrupt:
@@ -303,7 +306,11 @@ def _compress_and_measure(model: str | None, recipe: Recipe, out: Path, calib: s
     else:
         click.echo(f"loading {label}")
         float_model, tokenizer = load_model(model, device=single)
-    targets = _target_names(float_model, recipe)
+    coverage = _coverage(float_model, recipe)
+    click.echo(_coverage_line(coverage))
+    if placement["strict"]:
+        coverage.check_strict()
+    targets = [w.name.rpartition(".")[0] for w in coverage.weights if w.status == COMPRESSED]
     before = size_summary(float_model, targets)
     before_ppl = None
     if evaluation:
@@ -499,9 +506,16 @@ def _default_out_dir(model: str | None, recipe: Recipe) -> str:
     return str(Path("out") / f"{name}-{tag}")
 
 
-def _target_names(model: torch.nn.Module, config: Recipe) -> list[str]:
+def _coverage(model: torch.nn.Module, config: Recipe) -> Coverage:
     path, blocks = find_decoder_blocks(model)
-    return [target.name for target in plan_targets(blocks, path, config)]
+    plan_targets(blocks, path, config)  # a recipe that compresses nothing fails here
+    return plan_coverage(model, path, blocks, config)
+
+
+def _coverage_line(coverage: Coverage) -> str:
+    """The share of weight parameters the recipe compresses, and what the rest is."""
+    left = "; ".join(f"{reason} {count} ({parameters:,} parameters)" for reason, (count, parameters) in coverage.left().items())
+    return f"coverage: {coverage.share:.1%} of weight parameters compressed" + (f"; left: {left}" if left else "")
 
 
 def _evaluate(model, tokenizer, label: str, text: str, seqlen: int, windows: int | None) -> PerplexityResult:  # noqa: ANN001

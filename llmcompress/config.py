@@ -44,6 +44,10 @@ def parse_n_m(pattern: str) -> tuple[int, int] | None:
     return None if match is None else (int(match.group(1)), int(match.group(2)))
 
 
+# How mixture-of-experts layers are calibrated (``CalibConfig.experts``).
+EXPERT_CALIBRATION = ("routed", "all")
+
+
 def _fail(owner: str, name: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"{owner}.{name}={value!r} is not allowed: {allowed}")
 
@@ -110,6 +114,12 @@ class CalibConfig:
     seqlen: int = 512
     seed: int = 0
     batch_size: int = 8
+    # Mixture-of-experts: ``routed`` (each expert's statistics come from the tokens routed to it,
+    # weighted by their router weights) or ``all`` (every expert also sees every token, unweighted;
+    # the block's outputs still follow the routing). An expert that saw fewer than
+    # ``expert_min_tokens`` tokens is compressed data-free (RTN, LoRC, magnitude) and reported.
+    experts: str = "routed"
+    expert_min_tokens: int = 16
 
     def __post_init__(self) -> None:
         owner = "CalibConfig"
@@ -121,6 +131,10 @@ class CalibConfig:
                 _fail(owner, name, value, f"an integer >= {low}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             _fail(owner, "seed", self.seed, "an integer")
+        if self.experts not in EXPERT_CALIBRATION:
+            _fail(owner, "experts", self.experts, " or ".join(EXPERT_CALIBRATION))
+        if not isinstance(self.expert_min_tokens, int) or isinstance(self.expert_min_tokens, bool) or self.expert_min_tokens < 0:
+            _fail(owner, "expert_min_tokens", self.expert_min_tokens, "an integer >= 0")
 
     @property
     def is_none(self) -> bool:

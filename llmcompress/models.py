@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelError
+from .experts import unfuse_experts
 from .fileio import staged_directory
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -111,6 +112,7 @@ def load_model(source: str | os.PathLike | None = None, device: str = "cpu"):  #
         raise ModelError(f"could not read the model in {location}: {err}") from err
     except (ValueError, RuntimeError, KeyError) as err:
         raise ModelError(f"could not load the model in {location}: {err}") from err
+    unfuse_experts(model)  # one Linear per expert: what compression works on, computing the same
     return model.to(device).eval(), load_tokenizer(location)
 
 

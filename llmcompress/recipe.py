@@ -144,6 +144,10 @@ class Recipe:
         configs = tuple(entry.resolve(name) for entry in self.passes)
         return None if all(c is None for c in configs) else configs
 
+    def names_explicitly(self, name: str) -> bool:
+        """Whether some pass's ``targets`` pick out this module (an empty ``targets`` picks all)."""
+        return any(entry.targets and any(re.search(p, name) for p in entry.targets) for entry in self.passes)
+
     def _variants(self) -> Iterable[PassConfig]:
         for entry in self.passes:
             yield from entry.variants()

@@ -33,16 +33,19 @@ class LayerStats:
     abs_max: Tensor | None = field(default=None, repr=False)
     sampled: list[Tensor] = field(default_factory=list, repr=False)
 
-    def update(self, inputs: Tensor) -> None:
+    def update(self, inputs: Tensor, token_weights: Tensor | None = None) -> None:
+        """Add a micro-batch of inputs. ``token_weights`` (one per input row, an expert's router
+        weights) scale each row's output, so each row's share of X^T X is weighted by its square."""
         x = inputs.reshape(-1, inputs.shape[-1]).float()
         if x.shape[1] != self.in_features:
             raise ValueError(f"expected inputs with {self.in_features} features, got {x.shape[1]}")
         self.tokens += x.shape[0]
         if HESSIAN in self.wanted:
+            weighted = x if token_weights is None else x * token_weights.reshape(-1, 1).float()
             if self.xtx is None:
-                self.xtx = x.T @ x
+                self.xtx = weighted.T @ weighted
             else:
-                self.xtx.addmm_(x.T, x)
+                self.xtx.addmm_(weighted.T, weighted)
         if ABS_MEAN in self.wanted or ABS_MAX in self.wanted:
             magnitude = x.abs()
             if ABS_MEAN in self.wanted:

@@ -12,16 +12,18 @@ from torch import nn
 from .checkpoint import module_entries
 from .pipeline import BlockInputs, LayerRecord
 from .pipeline.activations import Activations
+from .disknames import CheckpointNames
 from .pipeline.sharded import materialize, release
 from .shards import ShardedWeights
 from .rundir import RunDirectory
 
 
 class DiskStream:
-    def __init__(self, weights: ShardedWeights, run: RunDirectory, blocks_path: str) -> None:
+    def __init__(self, weights: ShardedWeights, run: RunDirectory, blocks_path: str, model: nn.Module) -> None:
         self.weights = weights
         self.run = run
         self.blocks_path = blocks_path
+        self.names = CheckpointNames(model, weights.location)
 
     def _prefix(self, index: int) -> str:
         return f"{self.blocks_path}.{index}."
@@ -36,7 +38,7 @@ class DiskStream:
         return [LayerRecord(**record) for record in self.run.committed_records()]
 
     def load(self, index: int, block: nn.Module, device: torch.device) -> None:
-        materialize(block, self._prefix(index), self.weights, device)
+        materialize(block, self._prefix(index), self.weights, device, self.names)
 
     def commit(self, index: int, block: nn.Module, records: list[LayerRecord], next_inputs: BlockInputs | None) -> None:
         prefix = self._prefix(index)

@@ -247,8 +247,13 @@ def test_bad_low_rank_configurations_say_what_to_do():
         CompressConfig(method="awq", lowrank=LowRankConfig(rank=8, method="svdquant"))
     with pytest.raises(ConfigError, match="act_bits"):
         CompressConfig(act_bits=3)
-    with pytest.raises(ConfigError, match="at most 32.*smaller --lowrank"):
-        llmcompress.compress(tiny_model(), CompressConfig(quant=W3, lowrank=LowRankConfig(rank=40)), calibration=_windows(), progress=False)
+    with pytest.raises(ConfigError, match="at most 64.*smaller --lowrank"):  # no layer holds it: a mistake
+        llmcompress.compress(tiny_model(), CompressConfig(quant=W3, lowrank=LowRankConfig(rank=100)), calibration=_windows(), progress=False)
+    # k/v (32 outputs) cannot hold rank 40, the other layers can: those two go without a branch, with a note
+    report = llmcompress.compress(tiny_model(), CompressConfig(quant=W3, lowrank=LowRankConfig(rank=40)), calibration=_windows(),
+                                  progress=False).compression_report
+    ranks = {r.name.rsplit(".", 1)[1]: (r.rank, r.notes) for r in report.layers if ".0." in r.name}
+    assert ranks["q_proj"][0] == 40 and ranks["k_proj"][0] == 0 and "no eora branch: rank 40 exceeds this 32x64" in ranks["k_proj"][1]
     with pytest.raises(CalibrationError, match=r"lowrank \(eora rank 4\) needs calibration"):
         llmcompress.compress(tiny_model(), CompressConfig(quant=W3, lowrank=LowRankConfig(rank=4)), calibration="none", progress=False)
 

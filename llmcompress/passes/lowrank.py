@@ -62,6 +62,9 @@ class LowRankPassConfig(PassConfig):
             raise ConfigError(f"low-rank rank {self.rank} is larger than {name}'s smaller side ({out_features}x{in_features}, so at most "
                               f"{min(in_features, out_features)}): use a smaller --lowrank, or an override with a smaller rank for this module")
 
+    def fitted(self, in_features: int, out_features: int) -> tuple[PassConfig | None, str]:
+        return None, f"no {self.method} branch: rank {self.rank} exceeds this {out_features}x{in_features} layer's smaller side"
+
     def label(self) -> str:
         return self.method
 

@@ -54,6 +54,12 @@ class PassConfig:
     def check_module(self, name: str, in_features: int, out_features: int) -> None:
         """Raise ``ConfigError`` if this config cannot apply to a module of this shape."""
 
+    def fitted(self, in_features: int, out_features: int) -> tuple[PassConfig | None, str]:
+        """Where ``check_module`` refuses a module (too small for a group, rank or pattern): a
+        variant of this config that fits it, or None to leave it to the other passes, and a
+        note saying which."""
+        return None, f"{self.kind_name()} left out ({out_features}x{in_features} is too small for it)"
+
     def label(self) -> str:
         """The method's name as the per-layer report shows it."""
         raise NotImplementedError

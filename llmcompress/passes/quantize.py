@@ -133,6 +133,10 @@ class QuantizePassConfig(PassConfig):
             raise ConfigError(f"group_size={fmt.group_size} is larger than {name}'s {in_features} input features: "
                               f"use a smaller group, -1 (per channel), or an override for this module")
 
+    def fitted(self, in_features: int, out_features: int) -> tuple[QuantizePassConfig | None, str]:
+        return (self.with_options(group_size=PER_CHANNEL),
+                f"group_size {self.group_size} > {in_features} input features: quantized per channel instead")
+
     def label(self) -> str:
         return self.method
 

@@ -29,6 +29,8 @@ class Target:
     fmt: QuantFormat | None = None
     act_format: QuantFormat | None = None
     split_rank: int = 0  # the rank of a branch split off before quantization (SVDQuant)
+    expert: int | None = None  # the expert of a mixture-of-experts layer it belongs to
+    notes: tuple[str, ...] = ()  # what planning changed for it (a pass fitted to its size)
 
     def config(self, index: int) -> PassConfig | None:
         return self.configs[index] if index < len(self.configs) else None

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..errors import ModelError
+from ..experts import set_expert_calibration, unfuse_experts
 from ..memory import forward_allocations
 from ..nn import CompressedLinear, dequantized_weights
 from ..passes import LayerState, Pass, Target
@@ -48,7 +49,8 @@ from .folding import Fold, apply_fold, find_fold
 from .layers import layer_states, run_layer_passes
 from .placement import block_devices
 from .runner import BlockInputs, catch_block_inputs, device_of, gather_statistics, run_block
-from .structure import find_decoder_blocks, input_groups, plan_targets
+from .coverage import Coverage, plan_coverage
+from .structure import find_decoder_blocks, input_groups, plan_targets, stages
 
 
 @dataclass
@@ -64,6 +66,8 @@ class LayerRecord:
     rank: int = 0
     notes: str = ""
     sparsity: float = 0.0  # the fraction of the weight's entries pruning set to zero
+    tokens: int | None = None  # calibration tokens that reached it (None: data-free run)
+    fallback: bool = False  # an expert with too few calibration tokens, compressed data-free
 
 
 @dataclass
@@ -77,6 +81,7 @@ class CompressionReport:
     activations: str = "none"  # where the calibration activations between blocks were kept
     devices: list[str] = field(default_factory=list)  # where the blocks were compressed
     layers: list[LayerRecord] = field(default_factory=list)
+    coverage: Coverage | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,23 +131,29 @@ class InMemoryBlocks:
 
 def compress_blocks(model: nn.Module, recipe: RecipeLike, windows: Tensor | None, device: str | torch.device = "cpu",
                     progress: bool = True, store: BlockStore | None = None, activations: str = "auto",
-                    offload_dir: str | Path | None = None) -> CompressionReport:
+                    offload_dir: str | Path | None = None, strict: bool = False) -> CompressionReport:
     """Compress every targeted Linear of ``model`` in place, block by block, on ``device``
     ("auto": the blocks spread over the visible GPUs, see ``placement``), taking them from and
     handing them to ``store`` (default: ``InMemoryBlocks``).
 
     ``activations`` says where the calibration activations between blocks are kept: "auto"
     (on the device when they fit, else on the host, else in ``offload_dir``), "device",
-    "host" or "disk" (files in ``offload_dir``)."""
+    "host" or "disk" (files in ``offload_dir``). ``strict``: refuse to start when a weight would be
+    left uncompressed for any reason but the recipe's (see ``coverage``)."""
     started = time.perf_counter()
     recipe = as_recipe(recipe)
+    unfuse_experts(model)
+    set_expert_calibration(model, recipe.calib.experts)
     blocks_path, blocks = find_decoder_blocks(model)
     targets = plan_targets(blocks, blocks_path, recipe)
+    coverage = plan_coverage(model, blocks_path, blocks, recipe)
+    if strict:
+        coverage.check_strict()
     passes = recipe.instantiate()
     devices = block_devices(blocks, device)
     report = CompressionReport(blocks_path=blocks_path, num_blocks=len(blocks),
                                calibration_tokens=0 if windows is None else windows.numel(),
-                               devices=sorted({str(d) for d in devices}))
+                               devices=sorted({str(d) for d in devices}), coverage=coverage)
     store = InMemoryBlocks() if store is None else store
     start = store.first_block()
     report.layers.extend(store.resumed_records())
@@ -191,7 +202,9 @@ def _check_finite(block: nn.Module, targets: list[Target]) -> None:
 
 def _block_line(index: int, count: int, records: list[LayerRecord]) -> str:
     """One line per block: the mean and the worst relative error of its layers."""
-    kind = "output" if records and records[0].output_error is not None else "weight"
+    if not records:
+        return f"block {index + 1}/{count}: nothing to compress"
+    kind = "output" if records[0].output_error is not None else "weight"
     errors = {".".join(r.name.rsplit(".", 2)[-2:]): (r.output_error if kind == "output" else r.weight_error) for r in records}
     worst = max(errors, key=errors.get)
     return (f"block {index + 1}/{count}: mean relative {kind} error {sum(errors.values()) / len(errors):.4f}, "
@@ -201,6 +214,8 @@ def _block_line(index: int, count: int, records: list[LayerRecord]) -> str:
 def _compress_block(block: nn.Module, targets: list[Target], inputs: BlockInputs | None, recipe: Recipe, passes: list[Pass],
                     folds: dict[tuple[str, ...], Fold | None]) -> list[LayerRecord]:
     layer_passes = [p for p in passes if p.phase == "layer"]
+    if not targets:
+        return []
     if inputs is None:
         return _compress_stage(block, targets, {}, layer_passes, {}, {}, {})
     groups = input_groups(block, targets, inputs)
@@ -212,14 +227,33 @@ def _compress_block(block: nn.Module, targets: list[Target], inputs: BlockInputs
     # Layers that read the calibration inputs beyond H's diagonal sum (GPTQ, SparseGPT) or prune by
     # input norms (Wanda) see what the already-compressed layers before them produce.
     sequential = recipe.sequential
-    stages = groups if sequential else [[t for group in groups for t in group]]
+    work = stages(groups) if sequential else [([t for group in groups for t in group], False)]
     wanted = frozenset({HESSIAN}).union(*(c.statistics() for t in targets for c in t.configs if c is not None))
     records = []
-    for stage in stages:
+    for stage, one_input in work:
         with dequantized_weights(block, inputs.dtype), forward_allocations():
-            stats = gather_statistics(block, stage, inputs, wanted, stop_after_last=True, one_input=sequential)
-        records += _compress_stage(block, stage, stats, layer_passes, notes, labels, smooths)
+            # Stopping after the last layer is unsafe where experts are: each micro-batch reaches others.
+            early = one_input or not (sequential or any(t.expert is not None for t in stage))
+            stats = gather_statistics(block, stage, inputs, wanted, stop_after_last=early, one_input=one_input)
+        tokens = {name: layer_stats.tokens for name, layer_stats in stats.items()}
+        fallbacks = _drop_starved_experts(stage, stats, recipe.calib.expert_min_tokens, notes)
+        records += _compress_stage(block, stage, stats, layer_passes, notes, labels, smooths, tokens, fallbacks)
     return records
+
+
+def _drop_starved_experts(stage: list[Target], stats: dict[str, LayerStats], min_tokens: int, notes: dict[str, list[str]]) -> set[str]:
+    """Experts that saw fewer than ``min_tokens`` calibration tokens lose their statistics, so
+    every pass compresses them data-free and says so; returns their names."""
+    starved = set()
+    for target in stage:
+        if target.expert is None:
+            continue
+        seen = stats[target.name].tokens if target.name in stats else 0
+        if seen < min_tokens:
+            stats.pop(target.name, None)
+            starved.add(target.name)
+            notes.setdefault(target.name, []).append(f"expert saw {seen} calibration tokens (< expert_min_tokens={min_tokens}): data-free")
+    return starved
 
 
 def _group_fold(block: nn.Module, group: list[Target], inputs: BlockInputs, folds: dict[tuple[str, ...], Fold | None]) -> Fold | None:
@@ -288,7 +322,8 @@ def _smooth_groups(block: nn.Module, block_pass: Pass, targets: list[Target], gr
 
 
 def _compress_stage(block: nn.Module, stage: list[Target], stats: dict[str, LayerStats], layer_passes: list[Pass],
-                    notes: dict[str, list[str]], labels: dict[str, list[str]], smooths: dict[str, Tensor]) -> list[LayerRecord]:
+                    notes: dict[str, list[str]], labels: dict[str, list[str]], smooths: dict[str, Tensor],
+                    tokens: dict[str, int] | None = None, fallbacks: set[str] = frozenset()) -> list[LayerRecord]:
     """Run the layer passes on layers whose statistics are gathered, replace them with
     ``CompressedLinear``s, record them."""
     started = time.perf_counter()
@@ -310,8 +345,9 @@ def _compress_stage(block: nn.Module, stage: list[Target], stats: dict[str, Laye
             weight_error=weight_error(state.original, effective),
             output_error=None if target.name not in hessians else output_error(state.original, effective, hessians[target.name]),
             seconds=seconds, rank=0 if state.branch is None else state.branch.rank,
-            notes="; ".join((*notes.get(target.name, ()), *state.notes)),
+            notes="; ".join((*target.notes, *notes.get(target.name, ()), *state.notes)),
             sparsity=0.0 if state.mask is None else 1 - float(state.mask.float().mean()),
+            tokens=None if tokens is None else tokens.get(target.name, 0), fallback=target.name in fallbacks,
         ))
     return records
 

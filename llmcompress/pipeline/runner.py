@@ -122,7 +122,7 @@ def gather_statistics(block: nn.Module, targets: Sequence[Target], inputs: Block
                 seen.append((x, accumulator))
             if not any(done is accumulator for done in updated):
                 check_finite(x, f"the input of {target.name}")
-                accumulator.update(x)
+                accumulator.update(x, getattr(module, "token_weights", None))
                 updated.append(accumulator)
             if target.name == last:
                 raise _StopForward

@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
+from ..experts import unfuse_experts
 from ..shards import ShardedWeights
+from ..disknames import CheckpointNames
 
 
 def meta_model(directory: str | Path) -> nn.Module:
@@ -32,19 +34,24 @@ def meta_model(directory: str | Path) -> nn.Module:
     except ValueError as err:
         raise ModelError(f"transformers cannot build a causal LM from {directory}'s config.json: {err}") from err
     model.tie_weights()  # from_config leaves a tied head its own (meta) tensor
+    unfuse_experts(model)
     return model.eval()
 
 
-def materialize(module: nn.Module, prefix: str, weights: ShardedWeights, device: torch.device | str) -> None:
-    """Read ``module``'s tensors (state-dict names under ``prefix``) from the shards onto ``device``."""
-    wanted = {f"{prefix}{name}": name for name in module.state_dict()}
-    missing = sorted(name for name in wanted if name not in weights.location)
+def materialize(module: nn.Module, prefix: str, weights: ShardedWeights, device: torch.device | str,
+                names: CheckpointNames | None = None) -> None:
+    """Read ``module``'s tensors (state-dict names under ``prefix``) from the shards onto ``device``;
+    ``names`` finds those the checkpoint stores under other names (per-expert or fused experts)."""
+    names = CheckpointNames(None, weights.location) if names is None else names
+    wanted = [f"{prefix}{name}" for name in module.state_dict()]
+    sources, missing = names.sources(wanted)
     if missing:
         raise ModelError(f"{weights.directory} lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}: its tensor names "
                          "do not match the transformers model (an old or converted checkpoint): load it with transformers and "
                          "save_pretrained it, then compress that directory")
-    tensors = weights.read(wanted, device)
-    module.load_state_dict({wanted[name]: tensor for name, tensor in tensors.items()}, assign=True)
+    stored = weights.read(sorted({source.stored for source in sources.values()}), device)
+    tensors = {name[len(prefix):]: source.take(stored[source.stored]) for name, source in sources.items()}
+    module.load_state_dict(tensors, assign=True)
 
 
 def materialize_outside(model: nn.Module, blocks_path: str, weights: ShardedWeights, device: torch.device | str) -> None:

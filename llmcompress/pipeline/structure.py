@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelError
+from ..experts import ExpertList, expert_index
 from ..nn import CompressedLinear
-from ..passes import Target
+from ..passes import PassConfig, Target
 from ..passes.state import merged_declarations
 from ..flags import RecipeLike, as_recipe
 from .runner import BlockInputs, call_block
+
+# Why a weight is left uncompressed (``coverage``); the first three are the recipe's choice.
+SKIPPED = "skipped by the recipe (ignore, targets or skip)"
+ROUTER = "router (kept in 16 bits; name it in a pass's targets to compress it)"
+TOO_SMALL = "too small for every pass"
+_EXPERT_NUMBER = re.compile(r"\.\d+\.")
 
 
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -42,8 +51,23 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def plan_targets(blocks: nn.ModuleList, blocks_path: str, recipe: RecipeLike) -> list[Target]:
     """Every Linear inside the blocks that some pass of the recipe applies to, with each pass's
     config for it and what the passes declare about it; checks what would fail later."""
+    targets, _ = plan_layers(blocks, blocks_path, recipe)
+    if not targets:
+        raise ConfigError("the recipe leaves no Linear layer to compress: check its targets, ignore patterns and overrides")
+    return targets
+
+
+def plan_layers(blocks: nn.ModuleList, blocks_path: str, recipe: RecipeLike) -> tuple[list[Target], dict[str, str]]:
+    """The targets (see ``plan_targets``), and why each other Linear of the blocks is left alone.
+
+    Routers stay in 16 bits unless a pass's ``targets`` name them: they choose the experts, and
+    their error moves whole tokens to other experts. A module too small for a pass's group, rank
+    or N:M pattern gets the pass's smaller variant, or is left to the other passes, with a note."""
     recipe = as_recipe(recipe)
-    targets = []
+    targets, left = [], {}
+    applied: dict[int, int] = {}  # recipe pass -> modules it applies to
+    refused: dict[int, ConfigError] = {}  # recipe pass -> the first module too small for it, and how many were
+    refusals: dict[int, int] = {}
     for index, block in enumerate(blocks):
         for local_name, module in block.named_modules():
             if not isinstance(module, nn.Linear):
@@ -51,16 +75,78 @@ def plan_targets(blocks: nn.ModuleList, blocks_path: str, recipe: RecipeLike) ->
             name = f"{blocks_path}.{index}.{local_name}"
             configs = recipe.configs_for(name)
             if configs is None:
+                left[name] = SKIPPED
+                continue
+            if is_router(block, local_name, module) and not recipe.names_explicitly(name):
+                left[name] = ROUTER
+                continue
+            configs, notes = _fitted(configs, name, module, refused, refusals)
+            for position, config in enumerate(recipe.configs_for(name) or ()):
+                applied[position] = applied.get(position, 0) + (config is not None)
+            if all(c is None for c in configs):
+                left[name] = f"{TOO_SMALL}: {'; '.join(notes)}"
                 continue
             facts = merged_declarations(configs, name)
-            for config in configs:
+            targets.append(Target(name=name, block=index, local_name=local_name, configs=configs, fmt=facts.get("fmt"),
+                                  act_format=facts.get("act_format"), split_rank=facts.get("split_rank", 0),
+                                  expert=expert_index(local_name, block), notes=tuple(notes)))
+    # A pass that fits no module at all was asked for something impossible, not for a fallback.
+    for position, error in refused.items():
+        if refusals[position] == applied.get(position, 0):
+            raise error
+    return targets, left
+
+
+def _fitted(configs: tuple[PassConfig | None, ...], name: str, module: nn.Linear, refused: dict[int, ConfigError],
+            refusals: dict[int, int]) -> tuple[tuple[PassConfig | None, ...], list[str]]:
+    fitted, notes = [], []
+    for position, config in enumerate(configs):
+        if config is not None:
+            try:
+                config.check_module(name, module.in_features, module.out_features)
+            except ConfigError as err:
+                refused.setdefault(position, err)
+                refusals[position] = refusals.get(position, 0) + 1
+                config, note = config.fitted(module.in_features, module.out_features)
                 if config is not None:
                     config.check_module(name, module.in_features, module.out_features)
-            targets.append(Target(name=name, block=index, local_name=local_name, configs=configs, fmt=facts.get("fmt"),
-                                  act_format=facts.get("act_format"), split_rank=facts.get("split_rank", 0)))
-    if not targets:
-        raise ConfigError("the recipe leaves no Linear layer to compress: check its targets, ignore patterns and overrides")
-    return targets
+                notes.append(note)
+        fitted.append(config)
+    return tuple(fitted), notes
+
+
+def is_router(block: nn.Module, local_name: str, module: nn.Module) -> bool:
+    """A module that routes tokens: a class called a router (Llama 4's subclasses nn.Linear), or a
+    weight beside a block's experts with one row per expert, or one row (Qwen2-MoE's
+    ``shared_expert_gate``)."""
+    if "router" in type(module).__name__.lower():
+        return True
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return False
+    parent_name = local_name.rpartition(".")[0]
+    parent = block.get_submodule(parent_name) if parent_name else block
+    experts = [child for child in parent.children() if isinstance(child, ExpertList)]
+    return any(weight.shape[0] in (1, len(e)) for e in experts)
+
+
+def stages(groups: list[list[Target]]) -> list[tuple[list[Target], bool]]:
+    """Input groups as the stages of a true-sequential block, each with whether all its layers
+    read one tensor (never said of experts: which of them a micro-batch reaches varies). The same group of every expert (gate/up, then down) is one stage: no
+    expert's inputs depend on another's weights, and one stage per expert would run the block
+    twice per expert."""
+    merged: list[tuple[list[Target], bool]] = []
+    position: dict[str, int] = {}  # a projection of the experts (``mlp.experts.*.down_proj``) -> its stage
+    for group in groups:
+        keys = [_EXPERT_NUMBER.sub(".*.", t.local_name) for t in group if t.expert is not None]
+        known = next((position[k] for k in keys if k in position), None)
+        if known is not None:
+            merged[known] = (merged[known][0] + group, False)
+        else:
+            known = len(merged)
+            merged.append((list(group), not keys))
+        position.update(dict.fromkeys(keys, known))
+    return merged
 
 
 def input_groups(block: nn.Module, targets: list[Target], sample: BlockInputs) -> list[list[Target]]:
