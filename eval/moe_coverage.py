@@ -196,11 +196,11 @@ print(json.dumps({"seconds": seconds, "report_seconds": report.seconds, "calibra
 '''
 
 
-def tiny_moe_config(layers: int):  # noqa: ANN201 - a Qwen3MoeConfig
+def tiny_moe_config(layers: int, experts: int = 64):  # noqa: ANN201 - a Qwen3MoeConfig
     from transformers import AutoConfig
 
     return AutoConfig.for_model("qwen3_moe", hidden_size=256, moe_intermediate_size=128, intermediate_size=512, num_hidden_layers=layers,
-                                num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=64, num_experts_per_tok=4,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=experts, num_experts_per_tok=4,
                                 vocab_size=1024, max_position_embeddings=4096, tie_word_embeddings=False, dtype="float32")
 
 
@@ -244,13 +244,13 @@ def _child(code: str, *arguments: str) -> tuple[dict, float]:
     return json.loads(result.stdout.strip().splitlines()[-1]), wall
 
 
-def memory_run(layers: int, nsamples: int, seqlen: int) -> dict:
+def memory_run(layers: int, nsamples: int, seqlen: int, num_experts: int = 64) -> dict:
     from transformers import AutoModelForCausalLM
 
-    config = tiny_moe_config(layers)
+    config = tiny_moe_config(layers, num_experts)
     result: dict = {"model": {"model_type": "qwen3_moe", "hidden_size": 256, "moe_intermediate_size": 128, "intermediate_size": 512,
                               "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
-                              "num_experts": 64, "num_experts_per_tok": 4, "vocab_size": 1024, "dtype": "float32"},
+                              "num_experts": num_experts, "num_experts_per_tok": 4, "vocab_size": 1024, "dtype": "float32"},
                     "recipe": RECIPE, "calibration": [nsamples, seqlen], "torch_threads": torch.get_num_threads()}
     result.update(block_sizes(config))
     baseline, _ = _child(BASELINE)
@@ -288,7 +288,8 @@ def memory_run(layers: int, nsamples: int, seqlen: int) -> dict:
 
 def print_memory(result: dict) -> None:
     mb = 1e6
-    print(f"\nGPTQ W4 g64 from disk (compress_to_disk), synthetic Qwen3-MoE: {result['model']['num_hidden_layers']} blocks x 64 experts, "
+    print(f"\nGPTQ W4 g64 from disk (compress_to_disk), synthetic Qwen3-MoE: {result['model']['num_hidden_layers']} blocks x "
+          f"{result['model']['num_experts']} experts, "
           f"hidden 256, expert intermediate 128, {result['parameters'] / 1e6:.1f}M parameters float32, "
           f"{result['calibration'][0]} x {result['calibration'][1]} random tokens, {result['torch_threads']} torch threads, "
           f"{platform.processor() or platform.machine()}\n")
@@ -312,6 +313,18 @@ def print_memory(result: dict) -> None:
         print(f"| {name} | {value} |")
 
 
+def print_scaling(runs: list[dict]) -> None:
+    """Peak memory against experts and depth: what grows with a block, and what does not grow with depth."""
+    mb = 1e6
+    print("\nPeak RSS of GPTQ from disk against the block's size and the depth\n")
+    print("| experts | blocks | one block's weights + statistics (MB) | peak RSS (MB) | above import-only (MB) | time (s) |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for run in runs:
+        print(f"| {run['model']['num_experts']} | {run['model']['num_hidden_layers']} | "
+              f"{(run['block_weight_bytes'] + run['block_statistics_bytes']) / mb:.1f} | {run['peak_rss_bytes'] / mb:.0f} | "
+              f"{(run['peak_rss_bytes'] - run['baseline_peak_rss_bytes']) / mb:.0f} | {run['compress_seconds']:.1f} |")
+
+
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = path.with_name(path.name + ".tmp")
@@ -324,7 +337,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=REPO / "eval" / "results" / "moe_coverage.json")
     parser.add_argument("--skip-memory", action="store_true", help="leave out Part 2 (GPTQ on the tiny 64-expert MoE)")
     parser.add_argument("--families", default=",".join(FAMILIES), help="transformers model types for Part 1")
-    parser.add_argument("--layers", type=int, default=2, help="blocks of the Part 2 model (4 took 6-7 minutes on 2 busy cores)")
+    parser.add_argument("--layers", type=int, default=2, help="blocks of the Part 2 model")
+    parser.add_argument("--scaling", default="16x2,128x2,64x4", metavar="EXPERTSxBLOCKS,...",
+                        help="further Part 2 runs, for peak memory against block size and depth ('' for none)")
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=256)
     args = parser.parse_args()
@@ -346,6 +361,12 @@ def main() -> None:
         print("\nPart 2: compressing the synthetic 64-expert MoE ...", flush=True)
         output["memory"] = memory_run(args.layers, args.nsamples, args.seqlen)
         print_memory(output["memory"])
+        runs = [output["memory"]]
+        for item in filter(None, args.scaling.split(",")):
+            experts, blocks = (int(n) for n in item.split("x"))
+            runs.append(memory_run(blocks, args.nsamples, args.seqlen, experts))
+        output["scaling"] = [{key: value for key, value in run.items() if key != "layers"} for run in runs]
+        print_scaling(runs)
         write_json(args.json, output)
     print(f"\nwrote {args.json}")
 

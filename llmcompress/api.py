@@ -13,9 +13,10 @@ from torch import Tensor, nn
 from .calib import calibration_windows
 from .checkpoint import check_output_dir, checkpoint_config, save, unique_state_dict
 from .config import CompressConfig
-from .errors import CalibrationError, ConfigError, ModelError
+from .errors import CalibrationError, ConfigError, LLMCompressError, ModelError
 from .flags import RecipeLike, as_recipe
 from .memory import pin_mmap_threshold
+from .disknames import StoredNames
 from .models import load_model, load_tokenizer, resolve_model_dir
 from .pipeline import CompressionReport, compress_blocks, find_decoder_blocks, plan_targets
 from .pipeline.coverage import plan_coverage
@@ -107,14 +108,20 @@ def compress_to_disk(model: str | os.PathLike | None, recipe: RecipeLike | None,
         "torch_version": torch.__version__,
     }
     run = RunDirectory(output_dir, identity, resume=resume, overwrite=overwrite, command=command)
-    materialize_outside(skeleton, blocks_path, weights, "cpu")
-    report = compress_blocks(skeleton, effective, windows, device=device, progress=progress,
-                             store=DiskStream(weights, run, blocks_path, skeleton), activations=activations, offload_dir=offload_dir,
-                             strict=strict)
-    materialize_head(skeleton, weights)
-    outside, tied = unique_state_dict(skeleton, exclude=f"{blocks_path}.")
-    hf_config = checkpoint_config(skeleton, effective, run.modules(), tied, source_model=str(model_dir.resolve()))
-    return run.finish(outside, hf_config, tokenizer, report.to_dict()), report
+    try:
+        materialize_outside(skeleton, blocks_path, weights, "cpu")
+        report = compress_blocks(skeleton, effective, windows, device=device, progress=progress,
+                                 store=DiskStream(weights, run, blocks_path, skeleton), activations=activations, offload_dir=offload_dir,
+                                 strict=strict)
+        materialize_head(skeleton, weights)
+        outside, tied = unique_state_dict(skeleton, exclude=f"{blocks_path}.")
+        names = StoredNames(skeleton)
+        outside, tied = names.tensors(outside), {names.tensor(k): names.tensor(v) for k, v in tied.items()}
+        hf_config = checkpoint_config(skeleton, effective, run.modules(), tied, source_model=str(model_dir.resolve()))
+        return run.finish(outside, hf_config, tokenizer, report.to_dict()), report
+    except LLMCompressError as err:
+        # A failure leaves no half-written output behind, only committed blocks that --resume continues from.
+        raise type(err)(f"{err} ({run.abandon()})") from err
 
 
 def _check_device(device: str) -> None:

@@ -37,8 +37,8 @@ from .recipe import Recipe, recipe_yaml
 from .runstate import describe_unfinished, partial_path, unfinished_run
 from .version import __version__
 from .errors import CheckpointError, ConfigError
-from .disknames import CheckpointNames, stored_module_name
-from .experts import unfuse_experts
+from .disknames import StoredNames
+from .surgery import standard_layers
 from .fileio import staged_directory, staged_file
 from .models import cast_model, load_model
 from .nn import CompressedLinear
@@ -89,8 +89,11 @@ def save(model: nn.Module, out_dir: str | os.PathLike, config: Recipe, tokenizer
     """Write a compressed model as a native checkpoint; returns the directory. Where ``compress``
     read the float model from is recorded, so that ``compress eval --baseline`` finds it."""
     out = check_output_dir(out_dir, overwrite)
+    names = StoredNames(model)
     tensors, tied = unique_state_dict(model)
-    hf_config = checkpoint_config(model, config, module_entries(model), tied, getattr(model, "llmcompress_source_model", None))
+    tensors, tied = names.tensors(tensors), {names.tensor(k): names.tensor(v) for k, v in tied.items()}
+    modules = {names.module(name): entry for name, entry in module_entries(model).items()}
+    hf_config = checkpoint_config(model, config, modules, tied, getattr(model, "llmcompress_source_model", None))
     with staged_directory(out) as staging:
         write_shards(tensors, staging, max_shard_bytes)
         if tokenizer is not None:
@@ -223,8 +226,9 @@ def skeleton(path: str | os.PathLike) -> nn.Module:
         raise CheckpointError(f"{path} is not a native llmcompress checkpoint")
     _native_config(path, quantization)
     model = _empty_model(path, quantization)
+    names = StoredNames(model)
     for dropped, kept in quantization.get("tied", {}).items():
-        _alias(model, dropped, kept)
+        _alias(model, names.tensor(dropped, to_disk=False), names.tensor(kept, to_disk=False))
     return model
 
 
@@ -260,9 +264,10 @@ def _empty_model(path: Path, quantization: dict) -> nn.Module:
         stored_dtype = getattr(torch, stored_dtype)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=stored_dtype)
-    unfuse_experts(model)  # compression saw, and wrote, one Linear per expert
+    standard_layers(model)  # compression saw, and wrote, one Linear per expert and no Conv1D
+    names = StoredNames(model)  # checkpoints name experts as the family's own checkpoints do
     for name, entry in quantization["modules"].items():
-        _install_compressed(model, name, entry, stored_dtype)
+        _install_compressed(model, names.module(name, to_disk=False), entry, stored_dtype)
     return model
 
 
@@ -270,9 +275,12 @@ def _build(path: Path, quantization: dict, tensors: dict[str, Tensor], compress_
            device: str | torch.device, dtype: torch.dtype | None):  # noqa: ANN202 - (model, tokenizer)
     """The model of ``path``'s config with ``CompressedLinear`` layers as ``quantization["modules"]`` says."""
     model = _empty_model(path, quantization)
-    _check_tensors(model, tensors, quantization.get("tied", {}), path)
+    names = StoredNames(model)
+    tensors = names.tensors(tensors, to_disk=False)
+    tied = {names.tensor(k, to_disk=False): names.tensor(v, to_disk=False) for k, v in quantization.get("tied", {}).items()}
+    _check_tensors(model, tensors, tied, path)
     model.load_state_dict(tensors, strict=False, assign=True)
-    for dropped, kept in quantization.get("tied", {}).items():
+    for dropped, kept in tied.items():
         _alias(model, dropped, kept)
     model.config.quantization_config = quantization
     model.llmcompress_config = compress_config
@@ -286,7 +294,7 @@ def _native_from_export(path: Path, raw: dict, quantization: dict) -> tuple[dict
     tensors and ``quantization_config``: the packed layers' tensors converted, the rest as they are."""
     method = quantization["quant_method"]
     reader = gptq if method == gptq.QUANT_METHOD else compressed_tensors
-    tensors = _in_memory_names(path, _read_tensors(path))
+    tensors = _read_tensors(path)
     marker = f".{reader.PACKED_TENSOR}"
     packed_modules = sorted(name[: -len(marker)] for name in tensors if name.endswith(marker))
     try:
@@ -314,19 +322,6 @@ def _native_from_export(path: Path, raw: dict, quantization: dict) -> tuple[dict
             tied["lm_head.weight"] = embedding
     return tensors, {"quant_method": method, "modules": modules, "tied": tied,
                      "source": {key: value for key, value in quantization.items() if key != "config_groups"}}
-
-
-def _in_memory_names(path: Path, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """An export's tensors under the model's module names (experts are stored under the family's
-    per-expert names, Mixtral's ``block_sparse_moe.experts.3.w1``)."""
-    model = _empty_model(path, {"modules": {}})
-    names = CheckpointNames(model, {})
-    in_memory = {stored_module_name(names, name): name for name, _ in model.named_modules()}
-    renamed = {}
-    for key, tensor in tensors.items():
-        module, _, local = key.rpartition(".")
-        renamed[f"{in_memory.get(module, module)}.{local}" if module else key] = tensor
-    return renamed
 
 
 def _install_compressed(model: nn.Module, name: str, entry: dict, dtype: torch.dtype) -> None:

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from .experts import FUSED_PARTS, ExpertList, FusedLayout, expert_tensors, fused_name_of
+from .surgery import stored_transposed
 
 _EXPERT_TENSOR = re.compile(r"^(.*)\.(\d+)\.(\w+\.(?:weight|bias))$")
-_LITERAL = re.compile(r"^[\w.\\]+$")  # a rename pattern without regex syntax beyond escaped dots
+_LITERAL = re.compile(r"^\^?[\w.\\]+$")  # a rename pattern without regex syntax beyond escaped dots and a leading ^
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,11 @@ class Source:
     expert: int | None = None
     part: str = ""
     layout: FusedLayout | None = None
+    transposed: bool = False  # stored [in, out] (GPT-2's Conv1D)
 
     def take(self, tensor: Tensor) -> Tensor:
+        if self.transposed:
+            return tensor.T.contiguous()
         if self.expert is None:
             return tensor
         return expert_tensors(self.layout, self.stored.rpartition(".")[2], tensor[self.expert])[self.part]
@@ -43,7 +47,8 @@ class CheckpointNames:
     def __init__(self, model: nn.Module | None, stored: Mapping[str, object]) -> None:
         self.stored = stored
         self.layouts = {} if model is None else {name: m.layout for name, m in model.named_modules() if isinstance(m, ExpertList)}
-        self.renames: list[tuple[str, str]] = []  # (in memory, on disk)
+        self.transposed = set() if model is None else stored_transposed(model)
+        self.renames: list[tuple[str, str]] = []  # (in memory, on disk); a leading ^ anchors at the name's start
         self.templates: dict[str, list[str]] = {}  # fused name -> per-expert names on disk, '*' for the expert
         if model is not None:
             self._read_conversions(model)
@@ -56,17 +61,19 @@ class CheckpointNames:
         if conversions is None and getattr(config, "model_type", None):
             conversions = get_checkpoint_conversion_mapping(config.model_type)
         for conversion in conversions or []:
-            sources, targets = list(conversion.source_patterns), list(conversion.target_patterns)
+            sources, targets = _patterns(conversion.source_patterns), _patterns(conversion.target_patterns)
             fused = targets[0].rpartition(".")[2] if len(targets) == 1 else None
             if fused in FUSED_PARTS and all("experts.*." in s for s in sources):
                 self.templates[fused] = [s.partition("experts.")[2] for s in sources]
             elif len(sources) == len(targets) and all(_LITERAL.match(p) for p in (*sources, *targets)):
-                self.renames += [(t.replace("\\", ""), s.replace("\\", "")) for s, t in zip(sources, targets, strict=True)]
+                anchor = "^" if sources[0].startswith("^") else ""
+                self.renames += [(anchor + t.lstrip("^").replace("\\", ""), s.lstrip("^").replace("\\", ""))
+                                 for s, t in zip(sources, targets, strict=True)]
 
     def _renamed(self, name: str) -> list[str]:
         candidates = [name]
         for in_memory, on_disk in self.renames:
-            candidates += [c.replace(in_memory, on_disk) for c in list(candidates) if in_memory in c]
+            candidates += [renamed for c in list(candidates) if (renamed := _rename(c, in_memory, on_disk)) != c]
         return candidates
 
     def sources(self, names: Iterable[str]) -> tuple[dict[str, Source], list[str]]:
@@ -83,7 +90,7 @@ class CheckpointNames:
     def _source(self, name: str) -> Source | None:
         direct = next((c for c in self._renamed(name) if c in self.stored), None)
         if direct is not None:
-            return Source(direct)
+            return Source(direct, transposed=name in self.transposed)
         match = _EXPERT_TENSOR.match(name)
         if match is None or match[1] not in self.layouts:
             return None
@@ -103,12 +110,24 @@ class CheckpointNames:
         return None
 
 
+def _patterns(patterns: str | Iterable[str]) -> list[str]:
+    return [patterns] if isinstance(patterns, str) else list(patterns)
+
+
+def _rename(name: str, in_memory: str, on_disk: str) -> str:
+    if in_memory.startswith("^"):
+        return on_disk + name[len(in_memory) - 1:] if name.startswith(in_memory[1:]) else name
+    return name.replace(in_memory, on_disk)
+
+
 def stored_module_name(names: CheckpointNames, module: str) -> str | None:
     """The name a checkpoint of the model's family gives ``module`` (a per-expert Linear keeps its
     expert under the family's per-expert name); None for an expert of a family that stores its
     experts fused, which holds no per-expert layer at all."""
+    module += "."  # rename patterns name whole modules, with their dot (``^embed_out\.``)
     for in_memory, on_disk in names.renames:
-        module = module.replace(in_memory, on_disk)
+        module = _rename(module, in_memory, on_disk)
+    module = module[:-1]
     match = re.match(r"^(.*)\.(\d+)\.(\w+)$", module)
     if match is None or not any(match[1] in names._renamed(base) for base in names.layouts):
         return module
@@ -117,3 +136,30 @@ def stored_module_name(names: CheckpointNames, module: str) -> str | None:
             template = templates[FUSED_PARTS[fused].index(match[3])].removesuffix(".weight")
             return f"{match[1]}.{template.replace('*', match[2])}"
     return None
+
+
+class StoredNames:
+    """Module and tensor names of a model as its family's checkpoints spell them, both ways.
+    Experts of a family that stores them fused keep the model's names (no per-expert name exists)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        names = CheckpointNames(model, {})
+        self.fused = []  # modules with no per-expert name in the family's checkpoints
+        self.to_disk: dict[str, str] = {}
+        for name, _ in model.named_modules():
+            stored = stored_module_name(names, name)
+            if stored is None:
+                self.fused.append(name)
+            elif stored != name:
+                self.to_disk[name] = stored
+        self.to_memory = {stored: name for name, stored in self.to_disk.items()}
+
+    def module(self, name: str, to_disk: bool = True) -> str:
+        return (self.to_disk if to_disk else self.to_memory).get(name, name)
+
+    def tensor(self, name: str, to_disk: bool = True) -> str:
+        module, _, local = name.rpartition(".")
+        return f"{self.module(module, to_disk)}.{local}" if module else name
+
+    def tensors(self, tensors: Mapping[str, Tensor], to_disk: bool = True) -> dict[str, Tensor]:
+        return {self.tensor(name, to_disk): tensor for name, tensor in tensors.items()}

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelError
-from .experts import unfuse_experts
+from .surgery import standard_layers
 from .fileio import staged_directory
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -112,7 +112,7 @@ def load_model(source: str | os.PathLike | None = None, device: str = "cpu"):  #
         raise ModelError(f"could not read the model in {location}: {err}") from err
     except (ValueError, RuntimeError, KeyError) as err:
         raise ModelError(f"could not load the model in {location}: {err}") from err
-    unfuse_experts(model)  # one Linear per expert: what compression works on, computing the same
+    standard_layers(model)  # one Linear per expert, no Conv1D: what compression works on, computing the same
     return model.to(device).eval(), load_tokenizer(location)
 
 

@@ -143,5 +143,13 @@ class RunDirectory:
         replace_directory(self.partial, self.out)
         return self.out
 
+    def abandon(self) -> str:
+        """After a failure: remove ``OUT.partial`` if no block is committed (nothing there is worth
+        resuming); otherwise keep it and say how to resume."""
+        if self.committed == 0:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            return "nothing was written"
+        return f"{describe_unfinished(self.manifest)} (in {self.partial})"
+
     def modules(self) -> dict[str, dict]:
         return {name: entry for block in self.manifest["blocks"] for name, entry in block["modules"].items()}

@@ -12,7 +12,7 @@ from torch import nn
 from .checkpoint import module_entries
 from .pipeline import BlockInputs, LayerRecord
 from .pipeline.activations import Activations
-from .disknames import CheckpointNames
+from .disknames import CheckpointNames, StoredNames
 from .pipeline.sharded import materialize, release
 from .shards import ShardedWeights
 from .rundir import RunDirectory
@@ -24,6 +24,7 @@ class DiskStream:
         self.run = run
         self.blocks_path = blocks_path
         self.names = CheckpointNames(model, weights.location)
+        self.stored = StoredNames(model)
 
     def _prefix(self, index: int) -> str:
         return f"{self.blocks_path}.{index}."
@@ -42,6 +43,7 @@ class DiskStream:
 
     def commit(self, index: int, block: nn.Module, records: list[LayerRecord], next_inputs: BlockInputs | None) -> None:
         prefix = self._prefix(index)
-        tensors = {f"{prefix}{name}": tensor.detach().to("cpu").contiguous() for name, tensor in block.state_dict().items()}
-        self.run.commit_block(index, tensors, module_entries(block, prefix), [dataclasses.asdict(r) for r in records], next_inputs)
+        tensors = {self.stored.tensor(f"{prefix}{name}"): tensor.detach().to("cpu").contiguous() for name, tensor in block.state_dict().items()}
+        modules = {self.stored.module(name): entry for name, entry in module_entries(block, prefix).items()}
+        self.run.commit_block(index, tensors, modules, [dataclasses.asdict(r) for r in records], next_inputs)
         release(block)

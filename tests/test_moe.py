@@ -22,6 +22,7 @@ from llmcompress.methods.gptq import gptq
 from llmcompress.nn import CompressedLinear
 from llmcompress.pipeline import find_decoder_blocks
 from llmcompress.pipeline.coverage import COMPRESSED, plan_coverage
+from llmcompress.shards import ShardedWeights
 from llmcompress.stats import LayerStats
 
 VOCAB = 384  # the shared test tokenizer's
@@ -184,9 +185,22 @@ def test_coverage_lists_every_weight_and_strict_refuses_what_no_pass_handles():
         llmcompress.compress(model, RECIPES["rtn"], progress=False, strict=True)
 
 
+# Dense families whose layouts differ from Llama's: GPT-NeoX's head is stored as embed_out, Phi-3
+# fuses qkv and gate/up into single Linears, GPT-2's layers are Conv1D (weights stored [in, out]).
+OTHER_FAMILIES = {
+    "gpt2": dict(_ATTENTION),
+    "gpt_neox": dict(_ATTENTION, intermediate_size=128, tie_word_embeddings=False),
+    "phi3": dict(_ATTENTION, intermediate_size=128, num_key_value_heads=2, pad_token_id=0),
+}
+
+
 @pytest.fixture(scope="module")
 def saved_families(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("moe")
+    for family, settings in OTHER_FAMILIES.items():
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **settings)).save_pretrained(root / family)
+        tokenizer.save_pretrained(root / family)
     for family in FAMILIES:
         moe_model(family).save_pretrained(root / family)  # transformers 5's default layout (per expert, or fused)
         tokenizer.save_pretrained(root / family)
@@ -194,7 +208,7 @@ def saved_families(tmp_path_factory, tokenizer):
 
 
 @pytest.mark.parametrize("method", sorted(RECIPES))
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(FAMILIES) + sorted(OTHER_FAMILIES))
 def test_each_family_from_a_default_save_through_the_cli(saved_families, family, method, tmp_path):
     """From disk, block by block, as a user runs it; loaded back, the same logits as compressing in memory."""
     recipe = {**RECIPES[method], "calibration": {"nsamples": 8, "seqlen": 32, "batch_size": 4}}
@@ -213,8 +227,13 @@ def test_each_family_from_a_default_save_through_the_cli(saved_families, family,
                                      calibration="austen:train", tokenizer=tokenizer, progress=False)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, in_memory(ids).logits, atol=1e-5, rtol=0)
+    if family not in ("gpt_oss", "llama4_text"):  # experts stored per expert: under the family's own module names
+        def modules(directory):  # noqa: ANN001, ANN202
+            return {name.rpartition(".")[0] for name in ShardedWeights(directory).location}
+
+        assert modules(out) == modules(saved_families / family)
     report = json.loads((out / "compression_report.json").read_text())
-    assert any(".experts.3." in layer["name"] for layer in report["layers"])
+    assert family in OTHER_FAMILIES or any(".experts.3." in layer["name"] for layer in report["layers"])
     assert all(not w["status"].startswith("not a Linear") for w in report["coverage"]["weights"])
 
 
@@ -240,11 +259,17 @@ def test_compressed_tensors_export_of_experts_loads_in_transformers(family, tmp_
         torch.testing.assert_close(served(ids[:2]).logits, reference, atol=2e-4, rtol=0)
 
 
-def test_exports_refuse_experts_a_family_stores_fused(tmp_path):
+def test_exports_refuse_what_the_serving_loaders_cannot_read(tmp_path):
     model = llmcompress.compress(moe_model("gpt_oss"), RECIPES["rtn"], progress=False)
     with pytest.raises(ExportError, match="keeps its experts fused in its checkpoints.*export native"):
         export(model, tmp_path / "ct", "compressed-tensors")
-    assert not (tmp_path / "ct").exists()
+    torch.manual_seed(0)
+    gpt2 = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", **OTHER_FAMILIES["gpt2"]))
+    model = llmcompress.compress(gpt2, RECIPES["rtn"], progress=False)
+    assert not [m for m in model.modules() if type(m).__name__ == "Conv1D"]
+    with pytest.raises(ExportError, match=r"stores its layers as Conv1D \(transformer.h.0.attn.c_attn\).*export native"):
+        export(model, tmp_path / "gptq", "gptq")
+    assert not (tmp_path / "ct").exists() and not (tmp_path / "gptq").exists()
 
 
 def test_unknown_expert_layout_is_one_line():
@@ -259,3 +284,21 @@ def test_unknown_expert_layout_is_one_line():
     holder.experts = Odd()
     with pytest.raises(ModelError, match="cannot tell how Odd lays out its experts"):
         unfuse_experts(holder)
+
+
+def test_a_router_that_is_more_than_a_linear_cannot_be_targeted():
+    recipe = {"passes": [{"quantize": {"bits": 8, "group_size": -1, "targets": ["router", "experts"]}}]}
+    with pytest.raises(ConfigError, match=r"feed_forward.router is a Llama4Router, an nn.Linear whose forward does more"):
+        llmcompress.compress(moe_model("llama4_text"), recipe, progress=False)
+
+
+def test_a_branch_on_experts_is_refused_by_the_adapter_export(tmp_path):
+    lorc = {"passes": [RECIPES["rtn"]["passes"][0], {"lowrank": {"method": "lorc", "rank": 8}}]}
+    model = llmcompress.compress(moe_model("qwen3_moe"), lorc, progress=False)
+    with pytest.raises(ExportError, match=r"experts.0.down_proj: a low-rank branch on an expert has no place in a PEFT LoRA adapter"):
+        export(model, tmp_path / "ct", "compressed-tensors")
+    attention_only = {"passes": [lorc["passes"][0], {"lowrank": {"method": "lorc", "rank": 8, "targets": ["self_attn"]}}]}
+    model = llmcompress.compress(moe_model("qwen3_moe"), attention_only, progress=False)
+    export(model, tmp_path / "ct", "compressed-tensors")
+    adapter = json.loads((tmp_path / "ct" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["target_modules"] and not any("experts" in m for m in adapter["target_modules"])

@@ -20,7 +20,9 @@ from torch import Tensor, nn
 
 from .. import checkpoint
 from ..config import PER_CHANNEL
-from ..disknames import CheckpointNames, stored_module_name
+from ..disknames import StoredNames
+from ..experts import expert_index
+from ..surgery import stored_transposed
 from ..errors import CheckpointError
 from ..fileio import staged_directory
 from ..nn import CompressedLinear
@@ -58,7 +60,8 @@ def export(model: nn.Module, out_dir: str | os.PathLike, format: str = "native",
 def _export_serving(model: nn.Module, out: Path, format: str, tokenizer: Any, adapter: bool, report: dict | None) -> Path:
     """compressed-tensors or GPTQ: the packed layers converted, the rest of the state dict as it is."""
     layers = {name: m for name, m in model.named_modules() if isinstance(m, CompressedLinear)}
-    problems = [f"{name}: {reason}" for name, layer in layers.items() if (reason := _refusal(format, layer, adapter))]
+    problems = [f"{name}: {reason}" for name, layer in layers.items()
+                if (reason := _expert_refusal(model, name, layer, adapter) or _refusal(format, layer, adapter))]
     if problems:
         more = f" (and {len(problems) - 3} more layers)" if len(problems) > 3 else ""
         raise ExportError(f"{format} cannot hold {len(problems)} layer(s): " + "; ".join(problems[:3]) + more)
@@ -107,18 +110,27 @@ def _export_serving(model: nn.Module, out: Path, format: str, tokenizer: Any, ad
 def stored_names(model: nn.Module, format: str) -> dict[str, str]:
     """Every module's name in the family's own checkpoints (per-expert names such as Mixtral's
     ``block_sparse_moe.experts.3.w1``), which transformers and vLLM look the tensors up by."""
-    names = CheckpointNames(model, {})
-    stored = {name: stored_module_name(names, name) for name, _ in model.named_modules()}
-    fused = [name for name, value in stored.items() if value is None]
-    if fused:
-        raise ExportError(f"{type(model).__name__} keeps its experts fused in its checkpoints ({fused[0].rpartition('.')[0]}), and "
+    transposed = sorted(stored_transposed(model))
+    if transposed:
+        raise ExportError(f"{type(model).__name__} stores its layers as Conv1D ({transposed[0].removesuffix('.weight')}), which the "
+                          f"{format} loaders of transformers and vLLM do not quantize (they match nn.Linear): export native")
+    names = StoredNames(model)
+    if names.fused:
+        raise ExportError(f"{type(model).__name__} keeps its experts fused in its checkpoints ({names.fused[0].rpartition('.')[0]}), and "
                           f"{format} would write them per expert, which transformers and vLLM do not read for this family: export native")
-    return stored
+    return {name: names.module(name) for name, _ in model.named_modules()}
 
 
 def _renamed(stored: dict[str, str], tensor: str) -> str:
     module, _, local = tensor.rpartition(".")
     return f"{stored.get(module, module)}.{local}" if module else tensor
+
+
+def _expert_refusal(model: nn.Module, name: str, layer: CompressedLinear, adapter: bool) -> str | None:
+    if layer.layout.rank and adapter and expert_index(name, model) is not None:
+        return ("a low-rank branch on an expert has no place in a PEFT LoRA adapter (LoRA adapters hold no per-expert "
+                "branches that vLLM applies): export native, or give the experts no branch (lowrank targets without 'experts')")
+    return None
 
 
 def _refusal(format: str, layer: CompressedLinear, adapter: bool) -> str | None:

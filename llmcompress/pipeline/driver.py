@@ -37,7 +37,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..errors import ModelError
-from ..experts import set_expert_calibration, unfuse_experts
+from ..experts import set_expert_calibration
+from ..surgery import standard_layers
 from ..memory import forward_allocations
 from ..nn import CompressedLinear, dequantized_weights
 from ..passes import LayerState, Pass, Target
@@ -142,7 +143,7 @@ def compress_blocks(model: nn.Module, recipe: RecipeLike, windows: Tensor | None
     left uncompressed for any reason but the recipe's (see ``coverage``)."""
     started = time.perf_counter()
     recipe = as_recipe(recipe)
-    unfuse_experts(model)
+    standard_layers(model)
     set_expert_calibration(model, recipe.calib.experts)
     blocks_path, blocks = find_decoder_blocks(model)
     targets = plan_targets(blocks, blocks_path, recipe)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from ..experts import unfuse_experts
+from ..surgery import standard_layers
 from ..shards import ShardedWeights
 from ..disknames import CheckpointNames
 
@@ -34,7 +34,7 @@ def meta_model(directory: str | Path) -> nn.Module:
     except ValueError as err:
         raise ModelError(f"transformers cannot build a causal LM from {directory}'s config.json: {err}") from err
     model.tie_weights()  # from_config leaves a tied head its own (meta) tensor
-    unfuse_experts(model)
+    standard_layers(model)
     return model.eval()
 
 
@@ -43,15 +43,19 @@ def materialize(module: nn.Module, prefix: str, weights: ShardedWeights, device:
     """Read ``module``'s tensors (state-dict names under ``prefix``) from the shards onto ``device``;
     ``names`` finds those the checkpoint stores under other names (per-expert or fused experts)."""
     names = CheckpointNames(None, weights.location) if names is None else names
-    wanted = [f"{prefix}{name}" for name in module.state_dict()]
-    sources, missing = names.sources(wanted)
+    tensors, missing = read_named(names, weights, [f"{prefix}{name}" for name in module.state_dict()], device)
     if missing:
         raise ModelError(f"{weights.directory} lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}: its tensor names "
                          "do not match the transformers model (an old or converted checkpoint): load it with transformers and "
                          "save_pretrained it, then compress that directory")
+    module.load_state_dict({name[len(prefix):]: tensor for name, tensor in tensors.items()}, assign=True)
+
+
+def read_named(names: CheckpointNames, weights: ShardedWeights, wanted: list[str], device: torch.device | str) -> tuple[dict, list[str]]:
+    """The tensors the model calls ``wanted``, wherever the checkpoint stores them, and the names it lacks."""
+    sources, missing = names.sources(wanted)
     stored = weights.read(sorted({source.stored for source in sources.values()}), device)
-    tensors = {name[len(prefix):]: source.take(stored[source.stored]) for name, source in sources.items()}
-    module.load_state_dict(tensors, assign=True)
+    return {name: source.take(stored[source.stored]) for name, source in sources.items()}, missing
 
 
 def materialize_outside(model: nn.Module, blocks_path: str, weights: ShardedWeights, device: torch.device | str) -> None:
@@ -62,7 +66,7 @@ def materialize_outside(model: nn.Module, blocks_path: str, weights: ShardedWeig
     inside = f"{blocks_path}."
     head = _untied_head_names(model)
     names = [name for name in model.state_dict() if not name.startswith(inside) and name not in head]
-    model.load_state_dict(weights.read([n for n in names if n in weights.location], device), assign=True, strict=False)
+    model.load_state_dict(read_named(CheckpointNames(model, weights.location), weights, names, device)[0], assign=True, strict=False)
     model.tie_weights()
     still_meta = [name for name, tensor in model.state_dict().items() if name in names and tensor.is_meta]
     if still_meta:
@@ -73,7 +77,7 @@ def materialize_outside(model: nn.Module, blocks_path: str, weights: ShardedWeig
 def check_head(model: nn.Module, weights: ShardedWeights) -> None:
     """Fail now, before any block is compressed, if the untied output head is not in the shards
     under the name the model gives it."""
-    missing = sorted(_untied_head_names(model) - weights.location.keys())
+    _, missing = CheckpointNames(model, weights.location).sources(sorted(_untied_head_names(model)))
     if missing:
         expected = set(model.state_dict())
         unmatched = sorted(name for name in weights.location if name not in expected)
@@ -84,8 +88,10 @@ def check_head(model: nn.Module, weights: ShardedWeights) -> None:
 
 def materialize_head(model: nn.Module, weights: ShardedWeights) -> None:
     """Read the untied output head that ``materialize_outside`` left out, onto the CPU."""
-    check_head(model, weights)
-    model.load_state_dict(weights.read(sorted(_untied_head_names(model)), "cpu"), assign=True, strict=False)
+    tensors, missing = read_named(CheckpointNames(model, weights.location), weights, sorted(_untied_head_names(model)), "cpu")
+    if missing:
+        check_head(model, weights)
+    model.load_state_dict(tensors, assign=True, strict=False)
 
 
 def _untied_head_names(model: nn.Module) -> set[str]:

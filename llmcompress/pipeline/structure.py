@@ -19,6 +19,7 @@ from .runner import BlockInputs, call_block
 SKIPPED = "skipped by the recipe (ignore, targets or skip)"
 ROUTER = "router (kept in 16 bits; name it in a pass's targets to compress it)"
 TOO_SMALL = "too small for every pass"
+CUSTOM_LINEAR = "an nn.Linear subclass with its own forward"
 _EXPERT_NUMBER = re.compile(r"\.\d+\.")
 
 
@@ -77,8 +78,16 @@ def plan_layers(blocks: nn.ModuleList, blocks_path: str, recipe: RecipeLike) -> 
             if configs is None:
                 left[name] = SKIPPED
                 continue
-            if is_router(block, local_name, module) and not recipe.names_explicitly(name):
+            named = recipe.names_explicitly(name)
+            if is_router(block, local_name, module) and not named:
                 left[name] = ROUTER
+                continue
+            if type(module).forward is not nn.Linear.forward:
+                # Llama 4's router subclasses nn.Linear and also picks the experts: a compressed layer cannot stand in for it.
+                if named:
+                    raise ConfigError(f"{name} is a {type(module).__name__}, an nn.Linear whose forward does more than multiply: "
+                                      "it cannot be replaced by a compressed layer; leave it out of the pass's targets")
+                left[name] = f"{CUSTOM_LINEAR} ({type(module).__name__})"
                 continue
             configs, notes = _fitted(configs, name, module, refused, refusals)
             for position, config in enumerate(recipe.configs_for(name) or ()):
