@@ -98,6 +98,7 @@ def coverage_row(model_type: str) -> dict:
     from llmcompress.flags import recipe_from_config
     from llmcompress.pipeline import find_decoder_blocks
     from llmcompress.pipeline.coverage import COMPRESSED, plan_coverage
+    from llmcompress.pipeline.structure import plan_layers
 
     row: dict = {"family": model_type}
     started = time.perf_counter()
@@ -113,7 +114,7 @@ def coverage_row(model_type: str) -> dict:
         blocks_path, blocks = find_decoder_blocks(model)
         row["blocks_path"], row["num_blocks"] = blocks_path, len(blocks)
         stage = "plan_coverage"
-        coverage = plan_coverage(model, blocks_path, blocks, recipe_from_config(CompressConfig()))
+        coverage = plan_coverage(model, blocks_path, blocks, *plan_layers(blocks, blocks_path, recipe_from_config(CompressConfig())))
     except Exception as error:  # noqa: BLE001 - one family's failure is a row of the table
         row["error"] = f"{stage}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
         row["seconds"] = time.perf_counter() - started

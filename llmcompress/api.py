@@ -12,14 +12,14 @@ from torch import Tensor, nn
 
 from .calib import calibration_windows
 from .checkpoint import check_output_dir, checkpoint_config, save, unique_state_dict
-from .config import CompressConfig
 from .errors import CalibrationError, ConfigError, LLMCompressError, ModelError
 from .flags import RecipeLike, as_recipe
 from .memory import pin_mmap_threshold
 from .disknames import StoredNames
 from .models import load_model, load_tokenizer, resolve_model_dir
-from .pipeline import CompressionReport, compress_blocks, find_decoder_blocks, plan_targets
+from .pipeline import CompressionReport, compress_blocks, find_decoder_blocks
 from .pipeline.coverage import plan_coverage
+from .pipeline.structure import plan_layers
 from .pipeline.sharded import check_head, materialize_head, materialize_outside, meta_model
 from .recipe import Recipe
 from .rundir import RunDirectory
@@ -91,9 +91,9 @@ def compress_to_disk(model: str | os.PathLike | None, recipe: RecipeLike | None,
     weights = ShardedWeights(model_dir)
     skeleton = meta_model(model_dir)
     blocks_path, blocks = find_decoder_blocks(skeleton)
-    plan_targets(blocks, blocks_path, config)  # a recipe that compresses nothing fails here, before any file is touched
+    targets, left = plan_layers(blocks, blocks_path, config)  # a recipe that compresses nothing fails here, before any file is touched
     if strict:
-        plan_coverage(skeleton, blocks_path, blocks, config).check_strict()
+        plan_coverage(skeleton, blocks_path, blocks, targets, left).check_strict()
     check_head(skeleton, weights)  # and a head the shards lack, before hours of blocks
     tokenizer = load_tokenizer(model_dir)
     windows = _calibration_windows(config, calibration, tokenizer)

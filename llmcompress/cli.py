@@ -48,7 +48,8 @@ from .memory import pin_mmap_threshold
 from .models import DEFAULT_MODEL_NAME, load_model, resolve_model_dir
 from .pipeline import find_decoder_blocks, plan_targets
 from .pipeline.activations import PLACES
-from .pipeline.coverage import COMPRESSED, Coverage, plan_coverage
+from .pipeline.coverage import Coverage, plan_coverage
+from .pipeline.structure import plan_layers
 from .pipeline.placement import AUTO, DEVICES, single_device
 from .pipeline.sharded import meta_model
 from .recipe import Recipe, load_recipe
@@ -306,11 +307,13 @@ def _compress_and_measure(model: str | None, recipe: Recipe, out: Path, calib: s
     else:
         click.echo(f"loading {label}")
         float_model, tokenizer = load_model(model, device=single)
-    coverage = _coverage(float_model, recipe)
+    path, blocks = find_decoder_blocks(float_model)
+    planned, left = plan_layers(blocks, path, recipe)  # a recipe that compresses nothing fails here
+    coverage = plan_coverage(float_model, path, blocks, planned, left)
     click.echo(_coverage_line(coverage))
     if placement["strict"]:
         coverage.check_strict()
-    targets = [w.name.rpartition(".")[0] for w in coverage.weights if w.status == COMPRESSED]
+    targets = [target.name for target in planned]
     before = size_summary(float_model, targets)
     before_ppl = None
     if evaluation:
@@ -504,12 +507,6 @@ def _default_out_dir(model: str | None, recipe: Recipe) -> str:
     name = Path(model).stem if model else "smollm2-135m-instruct"
     tag = re.sub(r"[^a-z0-9]+", "-", recipe.describe().lower()).strip("-")
     return str(Path("out") / f"{name}-{tag}")
-
-
-def _coverage(model: torch.nn.Module, config: Recipe) -> Coverage:
-    path, blocks = find_decoder_blocks(model)
-    plan_targets(blocks, path, config)  # a recipe that compresses nothing fails here
-    return plan_coverage(model, path, blocks, config)
 
 
 def _coverage_line(coverage: Coverage) -> str:

@@ -22,6 +22,7 @@ from llmcompress.methods.gptq import gptq
 from llmcompress.nn import CompressedLinear
 from llmcompress.pipeline import find_decoder_blocks
 from llmcompress.pipeline.coverage import COMPRESSED, plan_coverage
+from llmcompress.pipeline.structure import plan_layers
 from llmcompress.shards import ShardedWeights
 from llmcompress.stats import LayerStats
 
@@ -175,7 +176,7 @@ def test_coverage_lists_every_weight_and_strict_refuses_what_no_pass_handles():
     model = moe_model("qwen3_moe")
     unfuse_experts(model)
     path, blocks = find_decoder_blocks(model)
-    coverage = plan_coverage(model, path, blocks, RECIPES["rtn"])
+    coverage = plan_coverage(model, path, blocks, *plan_layers(blocks, path, RECIPES["rtn"]))
     assert {w.name for w in coverage.weights} == {n for n, p in model.named_parameters() if p.dim() >= 2}
     assert sum(w.status == COMPRESSED for w in coverage.weights) == 2 * (4 + 3 * 8)
     matrices = {n: p.numel() for n, p in model.named_parameters() if p.dim() >= 2}

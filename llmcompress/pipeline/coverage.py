@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from ..errors import ConfigError
-from ..flags import RecipeLike
-from .structure import ROUTER, SKIPPED, TOO_SMALL, is_router, plan_layers
+from ..passes import Target
+from .structure import ROUTER, SKIPPED, TOO_SMALL, is_router
 
 COMPRESSED = "compressed"
 EMBEDDING = "embedding"
@@ -64,9 +64,9 @@ class Coverage:
         return asdict(self)
 
 
-def plan_coverage(model: nn.Module, blocks_path: str, blocks: nn.ModuleList, recipe: RecipeLike) -> Coverage:
-    """The coverage a run of ``recipe`` will have, known before any block is compressed."""
-    targets, left = plan_layers(blocks, blocks_path, recipe)
+def plan_coverage(model: nn.Module, blocks_path: str, blocks: nn.ModuleList, targets: list[Target], left: dict[str, str]) -> Coverage:
+    """The coverage a run will have, known before any block is compressed: ``targets`` and
+    ``left`` are the run's plan (``structure.plan_layers``)."""
     targeted = {t.name for t in targets}
     embeddings = {id(m.weight) for m in (model.get_input_embeddings(),) if m is not None}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

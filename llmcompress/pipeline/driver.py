@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -51,7 +50,7 @@ from .layers import layer_states, run_layer_passes
 from .placement import block_devices
 from .runner import BlockInputs, catch_block_inputs, device_of, gather_statistics, run_block
 from .coverage import Coverage, plan_coverage
-from .structure import find_decoder_blocks, input_groups, plan_targets, stages
+from .structure import find_decoder_blocks, input_groups, plan_layers, stages
 
 
 @dataclass
@@ -146,8 +145,8 @@ def compress_blocks(model: nn.Module, recipe: RecipeLike, windows: Tensor | None
     standard_layers(model)
     set_expert_calibration(model, recipe.calib.experts)
     blocks_path, blocks = find_decoder_blocks(model)
-    targets = plan_targets(blocks, blocks_path, recipe)
-    coverage = plan_coverage(model, blocks_path, blocks, recipe)
+    targets, left = plan_layers(blocks, blocks_path, recipe)
+    coverage = plan_coverage(model, blocks_path, blocks, targets, left)
     if strict:
         coverage.check_strict()
     passes = recipe.instantiate()

@@ -52,10 +52,7 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def plan_targets(blocks: nn.ModuleList, blocks_path: str, recipe: RecipeLike) -> list[Target]:
     """Every Linear inside the blocks that some pass of the recipe applies to, with each pass's
     config for it and what the passes declare about it; checks what would fail later."""
-    targets, _ = plan_layers(blocks, blocks_path, recipe)
-    if not targets:
-        raise ConfigError("the recipe leaves no Linear layer to compress: check its targets, ignore patterns and overrides")
-    return targets
+    return plan_layers(blocks, blocks_path, recipe)[0]
 
 
 def plan_layers(blocks: nn.ModuleList, blocks_path: str, recipe: RecipeLike) -> tuple[list[Target], dict[str, str]]:
@@ -67,8 +64,7 @@ def plan_layers(blocks: nn.ModuleList, blocks_path: str, recipe: RecipeLike) -> 
     recipe = as_recipe(recipe)
     targets, left = [], {}
     applied: dict[int, int] = {}  # recipe pass -> modules it applies to
-    refused: dict[int, ConfigError] = {}  # recipe pass -> the first module too small for it, and how many were
-    refusals: dict[int, int] = {}
+    refused: dict[int, list[ConfigError]] = {}  # recipe pass -> why each module it applies to was too small for it
     for index, block in enumerate(blocks):
         for local_name, module in block.named_modules():
             if not isinstance(module, nn.Linear):
@@ -89,9 +85,9 @@ def plan_layers(blocks: nn.ModuleList, blocks_path: str, recipe: RecipeLike) -> 
                                       "it cannot be replaced by a compressed layer; leave it out of the pass's targets")
                 left[name] = f"{CUSTOM_LINEAR} ({type(module).__name__})"
                 continue
-            configs, notes = _fitted(configs, name, module, refused, refusals)
-            for position, config in enumerate(recipe.configs_for(name) or ()):
+            for position, config in enumerate(configs):
                 applied[position] = applied.get(position, 0) + (config is not None)
+            configs, notes = _fitted(configs, name, module, refused)
             if all(c is None for c in configs):
                 left[name] = f"{TOO_SMALL}: {'; '.join(notes)}"
                 continue
@@ -100,22 +96,23 @@ def plan_layers(blocks: nn.ModuleList, blocks_path: str, recipe: RecipeLike) -> 
                                   act_format=facts.get("act_format"), split_rank=facts.get("split_rank", 0),
                                   expert=expert_index(local_name, block), notes=tuple(notes)))
     # A pass that fits no module at all was asked for something impossible, not for a fallback.
-    for position, error in refused.items():
-        if refusals[position] == applied.get(position, 0):
-            raise error
+    for position, errors in refused.items():
+        if len(errors) == applied[position]:
+            raise errors[0]
+    if not targets:
+        raise ConfigError("the recipe leaves no Linear layer to compress: check its targets, ignore patterns and overrides")
     return targets, left
 
 
-def _fitted(configs: tuple[PassConfig | None, ...], name: str, module: nn.Linear, refused: dict[int, ConfigError],
-            refusals: dict[int, int]) -> tuple[tuple[PassConfig | None, ...], list[str]]:
+def _fitted(configs: tuple[PassConfig | None, ...], name: str, module: nn.Linear,
+            refused: dict[int, list[ConfigError]]) -> tuple[tuple[PassConfig | None, ...], list[str]]:
     fitted, notes = [], []
     for position, config in enumerate(configs):
         if config is not None:
             try:
                 config.check_module(name, module.in_features, module.out_features)
             except ConfigError as err:
-                refused.setdefault(position, err)
-                refusals[position] = refusals.get(position, 0) + 1
+                refused.setdefault(position, []).append(err)
                 config, note = config.fitted(module.in_features, module.out_features)
                 if config is not None:
                     config.check_module(name, module.in_features, module.out_features)
