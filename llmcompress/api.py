@@ -15,7 +15,6 @@ from .checkpoint import check_output_dir, checkpoint_config, save, unique_state_
 from .errors import CalibrationError, ConfigError, LLMCompressError, ModelError
 from .flags import RecipeLike, as_recipe
 from .memory import pin_mmap_threshold
-from .disknames import StoredNames
 from .models import load_model, load_tokenizer, resolve_model_dir
 from .pipeline import CompressionReport, compress_blocks, find_decoder_blocks
 from .pipeline.coverage import plan_coverage
@@ -110,12 +109,12 @@ def compress_to_disk(model: str | os.PathLike | None, recipe: RecipeLike | None,
     run = RunDirectory(output_dir, identity, resume=resume, overwrite=overwrite, command=command)
     try:
         materialize_outside(skeleton, blocks_path, weights, "cpu")
-        report = compress_blocks(skeleton, effective, windows, device=device, progress=progress,
-                                 store=DiskStream(weights, run, blocks_path, skeleton), activations=activations, offload_dir=offload_dir,
-                                 strict=strict)
+        stream = DiskStream(weights, run, blocks_path, skeleton)
+        report = compress_blocks(skeleton, effective, windows, device=device, progress=progress, store=stream, activations=activations,
+                                 offload_dir=offload_dir, strict=strict)
         materialize_head(skeleton, weights)
         outside, tied = unique_state_dict(skeleton, exclude=f"{blocks_path}.")
-        names = StoredNames(skeleton)
+        names = stream.stored
         outside, tied = names.tensors(outside), {names.tensor(k): names.tensor(v) for k, v in tied.items()}
         hf_config = checkpoint_config(skeleton, effective, run.modules(), tied, source_model=str(model_dir.resolve()))
         return run.finish(outside, hf_config, tokenizer, report.to_dict()), report

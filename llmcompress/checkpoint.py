@@ -225,8 +225,7 @@ def skeleton(path: str | os.PathLike) -> nn.Module:
     if quantization.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"{path} is not a native llmcompress checkpoint")
     _native_config(path, quantization)
-    model = _empty_model(path, quantization)
-    names = StoredNames(model)
+    model, names = _empty_model(path, quantization)
     for dropped, kept in quantization.get("tied", {}).items():
         _alias(model, names.tensor(dropped, to_disk=False), names.tensor(kept, to_disk=False))
     return model
@@ -250,9 +249,9 @@ def _native_config(path: Path, quantization: dict) -> Recipe:
         raise CheckpointError(f"{path / CONFIG_FILE}: its compression config is invalid ({err}): the checkpoint is corrupt") from err
 
 
-def _empty_model(path: Path, quantization: dict) -> nn.Module:
+def _empty_model(path: Path, quantization: dict) -> tuple[nn.Module, StoredNames]:
     """The model of ``path``'s config on the meta device, with ``CompressedLinear`` layers as
-    ``quantization["modules"]`` says."""
+    ``quantization["modules"]`` says, and the names its checkpoint gives its modules."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -268,14 +267,13 @@ def _empty_model(path: Path, quantization: dict) -> nn.Module:
     names = StoredNames(model)  # checkpoints name experts as the family's own checkpoints do
     for name, entry in quantization["modules"].items():
         _install_compressed(model, names.module(name, to_disk=False), entry, stored_dtype)
-    return model
+    return model, names
 
 
 def _build(path: Path, quantization: dict, tensors: dict[str, Tensor], compress_config: Recipe | None,
            device: str | torch.device, dtype: torch.dtype | None):  # noqa: ANN202 - (model, tokenizer)
     """The model of ``path``'s config with ``CompressedLinear`` layers as ``quantization["modules"]`` says."""
-    model = _empty_model(path, quantization)
-    names = StoredNames(model)
+    model, names = _empty_model(path, quantization)
     tensors = names.tensors(tensors, to_disk=False)
     tied = {names.tensor(k, to_disk=False): names.tensor(v, to_disk=False) for k, v in quantization.get("tied", {}).items()}
     _check_tensors(model, tensors, tied, path)

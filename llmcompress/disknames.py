@@ -44,14 +44,13 @@ class Source:
 class CheckpointNames:
     """Finds, for the names of ``model``'s tensors, the tensors of a checkpoint holding them."""
 
-    def __init__(self, model: nn.Module | None, stored: Mapping[str, object]) -> None:
+    def __init__(self, model: nn.Module, stored: Mapping[str, object]) -> None:
         self.stored = stored
-        self.layouts = {} if model is None else {name: m.layout for name, m in model.named_modules() if isinstance(m, ExpertList)}
-        self.transposed = set() if model is None else stored_transposed(model)
+        self.layouts = {name: m.layout for name, m in model.named_modules() if isinstance(m, ExpertList)}
+        self.transposed = stored_transposed(model)
         self.renames: list[tuple[str, str]] = []  # (in memory, on disk); a leading ^ anchors at the name's start
         self.templates: dict[str, list[str]] = {}  # fused name -> per-expert names on disk, '*' for the expert
-        if model is not None:
-            self._read_conversions(model)
+        self._read_conversions(model)
 
     def _read_conversions(self, model: nn.Module) -> None:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
@@ -98,16 +97,34 @@ class CheckpointNames:
         layout = self.layouts[base]
         projection, _, kind = part.partition(".")
         for stored_base in self._renamed(base):
-            for fused, templates in self.templates.items():
-                if projection in FUSED_PARTS[fused] and kind == "weight":
-                    template = templates[FUSED_PARTS[fused].index(projection)]
-                    candidate = f"{stored_base}.{template.replace('*', str(expert))}"
-                    if candidate in self.stored:
-                        return Source(candidate)
+            module = self._expert_module(stored_base, expert, projection)
+            if module is not None and kind == "weight" and f"{module}.weight" in self.stored:
+                return Source(f"{module}.weight")
             candidate = f"{stored_base}.{fused_name_of(layout, part)}"
             if candidate in self.stored:
                 return Source(candidate, expert=expert, part=part, layout=layout)
         return None
+
+    def _expert_module(self, base: str, expert: int | str, projection: str) -> str | None:
+        """An expert projection's module under the family's per-expert checkpoint names
+        (Mixtral: ``...experts.3.w1``); None where the family stores its experts fused."""
+        for fused, templates in self.templates.items():
+            if projection in FUSED_PARTS[fused]:
+                template = templates[FUSED_PARTS[fused].index(projection)].removesuffix(".weight")
+                return f"{base}.{template.replace('*', str(expert))}"
+        return None
+
+    def stored_module(self, module: str) -> str | None:
+        """The name a checkpoint of the model's family gives ``module``; None for an expert of a
+        family that stores its experts fused, which holds no per-expert layer at all."""
+        module += "."  # rename patterns name whole modules, with their dot (``^embed_out\.``)
+        for in_memory, on_disk in self.renames:
+            module = _rename(module, in_memory, on_disk)
+        module = module[:-1]
+        match = re.match(r"^(.*)\.(\d+)\.(\w+)$", module)
+        if match is None or not any(match[1] in self._renamed(base) for base in self.layouts):
+            return module
+        return self._expert_module(match[1], match[2], match[3])
 
 
 def _patterns(patterns: str | Iterable[str]) -> list[str]:
@@ -120,24 +137,6 @@ def _rename(name: str, in_memory: str, on_disk: str) -> str:
     return name.replace(in_memory, on_disk)
 
 
-def stored_module_name(names: CheckpointNames, module: str) -> str | None:
-    """The name a checkpoint of the model's family gives ``module`` (a per-expert Linear keeps its
-    expert under the family's per-expert name); None for an expert of a family that stores its
-    experts fused, which holds no per-expert layer at all."""
-    module += "."  # rename patterns name whole modules, with their dot (``^embed_out\.``)
-    for in_memory, on_disk in names.renames:
-        module = _rename(module, in_memory, on_disk)
-    module = module[:-1]
-    match = re.match(r"^(.*)\.(\d+)\.(\w+)$", module)
-    if match is None or not any(match[1] in names._renamed(base) for base in names.layouts):
-        return module
-    for fused, templates in names.templates.items():
-        if match[3] in FUSED_PARTS[fused]:
-            template = templates[FUSED_PARTS[fused].index(match[3])].removesuffix(".weight")
-            return f"{match[1]}.{template.replace('*', match[2])}"
-    return None
-
-
 class StoredNames:
     """Module and tensor names of a model as its family's checkpoints spell them, both ways.
     Experts of a family that stores them fused keep the model's names (no per-expert name exists)."""
@@ -147,7 +146,7 @@ class StoredNames:
         self.fused = []  # modules with no per-expert name in the family's checkpoints
         self.to_disk: dict[str, str] = {}
         for name, _ in model.named_modules():
-            stored = stored_module_name(names, name)
+            stored = names.stored_module(name)
             if stored is None:
                 self.fused.append(name)
             elif stored != name:

@@ -67,15 +67,15 @@ def _export_serving(model: nn.Module, out: Path, format: str, tokenizer: Any, ad
         raise ExportError(f"{format} cannot hold {len(problems)} layer(s): " + "; ".join(problems[:3]) + more)
     if not layers:
         raise ExportError(f"the model has no quantized layers: there is nothing for {format} to describe")
-    stored = stored_names(model, format)
+    names = _stored_names(model, format)
     # Everything else holding a matrix (routers, a head, layers left in 16 bits) is named, so that
     # a loader matching class names (vLLM's "Linear") does not quantize it.
     embeddings = {id(model.get_input_embeddings())}
-    ignore = [stored[name] for name, m in model.named_modules()
+    ignore = [names.module(name) for name, m in model.named_modules()
               if name not in layers and id(m) not in embeddings and isinstance(getattr(m, "weight", None), Tensor) and m.weight.dim() == 2]
     hf_config = model.config.to_dict()
     hf_config["dtype"] = str(layer_dtype(model)).replace("torch.", "")
-    hf_config["quantization_config"] = _quantization_config(format, {stored[name]: layer for name, layer in layers.items()}, ignore)
+    hf_config["quantization_config"] = _quantization_config(format, {names.module(name): layer for name, layer in layers.items()}, ignore)
     tensors, _ = checkpoint.unique_state_dict(model)
     adapter_tensors: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
@@ -86,9 +86,9 @@ def _export_serving(model: nn.Module, out: Path, format: str, tokenizer: Any, ad
         tensors.update({f"{name}.{local}": tensor.contiguous() for local, tensor in _layer_tensors(format, layer, packed).items()})
         if layer.layout.rank:
             a, b = unpack_branch(packed, torch.float16)
-            ranks[stored[name]] = peft.served_rank(layer.layout.rank)
-            adapter_tensors.update(peft.adapter_tensors(stored[name], a, b, ranks[stored[name]]))
-    tensors = {_renamed(stored, key): tensor for key, tensor in tensors.items()}
+            ranks[names.module(name)] = peft.served_rank(layer.layout.rank)
+            adapter_tensors.update(peft.adapter_tensors(names.module(name), a, b, ranks[names.module(name)]))
+    tensors = names.tensors(tensors)
     with staged_directory(out) as staging:
         checkpoint.write_shards(tensors, staging, checkpoint.DEFAULT_SHARD_BYTES)
         if tokenizer is not None:
@@ -107,8 +107,8 @@ def _export_serving(model: nn.Module, out: Path, format: str, tokenizer: Any, ad
     return out
 
 
-def stored_names(model: nn.Module, format: str) -> dict[str, str]:
-    """Every module's name in the family's own checkpoints (per-expert names such as Mixtral's
+def _stored_names(model: nn.Module, format: str) -> StoredNames:
+    """The model's names in the family's own checkpoints (per-expert names such as Mixtral's
     ``block_sparse_moe.experts.3.w1``), which transformers and vLLM look the tensors up by."""
     transposed = sorted(stored_transposed(model))
     if transposed:
@@ -118,12 +118,7 @@ def stored_names(model: nn.Module, format: str) -> dict[str, str]:
     if names.fused:
         raise ExportError(f"{type(model).__name__} keeps its experts fused in its checkpoints ({names.fused[0].rpartition('.')[0]}), and "
                           f"{format} would write them per expert, which transformers and vLLM do not read for this family: export native")
-    return {name: names.module(name) for name, _ in model.named_modules()}
-
-
-def _renamed(stored: dict[str, str], tensor: str) -> str:
-    module, _, local = tensor.rpartition(".")
-    return f"{stored.get(module, module)}.{local}" if module else tensor
+    return names
 
 
 def _expert_refusal(model: nn.Module, name: str, layer: CompressedLinear, adapter: bool) -> str | None:

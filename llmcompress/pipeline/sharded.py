@@ -38,11 +38,9 @@ def meta_model(directory: str | Path) -> nn.Module:
     return model.eval()
 
 
-def materialize(module: nn.Module, prefix: str, weights: ShardedWeights, device: torch.device | str,
-                names: CheckpointNames | None = None) -> None:
+def materialize(module: nn.Module, prefix: str, weights: ShardedWeights, device: torch.device | str, names: CheckpointNames) -> None:
     """Read ``module``'s tensors (state-dict names under ``prefix``) from the shards onto ``device``;
     ``names`` finds those the checkpoint stores under other names (per-expert or fused experts)."""
-    names = CheckpointNames(None, weights.location) if names is None else names
     tensors, missing = read_named(names, weights, [f"{prefix}{name}" for name in module.state_dict()], device)
     if missing:
         raise ModelError(f"{weights.directory} lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}: its tensor names "
