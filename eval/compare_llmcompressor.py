@@ -18,8 +18,11 @@ dampening 0.01, block 128); its AWQ is ``AWQModifier`` followed by ``Quantizatio
 ``WandaPruningModifier`` / ``SparseGPTModifier`` (defaults: block 128, dampening 0.01), weights
 left in 16 bits, and ours prunes alone (``--bits 16``) with its defaults. On a machine
 without a GPU its AWQ needs the activation cache's (speed-only) memory pinning turned off, and
-float32 calibration (float16 gives NaN losses on the CPU); its GPTQ calibrates in float16.
-Everything is evaluated in float16.
+float32 calibration (float16 gives NaN losses on the CPU); its GPTQ and pruning calibrate in
+each dtype of ``--lc-dtypes`` (default float16: the bundled model's dtype, what it does unless told
+otherwise; bfloat16: the dtype ours picks on a CPU with native bfloat16). Ours runs with its
+defaults (``calibration.compute_dtype: auto``). Everything is evaluated by ``perplexity`` with its
+defaults (bfloat16 on such a CPU), the compressed weights first cast back to float16.
 Each run is a separate process; time is the compression call alone.
 """
 
@@ -64,9 +67,8 @@ if not torch.cuda.is_available():
     IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
 windows = torch.load(args["windows"])
 # AWQ calibrates in float32: llm-compressor 0.14's AWQ grid search yields NaN losses in float16
-# on the CPU (the weights come from float16, so float32 holds them exactly). GPTQ runs in
-# float16 like ours, so that its time is not inflated by slower float32 forwards.
-calibration_dtype = torch.float32 if args["method"] == "awq" else torch.float16
+# on the CPU (the weights come from float16, so float32 holds them exactly).
+calibration_dtype = torch.float32 if args["method"] == "awq" else getattr(torch, args["dtype"])
 model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=calibration_dtype)
 tokenizer = AutoTokenizer.from_pretrained(args["model"])
 dataset = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
@@ -86,7 +88,7 @@ started = time.perf_counter()
 oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=windows.shape[0],
         max_seq_length=windows.shape[1], shuffle_calibration_samples=False)
 seconds = time.perf_counter() - started
-model = model.to(torch.float16)  # evaluated in float16, as ours is
+model = model.to(torch.float16)  # stored as ours is, and evaluated the same way
 result = perplexity(model, tokenizer, args["text"], seqlen=args["eval_seqlen"], max_windows=args["eval_windows"], progress=False)
 print("RESULT " + json.dumps({"perplexity": result.perplexity, "protocol": result.protocol, "compress_seconds": seconds,
                               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -110,6 +112,7 @@ def main() -> None:
     parser.add_argument("--prune-methods", default="", help="wanda,sparsegpt (weights left in 16 bits)")
     parser.add_argument("--patterns", default="unstructured,2:4")
     parser.add_argument("--sparsity", type=float, default=0.5, help="for unstructured patterns")
+    parser.add_argument("--lc-dtypes", default="float16", help="llm-compressor's calibration dtypes for GPTQ and pruning: float16,bfloat16")
     quant_methods.add_protocol_arguments(parser)
     parser.add_argument("--json", default="eval/results/compare_llmcompressor.json")
     args = parser.parse_args()
@@ -141,31 +144,42 @@ def main() -> None:
         windows_file = Path(scratch) / "windows.pt"
         torch.save(windows, windows_file)
         for method, setting, theirs, ours in pairs:
-            job = {**common, **theirs, "windows": str(windows_file)}
-            started = time.perf_counter()
-            done = subprocess.run([args.lc_python, "-c", DRIVER, json.dumps(job)], capture_output=True, text=True)
-            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-            if done.returncode != 0 or not lines:
-                print(f"llm-compressor {method} {setting} failed after {time.perf_counter() - started:.0f} s:\n{done.stderr[-2000:]}")
-                rows.append({"toolkit": "llm-compressor", "method": method, "setting": setting, "error": done.stderr[-2000:]})
-            else:
-                rows.append({"toolkit": "llm-compressor", "method": method, "setting": setting, **json.loads(lines[-1][7:])})
             ours_job = {**quant_methods.protocol_job(args, model_dir), **ours}
             with multiprocessing.get_context("spawn").Pool(1) as pool:
-                rows.append({"toolkit": "llmcompress", "setting": setting, **pool.apply(quant_methods.run_one, (ours_job,)), "method": method})
-            for row in rows[-2:]:
-                print(f"{row['toolkit']:15s} {method:9s} {setting:16s} ppl {row.get('perplexity', float('nan')):8.3f}  "
-                      f"{row.get('compress_seconds', float('nan')):7.1f} s  {row.get('peak_rss_mb', float('nan')):6.0f} MB", flush=True)
+                mine = {"toolkit": "llmcompress", "setting": setting, **pool.apply(quant_methods.run_one, (ours_job,)), "method": method}
+            rows.append(mine)
+            _print_row(mine)
+            for dtype in ["float32"] if method == "awq" else args.lc_dtypes.split(","):
+                job = {**common, **theirs, "dtype": dtype, "windows": str(windows_file)}
+                started = time.perf_counter()
+                done = subprocess.run([args.lc_python, "-c", DRIVER, json.dumps(job)], capture_output=True, text=True)
+                lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+                row = {"toolkit": "llm-compressor", "method": method, "setting": setting, "calibration_dtype": dtype}
+                if done.returncode != 0 or not lines:
+                    print(f"llm-compressor {method} {setting} {dtype} failed after {time.perf_counter() - started:.0f} s:\n{done.stderr[-2000:]}")
+                    row["error"] = done.stderr[-2000:]
+                else:
+                    row.update(json.loads(lines[-1][7:]), speedup=json.loads(lines[-1][7:])["compress_seconds"] / mine["compress_seconds"])
+                rows.append(row)
+                _print_row(row)
 
     print(f"\n{next((r['protocol'] for r in rows if 'protocol' in r), '')}; calibration {args.calib}, {args.nsamples} x {args.seqlen} tokens\n")
-    print("| method | setting | llm-compressor ppl | llmcompress ppl | llm-compressor time (s) | llmcompress time (s) |")
-    print("|---|---|---:|---:|---:|---:|")
-    for theirs, ours in zip(rows[0::2], rows[1::2]):
-        print(f"| {ours['method']} | {ours['setting']} | {theirs.get('perplexity', float('nan')):.3f} | {ours['perplexity']:.3f} | "
-              f"{theirs.get('compress_seconds', float('nan')):.1f} | {ours['compress_seconds']:.1f} |")
+    print("| method | setting | toolkit | calibration dtype | ppl | time (s) | their time / ours |")
+    print("|---|---|---|---|---:|---:|---:|")
+    for row in rows:
+        dtype = row.get("calibration_dtype") or row.get("compute_dtype", "")
+        speedup = f"{row['speedup']:.2f}x" if "speedup" in row else ""
+        print(f"| {row['method']} | {row['setting']} | {row['toolkit']} | {dtype} | {row.get('perplexity', float('nan')):.3f} | "
+              f"{row.get('compress_seconds', float('nan')):.1f} | {speedup} |")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"rows": rows, "python": sys.version}, indent=2))
     print(f"\nwrote {args.json}")
+
+
+def _print_row(row: dict) -> None:
+    dtype = row.get("calibration_dtype") or row.get("compute_dtype", "")
+    print(f"{row['toolkit']:15s} {row['method']:9s} {row['setting']:16s} {dtype:9s} ppl {row.get('perplexity', float('nan')):8.3f}  "
+          f"{row.get('compress_seconds', float('nan')):7.1f} s  {row.get('peak_rss_mb', float('nan')):6.0f} MB", flush=True)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ def main() -> None:
                              calibration=None if method != "rtn" or rank else "none", tokenizer=tokenizer, progress=False)
         tokens = tokenize(read_text(DEFAULT_EVALUATION), tokenizer)
         windows = tokens[: args.eval_windows * args.eval_seqlen].reshape(args.eval_windows, args.eval_seqlen)
-        ours = perplexity(cast_model(model, dtype), tokenizer, windows.reshape(-1), seqlen=args.eval_seqlen, progress=False).perplexity
+        ours = perplexity(cast_model(model, dtype), tokenizer, windows.reshape(-1), seqlen=args.eval_seqlen, progress=False,
+                          dtype=str(dtype).replace("torch.", "")).perplexity
         with tempfile.TemporaryDirectory() as scratch:
             out = export(model, Path(scratch) / name, format="compressed-tensors", tokenizer=tokenizer)
             theirs = their_perplexity(out, windows, dtype, adapter=bool(rank))

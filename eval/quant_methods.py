@@ -58,7 +58,8 @@ def run_one(job: dict) -> dict:
         llmcompress.compress(model, config, calibration=job["calib"] if config.needs_calibration else None, tokenizer=tokenizer, progress=False)
         row["compress_seconds"] = time.perf_counter() - started
         size = size_summary(model)
-        row.update(bits_per_weight=size.layer_bits_per_weight, branch_bits_per_weight=size.branch_bits_per_weight)
+        row.update(bits_per_weight=size.layer_bits_per_weight, branch_bits_per_weight=size.branch_bits_per_weight,
+                   compute_dtype=model.compression_report.compute_dtype)
         layers = model.compression_report.layers
         errors = [r.output_error for r in layers if r.output_error is not None]
         row["mean_layer_output_error"] = sum(errors) / len(errors) if errors else None

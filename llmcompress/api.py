@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from .calib import calibration_windows
 from .checkpoint import check_output_dir, checkpoint_config, save, unique_state_dict
 from .errors import CalibrationError, ConfigError, LLMCompressError, ModelError
 from .flags import RecipeLike, as_recipe
+from .lock import output_lock
 from .memory import pin_mmap_threshold
 from .models import load_model, load_tokenizer, resolve_model_dir
 from .pipeline import CompressionReport, compress_blocks, find_decoder_blocks
@@ -47,23 +49,24 @@ def compress(model: nn.Module | str | os.PathLike | None, recipe: RecipeLike | N
     """
     config = as_recipe(recipe)
     _check_device(device)
-    if output_dir is not None:
-        check_output_dir(output_dir, overwrite)
-    source_model = None
-    if model is None or isinstance(model, (str, os.PathLike)):
-        source_model = resolve_model_dir(model)
-        model, loaded_tokenizer = load_model(model)
-        tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
-    windows = _calibration_windows(config, calibration, tokenizer)
-    effective = _effective_config(config, calibration, windows)
-    report = compress_blocks(model, effective, windows, device=device, progress=progress, activations=activations, offload_dir=offload_dir,
-                             strict=strict)
-    model.llmcompress_config = effective
-    model.compression_report = report
-    model.llmcompress_source_model = source_model
-    if output_dir is not None:
-        save(model, output_dir, effective, tokenizer=tokenizer, report=report.to_dict(), overwrite=overwrite)
-    return model
+    with nullcontext() if output_dir is None else output_lock(output_dir):
+        if output_dir is not None:
+            check_output_dir(output_dir, overwrite)
+        source_model = None
+        if model is None or isinstance(model, (str, os.PathLike)):
+            source_model = resolve_model_dir(model)
+            model, loaded_tokenizer = load_model(model)
+            tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+        windows = _calibration_windows(config, calibration, tokenizer)
+        effective = _effective_config(config, calibration, windows)
+        report = compress_blocks(model, effective, windows, device=device, progress=progress, activations=activations,
+                                 offload_dir=offload_dir, strict=strict)
+        model.llmcompress_config = effective
+        model.compression_report = report
+        model.llmcompress_source_model = source_model
+        if output_dir is not None:
+            save(model, output_dir, effective, tokenizer=tokenizer, report=report.to_dict(), overwrite=overwrite)
+        return model
 
 
 def compress_to_disk(model: str | os.PathLike | None, recipe: RecipeLike | None, output_dir: str | os.PathLike, *,
@@ -106,21 +109,22 @@ def compress_to_disk(model: str | os.PathLike | None, recipe: RecipeLike | None,
         "llmcompress_version": __version__,
         "torch_version": torch.__version__,
     }
-    run = RunDirectory(output_dir, identity, resume=resume, overwrite=overwrite, command=command)
-    try:
-        materialize_outside(skeleton, blocks_path, weights, "cpu")
-        stream = DiskStream(weights, run, blocks_path, skeleton)
-        report = compress_blocks(skeleton, effective, windows, device=device, progress=progress, store=stream, activations=activations,
-                                 offload_dir=offload_dir, strict=strict)
-        materialize_head(skeleton, weights)
-        outside, tied = unique_state_dict(skeleton, exclude=f"{blocks_path}.")
-        names = stream.stored
-        outside, tied = names.tensors(outside), {names.tensor(k): names.tensor(v) for k, v in tied.items()}
-        hf_config = checkpoint_config(skeleton, effective, run.modules(), tied, source_model=str(model_dir.resolve()))
-        return run.finish(outside, hf_config, tokenizer, report.to_dict()), report
-    except LLMCompressError as err:
-        # A failure leaves no half-written output behind, only committed blocks that --resume continues from.
-        raise type(err)(f"{err} ({run.abandon()})") from err
+    with output_lock(output_dir):
+        run = RunDirectory(output_dir, identity, resume=resume, overwrite=overwrite, command=command)
+        try:
+            materialize_outside(skeleton, blocks_path, weights, "cpu")
+            stream = DiskStream(weights, run, blocks_path, skeleton)
+            report = compress_blocks(skeleton, effective, windows, device=device, progress=progress, store=stream, activations=activations,
+                                     offload_dir=offload_dir, strict=strict)
+            materialize_head(skeleton, weights)
+            outside, tied = unique_state_dict(skeleton, exclude=f"{blocks_path}.")
+            names = stream.stored
+            outside, tied = names.tensors(outside), {names.tensor(k): names.tensor(v) for k, v in tied.items()}
+            hf_config = checkpoint_config(skeleton, effective, run.modules(), tied, source_model=str(model_dir.resolve()))
+            return run.finish(outside, hf_config, tokenizer, report.to_dict()), report
+        except LLMCompressError as err:
+            # A failure leaves no half-written output behind, only committed blocks that --resume continues from.
+            raise type(err)(f"{err} ({run.abandon()})") from err
 
 
 def _check_device(device: str) -> None:

@@ -123,17 +123,24 @@ def tokenize(text: str, tokenizer) -> Tensor:  # noqa: ANN001 - any Hugging Face
         chunks.append(text[start:end])
         start = end
     ids: list[int] = []
-    for encoded in tokenizer(chunks, add_special_tokens=False)["input_ids"]:
-        ids.extend(encoded)
+    if chunks:  # given no texts, a tokenizer fails instead of returning none
+        for encoded in tokenizer(chunks, add_special_tokens=False)["input_ids"]:
+            ids.extend(encoded)
     return torch.tensor(ids, dtype=torch.long)
 
 
-def sample_windows(tokens: Tensor, nsamples: int, seqlen: int, seed: int) -> Tensor:
-    """``nsamples`` disjoint windows [nsamples, seqlen], drawn from the text's seqlen-aligned chunks."""
+def sample_windows(tokens: Tensor, nsamples: int, seqlen: int, seed: int, label: str = "the text") -> Tensor:
+    """``nsamples`` disjoint windows [nsamples, seqlen], drawn from the text's seqlen-aligned chunks;
+    ``label`` names the text in a refusal."""
     available = tokens.numel() // seqlen
+    if available == 0:
+        longest = tokens.numel() // nsamples
+        shorter = f", or shorter windows (--seqlen {longest} or less)" if longest > 1 else ""
+        raise CalibrationError(f"{label} has {tokens.numel()} tokens, not enough for one window of {seqlen}: give a longer text "
+                               f"({nsamples} x {seqlen} = {nsamples * seqlen} tokens are asked for){shorter}")
     if available < nsamples:
         raise CalibrationError(
-            f"the text has {tokens.numel()} tokens, which gives {available} window{'' if available == 1 else 's'} of {seqlen}; "
+            f"{label} has {tokens.numel()} tokens, which gives {available} window{'' if available == 1 else 's'} of {seqlen}; "
             f"{nsamples} x {seqlen} = {nsamples * seqlen} tokens were asked for: use more text, "
             "fewer samples (--nsamples) or shorter windows (--seqlen)"
         )
@@ -144,4 +151,4 @@ def sample_windows(tokens: Tensor, nsamples: int, seqlen: int, seed: int) -> Ten
 
 def calibration_windows(source: str, tokenizer, nsamples: int, seqlen: int, seed: int) -> Tensor:  # noqa: ANN001
     """Read, tokenise and sample: the token windows [nsamples, seqlen] a compression run sees."""
-    return sample_windows(tokenize(read_text(source), tokenizer), nsamples, seqlen, seed)
+    return sample_windows(tokenize(read_text(source), tokenizer), nsamples, seqlen, seed, label=f"calibration text {source}")

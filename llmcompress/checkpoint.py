@@ -13,6 +13,8 @@ Layout of a checkpoint directory:
 - ``recipe.yaml``: the same recipe as a file; ``compress --recipe`` run on it reproduces the
   checkpoint byte for byte.
 - the tokenizer files, and ``compression_report.json`` (per-layer errors of the run).
+- ``llmcompress-checksums.json``: the size and SHA-256 of every other file but config.json and
+  the report (``integrity``), written just before config.json; ``load`` checks them first.
 
 Everything is written into a hidden staging directory beside the target and renamed into place,
 so an interrupted or failed save never leaves a directory that looks complete.
@@ -23,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from . import integrity
 from .config import CompressConfig, QuantFormat, _from_dict
 from .flags import recipe_from_config
 from .layouts import compressed_tensors, gptq
@@ -42,6 +47,7 @@ from .surgery import standard_layers
 from .fileio import staged_directory, staged_file
 from .models import cast_model, load_model
 from .nn import CompressedLinear
+from .outdir import CONFIG_FILE, RECIPE_FILE, REPORT_FILE, check_output_dir
 from .packing import LayerLayout, packed_spec
 from .shards import INDEX_FILE, SINGLE_FILE, ShardedWeights
 
@@ -49,21 +55,11 @@ QUANT_METHOD = "llmcompress"
 # Format 2 stores the recipe; format 1 stored the flag-shaped CompressConfig, still read.
 FORMAT_VERSION = 2
 LEGACY_FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-RECIPE_FILE = "recipe.yaml"
-REPORT_FILE = "compression_report.json"
 EXPORT_QUANT_METHODS = ("compressed-tensors", "gptq")  # read here, written by llmcompress.export
 DEFAULT_SHARD_BYTES = 2 * 1024**3
-
-
-def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse to write over something unless asked; called before any expensive work."""
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"output path {out} is a file: choose a directory path")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(f"output directory {out} already exists and is not empty: pass --overwrite (overwrite=True) or choose another --out")
-    return out
+# config.json is the commit point, written after the record; measurements are merged into the
+# report after the checkpoint is written (add_to_report).
+UNRECORDED = (CONFIG_FILE, REPORT_FILE)
 
 
 def unique_state_dict(model: nn.Module, exclude: str | None = None) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -139,11 +135,13 @@ def checkpoint_config(model: nn.Module, config: Recipe, modules: dict[str, dict]
     return hf_config
 
 
-def write_config(hf_config: dict, directory: Path) -> None:
-    """config.json, and the recipe beside it as a file that ``--recipe`` takes back."""
+def write_config(hf_config: dict, directory: Path, checksums: Mapping[str, dict] | None = None) -> None:
+    """config.json, after the recipe beside it as a file that ``--recipe`` takes back and the
+    checksums of every file written before it (``checksums`` holds those hashed as they were written)."""
     recipe = (hf_config.get("quantization_config") or {}).get("recipe")
     if recipe is not None:
         (directory / RECIPE_FILE).write_text(recipe_yaml(recipe))
+    integrity.write_record(directory, UNRECORDED, checksums)
     (directory / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True, default=str))
 
 
@@ -197,16 +195,21 @@ def read_config(path: Path) -> dict:
         raise CheckpointError(f"{config_file} is not valid JSON ({err}): the checkpoint is corrupt") from err
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):  # noqa: ANN201
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, verify: bool = True):  # noqa: ANN201
     """Load a checkpoint of ours as ``(model, tokenizer)`` with ``CompressedLinear`` layers.
 
     A plain Hugging Face directory (no llmcompress ``quantization_config``) loads as a float model.
     ``dtype`` converts the unquantized parameters only; packed tensors keep their stored dtype.
     Our compressed-tensors and GPTQ exports load too, with ``llmcompress_config`` None.
+    ``verify`` first checks every file against the checksums recorded when it was written and
+    names a damaged one; ``verify=False`` skips that read of the whole checkpoint.
     """
     path = Path(path).expanduser()
     raw = read_config(path)
     quantization = raw.get("quantization_config") or {}
+    if verify and not integrity.verify(path) and quantization.get("quant_method") in (QUANT_METHOD, *EXPORT_QUANT_METHODS):
+        warnings.warn(f"llmcompress: {path} has no {integrity.CHECKSUM_FILE} (it was written before checkpoints recorded checksums), "
+                      "so its files are not verified; `compress export` of it writes a copy that has one", stacklevel=2)
     if quantization.get("quant_method") in EXPORT_QUANT_METHODS:
         tensors, quantization = _native_from_export(path, raw, quantization)
         return _build(path, quantization, tensors, None, device, dtype)

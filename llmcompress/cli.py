@@ -12,16 +12,17 @@ import re
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 import torch
 from click.core import ParameterSource
 
-from . import checkpoint, reports, rundir
+from . import checkpoint, integrity, reports, rundir
 from .api import compress as compress_model
 from .api import compress_to_disk
-from .calib import DEFAULT_EVALUATION
+from .calib import DEFAULT_EVALUATION, read_text
 from .config import (
     ACT_BITS,
     FORMAT_KINDS,
@@ -37,7 +38,10 @@ from .config import (
     PruneConfig,
     QuantFormat,
 )
+from .config import COMPUTE_DTYPES
 from .errors import ConfigError, LLMCompressError
+from .evalcache import cache_dir, cache_key, cached_perplexity
+from .throughput import PEAK_SHAPE, matmul_peak
 from .evaluate import PerplexityResult, perplexity
 from .export import FORMATS as EXPORT_FORMATS
 from .export import ExportError, export
@@ -45,7 +49,8 @@ from .export import notes as export_notes
 from .fileio import staged_file
 from .flags import recipe_from_config
 from .memory import pin_mmap_threshold
-from .models import DEFAULT_MODEL_NAME, load_model, resolve_model_dir
+from .lock import output_lock
+from .models import DEFAULT_MODEL_NAME, load_config, load_model, resolve_model_dir
 from .pipeline import find_decoder_blocks, plan_targets
 from .pipeline.activations import PLACES
 from .pipeline.coverage import Coverage, plan_coverage
@@ -58,6 +63,7 @@ from .summary import SizeSummary, size_summary
 DEFAULT_COMMAND = "run"
 ARGUMENTS_KEY = "llmcompress.arguments"
 NO_QUANT_BITS = 16
+NO_VERIFY_HELP = "Skip checking the checkpoint's files against the checksums recorded when it was written (loads faster)."
 
 
 class DefaultCommandGroup(click.Group):
@@ -102,7 +108,7 @@ RUN_SECTIONS = {
     "Prune": ("prune_method", "sparsity", "pattern"),
     "Modules": ("skips", "overrides", "strict"),
     "Calibration": ("calib", "nsamples", "seqlen", "seed", "batch_size"),
-    "Evaluation": ("run_eval", "eval_text", "eval_seqlen", "eval_windows"),
+    "Evaluation": ("run_eval", "eval_text", "eval_seqlen", "eval_windows", "eval_dtype"),
     "Output": ("out_dir", "overwrite", "resume", "export_format", "adapter"),
     "Placement": ("device", "activations", "offload_dir"),
 }
@@ -179,6 +185,8 @@ def _parse_override(text: str) -> ModuleOverride:
 @click.option("--eval-text", default=DEFAULT_EVALUATION, show_default=True, metavar="SOURCE", help="Evaluation text source.")
 @click.option("--eval-seqlen", type=int, default=1024, show_default=True, help="Tokens per evaluation window.")
 @click.option("--eval-windows", type=int, default=40, show_default=True, help="Evaluation windows to score; 0 = the whole text.")
+@click.option("--eval-dtype", type=click.Choice(COMPUTE_DTYPES), default="auto", show_default=True,
+              help="What evaluation computes in; auto: as stored on a GPU, bfloat16 for 16-bit models on CPUs that have it, else float32.")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
               help="Where blocks are compressed and evaluated; auto: the blocks spread over the visible GPUs by accelerate's device map "
                    "(evaluation on the first), the CPU when there is none.")
@@ -190,7 +198,7 @@ def _parse_override(text: str) -> ModuleOverride:
 @click.option("--adapter/--no-adapter", default=True, show_default=True,
               help="compressed-tensors / gptq: write low-rank branches as a PEFT LoRA adapter in OUT/adapter (else refuse them).")
 def run(model: str | None, recipe_path: str | None, print_recipe: bool, settings: tuple[str, ...], out_dir: str | None, overwrite: bool,
-        resume: bool, calib: str | None, run_eval: bool, eval_text: str, eval_seqlen: int, eval_windows: int, device: str,
+        resume: bool, calib: str | None, run_eval: bool, eval_text: str, eval_seqlen: int, eval_windows: int, eval_dtype: str, device: str,
         activations: str, offload_dir: str | None, export_format: str, adapter: bool, strict: bool, **flags) -> None:  # noqa: ANN003
     """Compress MODEL (a Hugging Face directory, a .gguf file or a hub id; default: the bundled
     SmolLM2-135M-Instruct) and write a packed checkpoint that `llmcompress.load` reads.
@@ -199,31 +207,37 @@ def run(model: str | None, recipe_path: str | None, print_recipe: bool, settings
     started = time.perf_counter()
     out, streaming = None, False
     try:
-        config = recipe_from_options(click.get_current_context(), recipe_path, settings, calib=calib, **flags)
+        ctx = click.get_current_context()
+        config = recipe_from_options(ctx, recipe_path, settings, calib=calib, **flags)
         if print_recipe:
             click.echo(config.to_yaml(), nl=False)
             return
+        for warning in _unused_options(ctx, config, calib, run_eval):
+            click.echo(warning, err=True)
         _check_device(device)
         if device == AUTO:
             click.echo(_describe_auto())
         if activations == "disk" and offload_dir is None:
             raise ConfigError("--activations disk needs a directory for them: add --offload-dir DIR")
         out = Path(out_dir or _default_out_dir(model, config))
-        # A native checkpoint of a model on disk is written block by block as the blocks are
-        # compressed (resumable, memory of one block); the serving formats need the whole model.
-        streaming = export_format == "native" and _has_safetensors(model)
-        if resume and not streaming:
-            raise ConfigError("--resume continues a native run of a local safetensors model: drop --export, or drop --resume")
-        if streaming:
-            rundir.check_start(out, resume, overwrite)
-        else:
-            checkpoint.check_output_dir(out, overwrite)
-        eval_limit = eval_windows or None
-        describe = _describe_run(config, calib)
-        evaluation = (eval_text, eval_seqlen, eval_limit) if run_eval else None
-        placement = {"activations": activations, "offload_dir": offload_dir, "strict": strict}
-        before, after, before_ppl, after_ppl = _compress_and_measure(model, config, out, calib, device, resume, overwrite, export_format,
-                                                                     adapter, describe, evaluation, placement, streaming)
+        # One run per output directory, from its checks until its result is in place.
+        with output_lock(out):
+            # A native checkpoint of a model on disk is written block by block as the blocks are
+            # compressed (resumable, memory of one block); the serving formats need the whole model.
+            streaming = export_format == "native" and _has_safetensors(model)
+            if resume and not streaming:
+                raise ConfigError("--resume continues a native run of a local safetensors model: drop --export, or drop --resume")
+            if streaming:
+                rundir.check_start(out, resume, overwrite)
+            else:
+                checkpoint.check_output_dir(out, overwrite)
+            _check_positions(load_config(model), _window_lengths(ctx, config, calib))
+            eval_limit = eval_windows or None
+            describe = _describe_run(config, calib)
+            evaluation = (eval_text, eval_seqlen, eval_limit, eval_dtype) if run_eval else None
+            placement = {"activations": activations, "offload_dir": offload_dir, "strict": strict}
+            before, after, before_ppl, after_ppl = _compress_and_measure(model, config, out, calib, device, resume, overwrite, export_format,
+                                                                         adapter, describe, evaluation, placement, streaming)
     except KeyboardInterrupt:
         unfinished = rundir.unfinished_run(rundir.partial_path(out)) if streaming else None
         state = f"; {rundir.describe_unfinished(unfinished)}" if unfinished else ""
@@ -288,9 +302,76 @@ def _has_safetensors(model: str | None) -> bool:
     return (path / checkpoint.SINGLE_FILE).is_file() or (path / checkpoint.INDEX_FILE).is_file()
 
 
+def _uses_calibration(recipe: Recipe, calib: str | None) -> bool:
+    """Whether the run reads calibration text: a pass needs it, or --calib gives it to measure each layer's error."""
+    return recipe.needs_calibration or (calib is not None and not recipe.calib.is_none)
+
+
 def _describe_run(recipe: Recipe, calib: str | None) -> str:
-    data = "data-free" if not recipe.needs_calibration and (calib is None or recipe.calib.is_none) else f"calibration {calib or recipe.calib.source}"
+    data = f"calibration {calib or recipe.calib.source}" if _uses_calibration(recipe, calib) else "data-free"
     return f"compressing: {recipe.describe()}, {data}"
+
+
+def _window_lengths(ctx: click.Context, recipe: Recipe, calib: str | None) -> list[tuple[str, str, int]]:
+    """The window lengths a run uses or its command line gives: (how each was given, how to change it, tokens)."""
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+
+    lengths = []
+    if _uses_calibration(recipe, calib) or given("seqlen"):
+        seqlen = recipe.calib.seqlen
+        from_flag = ctx.params["recipe_path"] is None and seqlen == ctx.params["seqlen"]
+        lengths.append(("--seqlen", "--seqlen ", seqlen) if from_flag else ("calibration.seqlen", "--set calibration.seqlen=", seqlen))
+    if ctx.params["run_eval"] or given("eval_seqlen"):
+        lengths.append(("--eval-seqlen", "--eval-seqlen ", ctx.params["eval_seqlen"]))
+    return lengths
+
+
+def _check_positions(config, lengths: list[tuple[str, str, int]]) -> None:  # noqa: ANN001 - a transformers PretrainedConfig
+    """Refuse windows longer than the model has positions for, before any work: the model scores
+    tokens beyond them as noise, and attention over such windows runs for hours."""
+    limit = getattr(config, "max_position_embeddings", None)
+    for name, setting, length in lengths:
+        if limit is not None and length > limit:
+            raise ConfigError(f"{name} {length} is beyond the model's {limit} positions (max_position_embeddings in its config.json): "
+                              f"use {setting}{limit} or less")
+
+
+def _unused_options(ctx: click.Context, recipe: Recipe, calib: str | None, run_eval: bool) -> list[str]:
+    """Warnings for the options given on the command line that this run does not use."""
+    given = [p for p in ctx.command.params if ctx.get_parameter_source(p.name) is ParameterSource.COMMANDLINE]
+    calibration = [p.opts[0] for p in given if p.name in RUN_SECTIONS["Calibration"] and p.name != "calib"]
+    evaluation = [p.opts[0] for p in given if p.name in RUN_SECTIONS["Evaluation"] and p.name != "run_eval"]
+    with ctx.command.make_context(ctx.info_name, []) as fresh:
+        defaults = fresh.params
+    flags = {name: ctx.params[name] for name in FLAG_OPTIONS}
+    built = recipe_from_config(build_config(**flags))
+    inert = [p.opts[0] for p in given if p.name in FLAG_OPTIONS and p.name not in RUN_SECTIONS["Calibration"]
+             and flags[p.name] != defaults[p.name] and _same_recipe(built, {**flags, p.name: defaults[p.name]})]
+    warnings = []
+    if calibration and not _uses_calibration(recipe, calib):
+        warnings.append(_unused(calibration, f": {recipe.describe()} is data-free, so no calibration text is read",
+                                "add --calib SOURCE to measure each layer's error on it"))
+    if inert:
+        warnings.append(_unused(inert, f" on {recipe.describe()}", "add what uses {it} (compress run --help)"))
+    if evaluation and not run_eval:
+        warnings.append(_unused(evaluation, " with --no-eval", "drop --no-eval"))
+    return warnings
+
+
+def _same_recipe(recipe: Recipe, flags: dict) -> bool:
+    """Whether ``flags`` build ``recipe`` (flags that build no valid recipe do not)."""
+    try:
+        return recipe_from_config(build_config(**flags)) == recipe
+    except ConfigError:
+        return False
+
+
+def _unused(options: list[str], why: str, fix: str) -> str:
+    """The warning for unused ``options``; ``fix`` may name them as {it}."""
+    one = len(options) == 1
+    it = "it" if one else "them"
+    return f"warning: {', '.join(options)} {'has' if one else 'have'} no effect{why}; leave {it} out, or {fix.format(it=it)}"
 
 
 def _compress_and_measure(model: str | None, recipe: Recipe, out: Path, calib: str | None, device: str, resume: bool,
@@ -317,11 +398,12 @@ def _compress_and_measure(model: str | None, recipe: Recipe, out: Path, calib: s
     before = size_summary(float_model, targets)
     before_ppl = None
     if evaluation:
-        if streaming:
+        def score_float_model() -> PerplexityResult:
+            if not streaming:
+                return _evaluate(float_model, tokenizer, "float model", *evaluation)
             click.echo(f"loading {label} whole, to evaluate it (--no-eval skips this)")
-        loaded, loaded_tokenizer = load_model(model, device=single) if streaming else (float_model, tokenizer)
-        before_ppl = _evaluate(loaded, loaded_tokenizer, "float model", *evaluation)
-        del loaded
+            return _evaluate(*load_model(model, device=single), "float model", *evaluation)
+        before_ppl = _float_perplexity(model, single, evaluation, score_float_model)
     click.echo(describe)
     compressed = None
     if streaming:
@@ -381,11 +463,12 @@ def _report_notes(model, export_format: str) -> None:  # noqa: ANN001
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--adapter/--no-adapter", default=True, show_default=True,
               help="compressed-tensors / gptq: write low-rank branches as a PEFT LoRA adapter in OUT/adapter (else refuse them).")
-def export_command(checkpoint_dir: str, export_format: str, out_dir: str, overwrite: bool, adapter: bool) -> None:
+@click.option("--no-verify", is_flag=True, help=NO_VERIFY_HELP)
+def export_command(checkpoint_dir: str, export_format: str, out_dir: str, overwrite: bool, adapter: bool, no_verify: bool) -> None:
     """Convert a checkpoint of ours (native or an earlier export) into another format."""
     try:
         click.echo(f"loading {checkpoint_dir}")
-        model, tokenizer = checkpoint.load(checkpoint_dir)
+        model, tokenizer = checkpoint.load(checkpoint_dir, verify=not no_verify)
         click.echo(f"writing {out_dir} ({export_format})")
         out = export(model, out_dir, export_format, tokenizer=tokenizer, adapter=adapter, overwrite=overwrite)
     except LLMCompressError as err:
@@ -394,36 +477,70 @@ def export_command(checkpoint_dir: str, export_format: str, out_dir: str, overwr
     click.echo(f"wrote: {out}")
 
 
+@main.command(name="verify")
+@click.argument("checkpoint_dir", metavar="CHECKPOINT", type=click.Path(file_okay=False))
+def verify_command(checkpoint_dir: str) -> None:
+    """Check every file of a checkpoint against the checksums recorded when it was written, without loading the model."""
+    directory = Path(checkpoint_dir).expanduser()
+    started = time.perf_counter()
+    try:
+        checkpoint.read_config(directory)  # says what a missing path, an unfinished run or a plain directory is
+        files = integrity.read_record(directory)
+    except LLMCompressError as err:
+        raise click.ClickException(str(err)) from err
+    if files is None:
+        raise click.ClickException(f"{directory} has no {integrity.CHECKSUM_FILE}: it was written before checkpoints recorded checksums, "
+                                   "or not by llmcompress, so there is nothing to verify it against")
+    damaged = 0
+    for name, expected in sorted(files.items()):
+        problem = integrity.file_problem(directory / name, expected)
+        damaged += problem is not None
+        click.echo(problem or f"ok  {name}")
+    if damaged:
+        raise click.ClickException(f"{damaged} of {len(files)} files damaged: {integrity.REMEDY}")
+    megabytes = sum(entry["bytes"] for entry in files.values()) / 1e6
+    click.echo(f"all {len(files)} files ({megabytes:,.1f} MB) match their checksums ({time.perf_counter() - started:.2f} s)")
+
+
 @main.command(name="eval")
 @click.argument("model", metavar="MODEL_OR_CHECKPOINT", required=False)
 @click.option("--text", default=DEFAULT_EVALUATION, show_default=True, metavar="SOURCE", help="Evaluation text source.")
-@click.option("--seqlen", type=int, default=2048, show_default=True, help="Tokens per window.")
+@click.option("--seqlen", type=int, default=1024, show_default=True, help="Tokens per window.")
 @click.option("--windows", type=int, default=40, show_default=True, help="Windows to score; 0 = the whole text.")
 @click.option("--baseline", is_flag=True, help="Also score the float model and print the difference.")
 @click.option("--float-model", default=None, metavar="MODEL",
               help="The float model for --baseline [default: the one the checkpoint was compressed from].")
+@click.option("--dtype", type=click.Choice(COMPUTE_DTYPES), default="auto", show_default=True,
+              help="What evaluation computes in; auto: as stored on a GPU, bfloat16 for 16-bit models on CPUs that have it, else float32.")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True, help="auto: the first GPU, else the CPU.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the numbers as JSON.")
-def eval_command(model: str | None, text: str, seqlen: int, windows: int, baseline: bool, float_model: str | None, device: str,
-                 json_path: str | None) -> None:
+@click.option("--no-verify", is_flag=True, help=NO_VERIFY_HELP)
+def eval_command(model: str | None, text: str, seqlen: int, windows: int, baseline: bool, float_model: str | None, dtype: str,
+                 device: str, json_path: str | None, no_verify: bool) -> None:
     """Perplexity of a model (directory, .gguf, default) or of a checkpoint of ours, with its protocol."""
     try:
         _check_device(device)
         device = single_device(device)
         click.echo(f"loading {model or DEFAULT_MODEL_NAME + ' (bundled default)'}")
-        loaded, tokenizer = _load_any(model, device)
-        result = _evaluate(loaded, tokenizer, "model", text, seqlen, windows or None)
-        record = {"model": model or DEFAULT_MODEL_NAME, "perplexity": result.to_dict()}
+        loaded, tokenizer = _load_any(model, device, verify=not no_verify)
+        _check_positions(loaded.config, [("--seqlen", "--seqlen ", seqlen)])
+        result = _evaluate(loaded, tokenizer, "model", text, seqlen, windows or None, dtype)
+        peak = matmul_peak(getattr(torch, result.dtype), device)
+        record = {"model": model or DEFAULT_MODEL_NAME, "perplexity": result.to_dict(), "matmul_peak_gflops": peak}
         click.echo(f"perplexity {result.perplexity:.3f}")
+        click.echo(f"speed: {result.seconds:.1f} s, {result.gflops:.1f} GFLOP/s achieved; torch.mm {'x'.join(map(str, PEAK_SHAPE))} "
+                   f"on this machine in {result.dtype}: {peak:.1f} GFLOP/s")
         if baseline:
             quantization = getattr(loaded.config, "quantization_config", None) or {}
             source = float_model or (quantization.get("source_model") if isinstance(quantization, dict) else None)
             if source is None:
                 raise ConfigError(f"{model} does not record the float model it came from: pass --float-model MODEL")
             del loaded
-            click.echo(f"loading the float model {source}")
-            float_loaded, float_tokenizer = load_model(source, device=device)
-            reference = _evaluate(float_loaded, float_tokenizer, "float model", text, seqlen, windows or None)
+
+            def score_float_model() -> PerplexityResult:
+                click.echo(f"loading the float model {source}")
+                return _evaluate(*load_model(source, device=device), "float model", text, seqlen, windows or None, dtype)
+            reference = _float_perplexity(source, device, (text, seqlen, windows or None, dtype), score_float_model)
             delta = result.perplexity - reference.perplexity
             record.update(float_model=source, baseline=reference.to_dict(), delta=delta, relative_delta=delta / reference.perplexity)
             click.echo(f"float model perplexity {reference.perplexity:.3f}; difference {delta:+.3f} ({delta / reference.perplexity:+.2%})")
@@ -496,11 +613,12 @@ def _check_grid(grid: reports.Grid) -> None:
             raise ConfigError(f"grid configuration {configuration.name!r} ({shlex.join(configuration.args)}): {message}") from err
 
 
-def _load_any(model: str | None, device: str) -> tuple:
-    """A checkpoint of ours or an export (``checkpoint.load``), or a float model of any source."""
+def _load_any(model: str | None, device: str, verify: bool) -> tuple:
+    """A checkpoint of ours or an export (``checkpoint.load``, checked against its checksums with
+    ``verify``), or a float model of any source."""
     if model is None or model == "default" or model.lower().endswith(".gguf"):
         return load_model(model, device=device)
-    return checkpoint.load(model, device=device)
+    return checkpoint.load(model, device=device, verify=verify)
 
 
 def _default_out_dir(model: str | None, recipe: Recipe) -> str:
@@ -515,12 +633,26 @@ def _coverage_line(coverage: Coverage) -> str:
     return f"coverage: {coverage.share:.1%} of weight parameters compressed" + (f"; left: {left}" if left else "")
 
 
-def _evaluate(model, tokenizer, label: str, text: str, seqlen: int, windows: int | None) -> PerplexityResult:  # noqa: ANN001
+def _evaluate(model, tokenizer, label: str, text: str, seqlen: int, windows: int | None, dtype: str) -> PerplexityResult:  # noqa: ANN001
     if tokenizer is None:
         raise ConfigError("the model has no tokenizer, so perplexity cannot be measured: add its tokenizer files, "
                           "or pass --no-eval when compressing")
     click.echo(f"evaluating the {label}")
-    return perplexity(model, tokenizer, text, seqlen=seqlen, max_windows=windows)
+    return perplexity(model, tokenizer, text, seqlen=seqlen, max_windows=windows, dtype=dtype)
+
+
+def _float_perplexity(model: str | None, device: str, evaluation: tuple, score: Callable[[], PerplexityResult]) -> PerplexityResult:
+    """The float model's perplexity: ``score()``, or the cached result of an earlier run that scored
+    the same model files on the same text with the same protocol."""
+    location = Path(resolve_model_dir(model))
+    if not location.is_dir():  # a hub id: its files are not ours to fingerprint
+        return score()
+    text, seqlen, windows, dtype = evaluation
+    result, cached = cached_perplexity(cache_key(location, read_text(text), seqlen, windows, False, dtype, device), score)
+    if cached:
+        click.echo(f"float model perplexity {result.perplexity:.3f}: cached from an earlier run on the same model files, "
+                   f"text and protocol ({cache_dir()})")
+    return result
 
 
 def _summary_table(before: SizeSummary, after: SizeSummary, before_ppl: PerplexityResult | None,

@@ -46,6 +46,7 @@ def parse_n_m(pattern: str) -> tuple[int, int] | None:
 
 # How mixture-of-experts layers are calibrated (``CalibConfig.experts``).
 EXPERT_CALIBRATION = ("routed", "all")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _fail(owner: str, name: str, value: Any, allowed: str) -> None:
@@ -120,6 +121,11 @@ class CalibConfig:
     # ``expert_min_tokens`` tokens is compressed data-free (RTN, LoRC, magnitude) and reported.
     experts: str = "routed"
     expert_min_tokens: int = 16
+    # The dtype calibration forwards compute in. ``auto``: the stored dtype on a GPU and for
+    # float32 models; a 16-bit model on a CPU computes in bfloat16 where the CPU has it natively
+    # (AVX512-BF16, AMX), else in float32 (CPUs run float16 matmuls ~30x slower than float32).
+    # Statistics accumulate in float32 either way, and the weights compressed stay as stored.
+    compute_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         owner = "CalibConfig"
@@ -133,6 +139,8 @@ class CalibConfig:
             _fail(owner, "seed", self.seed, "an integer")
         if self.experts not in EXPERT_CALIBRATION:
             _fail(owner, "experts", self.experts, " or ".join(EXPERT_CALIBRATION))
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            _fail(owner, "compute_dtype", self.compute_dtype, " or ".join(COMPUTE_DTYPES))
         if not isinstance(self.expert_min_tokens, int) or isinstance(self.expert_min_tokens, bool) or self.expert_min_tokens < 0:
             _fail(owner, "expert_min_tokens", self.expert_min_tokens, "an integer >= 0")
 

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from .calib import DEFAULT_EVALUATION, read_text, tokenize
 from .errors import CalibrationError
-from .nn import dequantized_weights
+from .precision import compute_dtype, forward_weights
+from .throughput import forward_flops
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class PerplexityResult:
     bos: bool
     dtype: str
     seconds: float
+    gflops: float = 0.0  # achieved, as ``throughput.forward_flops`` counts the work
 
     @property
     def protocol(self) -> str:
@@ -54,8 +56,9 @@ def _is_source(text: str) -> bool:
 
 
 def perplexity(model: nn.Module, tokenizer, text_or_source: str | Tensor = DEFAULT_EVALUATION, seqlen: int = 1024,  # noqa: ANN001
-               max_windows: int | None = None, bos: bool = False, progress: bool = True) -> PerplexityResult:
-    """Perplexity of ``model`` on a text source name, a raw text, or a 1-D tensor of token ids."""
+               max_windows: int | None = None, bos: bool = False, progress: bool = True, dtype: str = "auto") -> PerplexityResult:
+    """Perplexity of ``model`` on a text source name, a raw text, or a 1-D tensor of token ids,
+    computed in ``dtype`` (``auto``: see ``precision.compute_dtype``; the model is left as stored)."""
     if seqlen < 2:
         raise ValueError(f"seqlen={seqlen} is too short: a window needs at least 2 tokens")
     if isinstance(text_or_source, Tensor):
@@ -75,9 +78,10 @@ def perplexity(model: nn.Module, tokenizer, text_or_source: str | Tensor = DEFAU
             raise ValueError("bos=True needs a tokenizer with a BOS token")
         windows = torch.cat([torch.full((count, 1), tokenizer.bos_token_id), windows], dim=1)
     parameter = next(model.parameters())
+    computed_in = compute_dtype(parameter.dtype, parameter.device, dtype)
     started = time.perf_counter()
     total_nll, scored = 0.0, 0
-    with torch.no_grad(), dequantized_weights(model, parameter.dtype):
+    with torch.no_grad(), forward_weights(model, computed_in):
         for window in tqdm(windows, desc="perplexity", unit="window", disable=not progress):
             ids = window.unsqueeze(0).to(parameter.device)
             logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
@@ -85,7 +89,9 @@ def perplexity(model: nn.Module, tokenizer, text_or_source: str | Tensor = DEFAU
             total_nll += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
             scored += targets.numel()
     mean_nll = total_nll / scored
+    seconds = time.perf_counter() - started
     return PerplexityResult(
         perplexity=math.exp(mean_nll), mean_nll=mean_nll, tokens_scored=scored, windows=count, source=source,
-        seqlen=seqlen, bos=bos, dtype=str(parameter.dtype).replace("torch.", ""), seconds=time.perf_counter() - started,
+        seqlen=seqlen, bos=bos, dtype=str(computed_in).replace("torch.", ""), seconds=seconds,
+        gflops=forward_flops(model, count, windows.shape[1]) / seconds / 1e9,
     )

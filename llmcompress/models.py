@@ -95,6 +95,17 @@ def resolve_model_dir(source: str | os.PathLike | None) -> str:
     return text
 
 
+def load_config(source: str | os.PathLike | None):  # noqa: ANN201 - a transformers PretrainedConfig
+    """The config of a float model of any source, read without its weights."""
+    from transformers import AutoConfig
+
+    location = resolve_model_dir(source)
+    try:
+        return AutoConfig.from_pretrained(location, local_files_only=Path(location).is_dir())
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelError(f"cannot read the config of {location}: {err}") from err
+
+
 def load_model(source: str | os.PathLike | None = None, device: str = "cpu"):  # noqa: ANN201 - (model, tokenizer)
     """Load a float causal LM and its tokenizer (None if it has none) in the dtype it was stored in."""
     from transformers import AutoModelForCausalLM

@@ -5,12 +5,12 @@ While the run goes on, its output lives in ``OUT.partial/``:
 - ``model-block-00012.safetensors``: block 12's tensors exactly as the checkpoint holds them;
 - ``.llmcompress-run/inputs-00013/``: the calibration activations entering the next block;
 - ``.llmcompress-run/manifest.json``: what the run is (configuration, model files, calibration
-  windows) and, per committed block, its shard, module entries and per-layer records. It is
+  windows) and, per committed block, its shard and the shard's checksum, module entries and per-layer records. It is
   replaced (atomically) only once the block's shard and the next inputs are in place, so it is
   the commit point: whatever a kill leaves beyond it is ignored and rewritten on resume.
 
-At the end the tensors outside the blocks, the index, the tokenizer, the report and, last,
-config.json are written, the run state is removed and ``OUT.partial`` is renamed to ``OUT``.
+At the end the tensors outside the blocks, the index, the tokenizer, the report, the checksum
+record and, last, config.json are written, the run state is removed and ``OUT.partial`` is renamed to ``OUT``.
 Without config.json no directory loads as a checkpoint.
 """
 
@@ -29,6 +29,8 @@ from torch import Tensor
 from .checkpoint import CONFIG_FILE, REPORT_FILE, check_output_dir, write_config, write_index
 from .errors import CheckpointError
 from .fileio import replace_directory, staged_directory, staged_file
+from .integrity import file_checksum
+from .outdir import check_only_ours
 from .runstate import MANIFEST_FILE, PARTIAL_SUFFIX, STATE_DIR, describe_unfinished, partial_path, unfinished_run
 
 __all__ = ["MANIFEST_FILE", "OUTSIDE_SHARD", "PARTIAL_SUFFIX", "STATE_DIR", "RunDirectory", "check_start", "describe_unfinished",
@@ -51,6 +53,8 @@ def check_start(out: str | Path, resume: bool, overwrite: bool) -> None:
                                   "or pass --overwrite to start over")
         detail = describe_unfinished(existing) if existing else "it is not a run of ours"
         raise CheckpointError(f"{partial} holds an unfinished run ({detail}); or pass --overwrite to start over")
+    if not resume and overwrite and partial.is_dir() and existing is None:
+        check_only_ours(partial)  # without run state in it, only its names tell whether it is ours to remove
 
 
 class RunDirectory:
@@ -104,10 +108,11 @@ class RunDirectory:
         with self._writing(f"block {index}"):
             with staged_file(self.partial / shard) as temporary:
                 save_file(tensors, temporary, metadata={"format": "pt"})
+                checksum = file_checksum(temporary)
             if next_inputs is not None:
                 with staged_directory(self._inputs_dir(index + 1)) as staging:
                     next_inputs.save(staging)
-            entry = {"index": index, "file": shard, "tensors": sorted(tensors),
+            entry = {"index": index, "file": shard, "checksum": checksum, "tensors": sorted(tensors),
                      "bytes": sum(t.numel() * t.element_size() for t in tensors.values()), "modules": modules, "records": records}
             self._write_manifest({**self.manifest, "blocks": [*self.manifest["blocks"], entry]})
             self.manifest["blocks"].append(entry)
@@ -137,18 +142,28 @@ class RunDirectory:
             if tokenizer is not None:
                 tokenizer.save_pretrained(self.partial)
             (self.partial / REPORT_FILE).write_text(json.dumps(report, indent=2))
-            write_config(hf_config, self.partial)
+            # Each block was hashed as it was committed: a shard damaged since then fails its check.
+            # A run begun before manifests held checksums has its blocks hashed here instead.
+            write_config(hf_config, self.partial, {block["file"]: block["checksum"] for block in self.manifest["blocks"] if "checksum" in block})
         # From here a kill leaves a complete checkpoint under OUT.partial, which check_start names.
         shutil.rmtree(self.state)
-        replace_directory(self.partial, self.out)
+        try:
+            replace_directory(self.partial, self.out)
+        except OSError as err:
+            # Not resumable any more (its state is gone), and complete: left in place it would pass for a result.
+            shutil.rmtree(self.partial, ignore_errors=True)
+            raise CheckpointError(f"the finished checkpoint could not be renamed from {self.partial} to {self.out} ({err.strerror or err}): "
+                                  "choose an --out that a directory can be renamed to") from err
         return self.out
 
     def abandon(self) -> str:
         """After a failure: remove ``OUT.partial`` if no block is committed (nothing there is worth
-        resuming); otherwise keep it and say how to resume."""
+        resuming); otherwise keep it and say how to resume, unless ``finish`` had to remove it."""
         if self.committed == 0:
             shutil.rmtree(self.partial, ignore_errors=True)
             return "nothing was written"
+        if not self.partial.exists():
+            return "nothing was kept"
         return f"{describe_unfinished(self.manifest)} (in {self.partial})"
 
     def modules(self) -> dict[str, dict]:

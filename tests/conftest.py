@@ -97,3 +97,9 @@ def five_block_dir(tmp_path, tokenizer):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _private_perplexity_cache(tmp_path, monkeypatch):
+    """Each test starts with an empty float-perplexity cache of its own, so no test sees another's numbers."""
+    monkeypatch.setattr("llmcompress.evalcache.cache_dir", lambda: tmp_path / "perplexity-cache")

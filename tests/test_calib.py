@@ -66,5 +66,5 @@ def test_windows_are_seeded_disjoint_and_reproducible():
 
 def test_too_short_text_says_how_many_tokens(tmp_path, tokenizer):
     (tmp_path / "short.txt").write_text("It is a truth universally acknowledged. " * 20)
-    with pytest.raises(CalibrationError, match=r"the text has \d+ tokens, which gives \d+ windows? of 512; 128 x 512 = 65536"):
-        calibration_windows(str(tmp_path / "short.txt"), tokenizer, nsamples=128, seqlen=512, seed=0)
+    with pytest.raises(CalibrationError, match=r"short.txt has \d+ tokens, which gives \d+ windows? of 16; 128 x 16 = 2048"):
+        calibration_windows(str(tmp_path / "short.txt"), tokenizer, nsamples=128, seqlen=16, seed=0)

@@ -92,9 +92,13 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(CheckpointError, match="already exists.*--overwrite"):
         checkpoint.save(model, out, model.llmcompress_config)
+    with pytest.raises(CheckpointError, match="replaces only what llmcompress wrote, and .*ckpt also holds keep.txt"):
+        checkpoint.save(model, out, model.llmcompress_config, overwrite=True)
     assert (out / "keep.txt").read_text() == "mine"
-    checkpoint.save(model, out, model.llmcompress_config, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    (out / "keep.txt").unlink()
+    checkpoint.save(model, out, model.llmcompress_config)
+    checkpoint.save(model, out, model.llmcompress_config, overwrite=True)  # over a checkpoint of ours
+    assert (out / "config.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 
@@ -140,11 +144,13 @@ def test_missing_and_corrupt_inputs_get_clear_errors(tmp_path):
     weights = tmp_path / "ckpt" / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        llmcompress.load(tmp_path / "ckpt")
+    for verify in (True, False):  # named by its checksum, and without it by the safetensors reader
+        with pytest.raises(CheckpointError, match="truncated or corrupt"):
+            llmcompress.load(tmp_path / "ckpt", verify=verify)
     os.remove(weights)
-    with pytest.raises(CheckpointError, match="incomplete"):
-        llmcompress.load(tmp_path / "ckpt")
+    for verify in (True, False):
+        with pytest.raises(CheckpointError, match="incomplete"):
+            llmcompress.load(tmp_path / "ckpt", verify=verify)
     (tmp_path / "ckpt" / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         llmcompress.load(tmp_path / "ckpt")
@@ -159,12 +165,13 @@ def test_tensor_that_does_not_match_the_config_is_refused(tmp_path):
     tensors = load_file(weights)
     tensors["model.layers.0.mlp.up_proj.weight_scale"] = tensors["model.layers.0.mlp.up_proj.weight_scale"][:, :1].contiguous()
     save_file(tensors, weights)
+    # Past the checksums (which refuse the rewritten file first), as a checkpoint without them is checked.
     with pytest.raises(CheckpointError, match="up_proj.weight_scale is .* expected"):
-        llmcompress.load(tmp_path / "ckpt")
+        llmcompress.load(tmp_path / "ckpt", verify=False)
     del tensors["model.layers.0.mlp.up_proj.weight_scale"]
     save_file(tensors, weights)
     with pytest.raises(CheckpointError, match="missing model.layers.0.mlp.up_proj.weight_scale"):
-        llmcompress.load(tmp_path / "ckpt")
+        llmcompress.load(tmp_path / "ckpt", verify=False)
 
 
 def test_format_1_checkpoints_still_load(tmp_path):

@@ -168,7 +168,8 @@ def test_smollm2_export_loads_in_transformers_and_peft_with_our_perplexity(fmt, 
     llmcompress.compress(model, CompressConfig(quant=fmt, lowrank=lowrank), calibration="none", progress=False)
     out = export(model, tmp_path / "ct", format="compressed-tensors", tokenizer=tokenizer)
     windows = tokenize(read_text("austen:test"), tokenizer)[: 2 * 256].reshape(2, 256)
-    ours = perplexity(cast_model(model, getattr(torch, dtype)), tokenizer, windows.reshape(-1), seqlen=256, progress=False).perplexity
+    ours = perplexity(cast_model(model, getattr(torch, dtype)), tokenizer, windows.reshape(-1), seqlen=256, progress=False,
+                      dtype=dtype).perplexity
     theirs = their_perplexity(out, windows, getattr(torch, dtype), adapter=bool(rank))
     assert theirs == pytest.approx(ours, rel=1e-3)
 

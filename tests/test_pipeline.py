@@ -4,7 +4,7 @@ from conftest import TINY_CONFIGS, TINY_VOCAB, tiny_model
 from torch import nn
 
 import llmcompress
-from llmcompress.config import CompressConfig, ModuleOverride, QuantFormat
+from llmcompress.config import CalibConfig, CompressConfig, ModuleOverride, QuantFormat
 from llmcompress.errors import ConfigError, ModelError
 from llmcompress.nn import CompressedLinear
 from llmcompress.pipeline import catch_block_inputs, find_decoder_blocks, gather_statistics, plan_targets, run_block
@@ -205,11 +205,12 @@ def test_moving_the_rest_of_the_model_leaves_blocks_and_keeps_ties():
 
 def test_overflowing_activations_are_caught_where_they_appear():
     """A float16 layer whose outputs pass 65504 poisons every statistic after it: the run stops
-    there, naming the layer whose input went non-finite, instead of a Cholesky traceback in GPTQ."""
+    there, naming the layer whose input went non-finite, instead of a Cholesky traceback in GPTQ.
+    (On a CPU, calibration of a float16 model computes in bfloat16 or float32 unless asked for float16.)"""
     model = tiny_model("llama", dtype=torch.float16)
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight.fill_(2000.0)
-    config = CompressConfig(quant=QuantFormat(bits=4, group_size=32), method="gptq")
+    config = CompressConfig(quant=QuantFormat(bits=4, group_size=32), method="gptq", calib=CalibConfig(compute_dtype="float16"))
     with pytest.raises(ModelError, match=r"the input of model\.layers\.1\.mlp\.down_proj holds NaN or Inf on the calibration data, "
                                          r"in torch\.float16 \(float16 holds at most 65504: convert the model to bfloat16"):
         llmcompress.compress(model, config, calibration=_windows(), progress=False)

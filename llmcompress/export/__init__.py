@@ -4,7 +4,8 @@
 transformers (with the ``compressed-tensors`` package) and vLLM load; ``gptq`` is the GPTQ v1
 layout of AutoGPTQ / GPTQModel that transformers and vLLM also load. A low-rank branch goes
 beside either as a PEFT LoRA adapter in ``adapter/``. Whatever a format cannot hold is refused with
-the layer and the reason, before anything is written, and every export is written atomically.
+the layer and the reason, before anything is written, and every export is written atomically,
+with the checksums of its files in a file of their own that the serving engines ignore.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from ..experts import expert_index
 from ..surgery import stored_transposed
 from ..errors import CheckpointError
 from ..fileio import staged_directory
+from ..lock import output_lock
 from ..nn import CompressedLinear
 from ..packing import unpack_branch
 from ..layouts import compressed_tensors, gptq
+from ..outdir import ADAPTER_DIR
 from . import peft
 
 FORMATS = ("native", "compressed-tensors", "gptq")
-ADAPTER_DIR = "adapter"
 
 
 class ExportError(CheckpointError):
@@ -48,13 +50,14 @@ def export(model: nn.Module, out_dir: str | os.PathLike, format: str = "native",
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}")
-    out = checkpoint.check_output_dir(out_dir, overwrite)
-    if format == "native":
-        config = getattr(model, "llmcompress_config", None)
-        if config is None:
-            raise ExportError("this model was not compressed by llmcompress (no llmcompress config): there is nothing native to write")
-        return checkpoint.save(model, out, config, tokenizer=tokenizer, report=report, overwrite=overwrite)
-    return _export_serving(model, out, format, tokenizer, adapter, report)
+    with output_lock(out_dir):
+        out = checkpoint.check_output_dir(out_dir, overwrite)
+        if format == "native":
+            config = getattr(model, "llmcompress_config", None)
+            if config is None:
+                raise ExportError("this model was not compressed by llmcompress (no llmcompress config): there is nothing native to write")
+            return checkpoint.save(model, out, config, tokenizer=tokenizer, report=report, overwrite=overwrite)
+        return _export_serving(model, out, format, tokenizer, adapter, report)
 
 
 def _export_serving(model: nn.Module, out: Path, format: str, tokenizer: Any, adapter: bool, report: dict | None) -> Path:
@@ -103,7 +106,7 @@ def _export_serving(model: nn.Module, out: Path, format: str, tokenizer: Any, ad
             save_file(adapter_tensors, adapter_dir / peft.ADAPTER_WEIGHTS, metadata={"format": "pt"})
             config = peft.adapter_config(ranks, base_model=out.name)
             (adapter_dir / peft.ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
-        (staging / checkpoint.CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True, default=str))
+        checkpoint.write_config(hf_config, staging)
     return out
 
 

@@ -39,7 +39,8 @@ from ..errors import ModelError
 from ..experts import set_expert_calibration
 from ..surgery import standard_layers
 from ..memory import forward_allocations
-from ..nn import CompressedLinear, dequantized_weights
+from ..nn import CompressedLinear
+from ..precision import compute_dtype, forward_weights
 from ..passes import LayerState, Pass, Target
 from ..flags import RecipeLike, as_recipe
 from ..recipe import Recipe
@@ -79,6 +80,7 @@ class CompressionReport:
     calibration_tokens: int
     seconds: float = 0.0
     activations: str = "none"  # where the calibration activations between blocks were kept
+    compute_dtype: str = "none"  # what the calibration forwards computed in
     devices: list[str] = field(default_factory=list)  # where the blocks were compressed
     layers: list[LayerRecord] = field(default_factory=list)
     coverage: Coverage | None = None
@@ -162,13 +164,15 @@ def compress_blocks(model: nn.Module, recipe: RecipeLike, windows: Tensor | None
     if windows is not None:
         offload_dir = None if offload_dir is None else Path(offload_dir)
         embeddings = model.get_input_embeddings()
-        hidden_bytes = windows.numel() * getattr(model.config, "hidden_size", embeddings.embedding_dim) * embeddings.weight.element_size()
+        dtype = compute_dtype(embeddings.weight.dtype, devices[min(start, len(blocks) - 1)], recipe.calib.compute_dtype)
+        report.compute_dtype = str(dtype).replace("torch.", "")
+        hidden_bytes = windows.numel() * getattr(model.config, "hidden_size", embeddings.embedding_dim) * dtype.itemsize
         report.activations = choose_place(activations, hidden_bytes, devices[min(start, len(blocks) - 1)], offload_dir)
         if start == 0:
             store.load(0, blocks[0], devices[0])
             preloaded = 0
             caught = Activations(devices[0], report.activations, offload_dir)
-            inputs = catch_block_inputs(model, blocks, windows, recipe.calib.batch_size, devices[0], into=caught)
+            inputs = catch_block_inputs(model, blocks, windows, recipe.calib.batch_size, devices[0], into=caught, dtype=dtype)
         elif start < len(blocks):
             inputs = store.resumed_inputs(devices[start], report.activations, offload_dir)
     folds: dict[tuple[str, ...], Fold | None] = {}
@@ -185,7 +189,7 @@ def compress_blocks(model: nn.Module, recipe: RecipeLike, windows: Tensor | None
         records = _compress_block(block, block_targets, inputs, recipe, passes, folds)
         report.layers.extend(records)
         if inputs is not None and index + 1 < len(blocks):
-            with dequantized_weights(block, inputs.dtype), forward_allocations():
+            with forward_weights(block, inputs.dtype), forward_allocations():
                 inputs = run_block(block, inputs, f"{blocks_path}.{index}")
         store.commit(index, block, records, inputs if index + 1 < len(blocks) else None)
         if progress:
@@ -218,7 +222,8 @@ def _compress_block(block: nn.Module, targets: list[Target], inputs: BlockInputs
         return []
     if inputs is None:
         return _compress_stage(block, targets, {}, layer_passes, {}, {}, {})
-    groups = input_groups(block, targets, inputs)
+    with forward_weights(block, inputs.dtype):
+        groups = input_groups(block, targets, inputs)
     notes: dict[str, list[str]] = {}
     labels: dict[str, list[str]] = {}  # the block passes that ran on each layer, for its record
     smooths: dict[str, Tensor] = {}
@@ -231,7 +236,7 @@ def _compress_block(block: nn.Module, targets: list[Target], inputs: BlockInputs
     wanted = frozenset({HESSIAN}).union(*(c.statistics() for t in targets for c in t.configs if c is not None))
     records = []
     for stage, one_input in work:
-        with dequantized_weights(block, inputs.dtype), forward_allocations():
+        with forward_weights(block, inputs.dtype), forward_allocations():
             # Stopping after the last layer is unsafe where experts are: each micro-batch reaches others.
             early = one_input or not (sequential or any(t.expert is not None for t in stage))
             stats = gather_statistics(block, stage, inputs, wanted, stop_after_last=early, one_input=one_input)
@@ -260,7 +265,8 @@ def _group_fold(block: nn.Module, group: list[Target], inputs: BlockInputs, fold
     """Where a per-channel scale of the group's input folds (found once, blocks are identical)."""
     key = tuple(t.local_name for t in group)
     if key not in folds:
-        folds[key] = find_fold(block, group, inputs)
+        with forward_weights(block, inputs.dtype):
+            folds[key] = find_fold(block, group, inputs)
     return folds[key]
 
 
@@ -282,7 +288,8 @@ def _smooth_groups(block: nn.Module, block_pass: Pass, targets: list[Target], gr
     members = [t for t in targets if t.config(block_pass.index) is not None]
     if not members:
         return
-    stats = gather_statistics(block, members, inputs, block_pass.block_statistics(members))
+    with forward_weights(block, inputs.dtype), forward_allocations():
+        stats = gather_statistics(block, members, inputs, block_pass.block_statistics(members))
     for group in groups:
         chosen = [t for t in group if t.config(block_pass.index) is not None]
         if not chosen:

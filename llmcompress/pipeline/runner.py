@@ -20,9 +20,10 @@ class _StopForward(Exception):
 
 
 def catch_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: Tensor, batch_size: int, device: torch.device,
-                       into: Activations | None = None) -> BlockInputs:
+                       into: Activations | None = None, dtype: torch.dtype | None = None) -> BlockInputs:
     """Run the model up to block 0 on each micro-batch and keep what block 0 was called with
-    (in ``into``, default: on ``device``).
+    (in ``into``, default: on ``device``), its floating tensors cast to ``dtype``, the dtype the
+    blocks will compute in (default: as the model made them).
 
     Everything outside the blocks visits ``device`` for this and returns where it was."""
     caught = into if into is not None else Activations(device)
@@ -35,6 +36,8 @@ def catch_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: Tensor,
         kwargs.pop("past_key_value", None)
         kwargs["use_cache"] = False
         check_finite(hidden, "the input of the first decoder block (the embeddings' output)")
+        if dtype is not None:
+            hidden, kwargs = hidden.to(dtype), {key: _cast_floating(value, dtype) for key, value in kwargs.items()}
         caught.append(hidden, kwargs)
         raise _StopForward
 
@@ -54,6 +57,15 @@ def catch_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: Tensor,
         blocks[0].to(home)
         move_outside_blocks(model, blocks, home)
     return caught
+
+
+def _cast_floating(value: object, dtype: torch.dtype) -> object:
+    """A block keyword with its floating tensors in ``dtype`` (position embeddings are a tuple)."""
+    if isinstance(value, Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, tuple):
+        return tuple(_cast_floating(item, dtype) for item in value)
+    return value
 
 
 def call_block(block: nn.Module, inputs: Sequence[tuple[Tensor, dict]]) -> None:
