@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .calib import calibration_windows
 from .checkpoint import check_output_dir, checkpoint_config, save, unique_state_dict
 from .errors import CalibrationError, ConfigError, LLMCompressError, ModelError
@@ -25,7 +26,7 @@ from .pipeline.sharded import check_head, materialize_head, materialize_outside,
 from .recipe import Recipe
 from .rundir import RunDirectory
 from .shards import ShardedWeights
-from .streaming import DiskStream
+from .streaming import DiskStream, LendingStream
 from .version import __version__
 
 
@@ -49,6 +50,8 @@ def compress(model: nn.Module | str | os.PathLike | None, recipe: RecipeLike | N
     """
     config = as_recipe(recipe)
     _check_device(device)
+    # Across processes (``llmcompress.distributed``) the first one writes; the others lend it their share.
+    output_dir = output_dir if distributed.is_main() else None
     with nullcontext() if output_dir is None else output_lock(output_dir):
         if output_dir is not None:
             check_output_dir(output_dir, overwrite)
@@ -87,6 +90,9 @@ def compress_to_disk(model: str | os.PathLike | None, recipe: RecipeLike | None,
     pin_mmap_threshold()  # first: tokenising the calibration text fragments the heap too
     config = as_recipe(recipe)
     _check_device(device)
+    if resume and distributed.active():
+        raise ConfigError("--resume does not work under torchrun (each process keeps only its share of the calibration activations): "
+                          "start the run again with --overwrite")
     if model is not None and not Path(model).expanduser().exists() and str(model) != "default":
         raise ModelError(f"model path {str(model)!r} does not exist: check the path (compressing block by block needs a local model)")
     model_dir = Path(resolve_model_dir(model))
@@ -109,6 +115,14 @@ def compress_to_disk(model: str | os.PathLike | None, recipe: RecipeLike | None,
         "llmcompress_version": __version__,
         "torch_version": torch.__version__,
     }
+    if distributed.active():
+        # Its committed activations are process 0's share only: no run of another size may resume it.
+        identity["processes"] = distributed.world()
+    if not distributed.is_main():
+        materialize_outside(skeleton, blocks_path, weights, "cpu")
+        report = compress_blocks(skeleton, effective, windows, device=device, progress=False, store=LendingStream(weights, blocks_path, skeleton),
+                                 activations=activations, offload_dir=offload_dir, strict=strict)
+        return Path(output_dir), report
     with output_lock(output_dir):
         run = RunDirectory(output_dir, identity, resume=resume, overwrite=overwrite, command=command)
         try:

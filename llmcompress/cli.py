@@ -19,7 +19,7 @@ import click
 import torch
 from click.core import ParameterSource
 
-from . import checkpoint, integrity, reports, rundir
+from . import checkpoint, distributed, integrity, reports, rundir
 from .api import compress as compress_model
 from .api import compress_to_disk
 from .calib import DEFAULT_EVALUATION, read_text
@@ -220,11 +220,17 @@ def run(model: str | None, recipe_path: str | None, print_recipe: bool, settings
         if activations == "disk" and offload_dir is None:
             raise ConfigError("--activations disk needs a directory for them: add --offload-dir DIR")
         out = Path(out_dir or _default_out_dir(model, config))
+        # Under torchrun, one process per GPU (or CPU share); the group lives as long as the command.
+        device = ctx.with_resource(distributed.process_group(device))
+        # A native checkpoint of a model on disk is written block by block as the blocks are
+        # compressed (resumable, memory of one block); the serving formats need the whole model.
+        streaming = export_format == "native" and _has_safetensors(model)
+        placement = {"activations": activations, "offload_dir": offload_dir, "strict": strict}
+        if not distributed.is_main():
+            _lend_share(model, config, calib, device, placement, streaming, out)
+            return
         # One run per output directory, from its checks until its result is in place.
         with output_lock(out):
-            # A native checkpoint of a model on disk is written block by block as the blocks are
-            # compressed (resumable, memory of one block); the serving formats need the whole model.
-            streaming = export_format == "native" and _has_safetensors(model)
             if resume and not streaming:
                 raise ConfigError("--resume continues a native run of a local safetensors model: drop --export, or drop --resume")
             if streaming:
@@ -235,7 +241,6 @@ def run(model: str | None, recipe_path: str | None, print_recipe: bool, settings
             eval_limit = eval_windows or None
             describe = _describe_run(config, calib)
             evaluation = (eval_text, eval_seqlen, eval_limit, eval_dtype) if run_eval else None
-            placement = {"activations": activations, "offload_dir": offload_dir, "strict": strict}
             before, after, before_ppl, after_ppl = _compress_and_measure(model, config, out, calib, device, resume, overwrite, export_format,
                                                                          adapter, describe, evaluation, placement, streaming)
     except KeyboardInterrupt:
@@ -426,6 +431,16 @@ def _compress_and_measure(model: str | None, recipe: Recipe, out: Path, calib: s
         click.echo(f"writing {out} ({export_format})")
         _write(compressed, out, export_format, tokenizer, {**compressed.compression_report.to_dict(), **extras}, overwrite, adapter)
     return before, after, before_ppl, after_ppl
+
+
+def _lend_share(model: str | None, recipe: Recipe, calib: str | None, device: str, placement: dict, streaming: bool, out: Path) -> None:
+    """A process other than the first under torchrun: the same compression, reading the model as
+    the first process does, on its share of the calibration, writing and evaluating nothing."""
+    if streaming:
+        compress_to_disk(model, recipe, out, calibration=calib, device=device, progress=False, **placement)
+    else:
+        float_model, tokenizer = load_model(model, device=single_device(device))
+        compress_model(float_model, recipe, calibration=calib, tokenizer=tokenizer, device=device, progress=False, **placement)
 
 
 def _report_extras(before: SizeSummary, after: SizeSummary, before_ppl: PerplexityResult | None,

@@ -22,6 +22,17 @@ SAMPLE_EVERY = 16
 
 
 @dataclass
+class Contribution:
+    """One micro-batch's share of a ``LayerStats``: its tokens and the statistics it adds."""
+
+    tokens: int
+    xtx: Tensor | None = None
+    abs_sum: Tensor | None = None
+    abs_max: Tensor | None = None
+    sample: Tensor | None = None
+
+
+@dataclass
 class LayerStats:
     """Running statistics of a layer's inputs over tokens: X^T X, sum |x|, max |x| per channel."""
 
@@ -36,26 +47,41 @@ class LayerStats:
     def update(self, inputs: Tensor, token_weights: Tensor | None = None) -> None:
         """Add a micro-batch of inputs. ``token_weights`` (one per input row, an expert's router
         weights) scale each row's output, so each row's share of X^T X is weighted by its square."""
+        self.add(self.contribution(inputs, token_weights))
+
+    def contribution(self, inputs: Tensor, token_weights: Tensor | None = None) -> Contribution:
+        """What a micro-batch of inputs adds, before it is added (``update`` is the two in a row)."""
         x = inputs.reshape(-1, inputs.shape[-1]).float()
         if x.shape[1] != self.in_features:
             raise ValueError(f"expected inputs with {self.in_features} features, got {x.shape[1]}")
-        self.tokens += x.shape[0]
+        part = Contribution(tokens=x.shape[0])
         if HESSIAN in self.wanted:
             weighted = x if token_weights is None else x * token_weights.reshape(-1, 1).float()
-            if self.xtx is None:
-                self.xtx = weighted.T @ weighted
-            else:
-                self.xtx.addmm_(weighted.T, weighted)
+            part.xtx = weighted.T @ weighted
         if ABS_MEAN in self.wanted or ABS_MAX in self.wanted:
             magnitude = x.abs()
             if ABS_MEAN in self.wanted:
-                total = magnitude.sum(dim=0)
-                self.abs_sum = total if self.abs_sum is None else self.abs_sum + total
+                part.abs_sum = magnitude.sum(dim=0)
             if ABS_MAX in self.wanted:
-                peak = magnitude.amax(dim=0)
-                self.abs_max = peak if self.abs_max is None else torch.maximum(self.abs_max, peak)
+                part.abs_max = magnitude.amax(dim=0)
         if SAMPLES in self.wanted:
-            self.sampled.append(x[::SAMPLE_EVERY].clone())
+            part.sample = x[::SAMPLE_EVERY].clone()
+        return part
+
+    def add(self, part: Contribution) -> None:
+        """Add one micro-batch's contribution. The sums are sequential in micro-batch order, one
+        product added at a time (not a fused addmm_, whose rounding depends on what it is fused
+        with), so that processes that each computed some of the contributions reproduce a single
+        process's bits by adding them in the same order (``llmcompress.distributed``)."""
+        self.tokens += part.tokens
+        if part.xtx is not None:
+            self.xtx = part.xtx if self.xtx is None else self.xtx.add_(part.xtx)
+        if part.abs_sum is not None:
+            self.abs_sum = part.abs_sum if self.abs_sum is None else self.abs_sum + part.abs_sum
+        if part.abs_max is not None:
+            self.abs_max = part.abs_max if self.abs_max is None else torch.maximum(self.abs_max, part.abs_max)
+        if part.sample is not None:
+            self.sampled.append(part.sample)
 
     @property
     def hessian(self) -> Tensor:

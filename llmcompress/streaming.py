@@ -47,3 +47,21 @@ class DiskStream:
         modules = {self.stored.module(name): entry for name, entry in module_entries(block, prefix).items()}
         self.run.commit_block(index, tensors, modules, [dataclasses.asdict(r) for r in records], next_inputs)
         release(block)
+
+
+class LendingStream(DiskStream):
+    """The store of a process that lends its share of the work to process 0, which writes the
+    checkpoint (``llmcompress.distributed``): blocks are read as ``DiskStream`` reads them, and
+    dropped once compressed."""
+
+    def __init__(self, weights: ShardedWeights, blocks_path: str, model: nn.Module) -> None:
+        super().__init__(weights, None, blocks_path, model)
+
+    def first_block(self) -> int:
+        return 0
+
+    def resumed_records(self) -> list[LayerRecord]:
+        return []
+
+    def commit(self, index: int, block: nn.Module, records: list[LayerRecord], next_inputs: BlockInputs | None) -> None:
+        release(block)

@@ -42,6 +42,13 @@ class Pass:
     def apply(self, layers: Sequence[tuple[LayerState, PassConfig]]) -> None:
         raise NotImplementedError
 
+    def layers_independent(self, configs: Sequence[PassConfig | None]) -> bool:
+        """Whether this pass, with these configs for a stage's layers (None: not applied), gives
+        each group of layers sharing one H the result it gives it beside the others: then processes
+        may each compress some groups (``llmcompress.distributed``). A pass that does not say so
+        runs on every layer in every process."""
+        return False
+
 
 REGISTRY: dict[str, type[Pass]] = {}
 

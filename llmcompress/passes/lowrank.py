@@ -81,6 +81,9 @@ class LowRankPass(Pass):
     config_class = LowRankPassConfig
     after = ("quantize",)
 
+    def layers_independent(self, configs: Sequence[LowRankPassConfig | None]) -> bool:
+        return not any(config is not None and config.alloc == "energy" for config in configs)
+
     def prepare(self, layers: Sequence[tuple[LayerState, LowRankPassConfig]]) -> None:
         for state, config in layers:
             if config.splits:

@@ -94,6 +94,9 @@ class PrunePass(Pass):
     kind = "prune"
     config_class = PrunePassConfig
 
+    def layers_independent(self, configs: Sequence[PrunePassConfig | None]) -> bool:
+        return True
+
     def apply(self, layers: Sequence[tuple[LayerState, PrunePassConfig]]) -> None:
         alone = []
         for state, config in layers:

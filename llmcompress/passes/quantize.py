@@ -155,6 +155,9 @@ class QuantizePass(Pass):
     kind = "quantize"
     config_class = QuantizePassConfig
 
+    def layers_independent(self, configs: Sequence[QuantizePassConfig | None]) -> bool:
+        return True
+
     def apply(self, layers: Sequence[tuple[LayerState, QuantizePassConfig]]) -> None:
         for batch in column_batches(layers):
             state, config = batch[0]

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..errors import ModelError
 from ..experts import set_expert_calibration
 from ..surgery import standard_layers
@@ -209,7 +210,9 @@ def _block_line(index: int, count: int, records: list[LayerRecord]) -> str:
     if not records:
         return f"block {index + 1}/{count}: nothing to compress"
     kind = "output" if records[0].output_error is not None else "weight"
-    errors = {".".join(r.name.rsplit(".", 2)[-2:]): (r.output_error if kind == "output" else r.weight_error) for r in records}
+    # An expert too starved for statistics has no output error.
+    errors = {".".join(r.name.rsplit(".", 2)[-2:]): error for r in records
+              if (error := r.output_error if kind == "output" else r.weight_error) is not None}
     worst = max(errors, key=errors.get)
     return (f"block {index + 1}/{count}: mean relative {kind} error {sum(errors.values()) / len(errors):.4f}, "
             f"worst {worst} {errors[worst]:.4f}")
@@ -223,7 +226,7 @@ def _compress_block(block: nn.Module, targets: list[Target], inputs: BlockInputs
     if inputs is None:
         return _compress_stage(block, targets, {}, layer_passes, {}, {}, {})
     with forward_weights(block, inputs.dtype):
-        groups = input_groups(block, targets, inputs)
+        groups = _first_process_groups(block, targets, inputs)
     notes: dict[str, list[str]] = {}
     labels: dict[str, list[str]] = {}  # the block passes that ran on each layer, for its record
     smooths: dict[str, Tensor] = {}
@@ -246,6 +249,13 @@ def _compress_block(block: nn.Module, targets: list[Target], inputs: BlockInputs
     return records
 
 
+def _first_process_groups(block: nn.Module, targets: list[Target], inputs: BlockInputs) -> list[list[Target]]:
+    """``input_groups`` found on the first micro-batch, which the first process holds."""
+    named = distributed.from_first(lambda: [[t.name for t in group] for group in input_groups(block, targets, inputs)])
+    by_name = {t.name: t for t in targets}
+    return [[by_name[name] for name in group] for group in named]
+
+
 def _drop_starved_experts(stage: list[Target], stats: dict[str, LayerStats], min_tokens: int, notes: dict[str, list[str]]) -> set[str]:
     """Experts that saw fewer than ``min_tokens`` calibration tokens lose their statistics, so
     every pass compresses them data-free and says so; returns their names."""
@@ -266,7 +276,7 @@ def _group_fold(block: nn.Module, group: list[Target], inputs: BlockInputs, fold
     key = tuple(t.local_name for t in group)
     if key not in folds:
         with forward_weights(block, inputs.dtype):
-            folds[key] = find_fold(block, group, inputs)
+            folds[key] = distributed.from_first(lambda: find_fold(block, group, inputs))
     return folds[key]
 
 
@@ -339,7 +349,7 @@ def _compress_stage(block: nn.Module, stage: list[Target], stats: dict[str, Laye
     # Layers reading one input (q/k/v) share one statistics record, so their H is one tensor.
     hessians = _shared_hessians(stats)
     states = layer_states(stage, originals, [hessians.get(t.name) for t in stage], [smooths.get(t.name) for t in stage])
-    run_layer_passes(states, layer_passes)
+    distributed.split_layer_work(states, layer_passes, run_layer_passes)
     seconds = (time.perf_counter() - started) / len(stage)
     records = []
     for state, linear in zip(states, linears, strict=True):

@@ -7,9 +7,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..errors import ModelError
 from ..passes import Target
-from ..stats import LayerStats
+from ..stats import Contribution, LayerStats
 from .activations import Activations
 
 BlockInputs = Activations
@@ -23,7 +24,8 @@ def catch_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: Tensor,
                        into: Activations | None = None, dtype: torch.dtype | None = None) -> BlockInputs:
     """Run the model up to block 0 on each micro-batch and keep what block 0 was called with
     (in ``into``, default: on ``device``), its floating tensors cast to ``dtype``, the dtype the
-    blocks will compute in (default: as the model made them).
+    blocks will compute in (default: as the model made them). Across processes, each keeps its
+    share of the micro-batches (``distributed.my_share``).
 
     Everything outside the blocks visits ``device`` for this and returns where it was."""
     caught = into if into is not None else Activations(device)
@@ -46,7 +48,7 @@ def catch_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: Tensor,
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
-            for batch in windows.split(batch_size):
+            for batch in distributed.my_share(windows.split(batch_size)):
                 try:
                     model(input_ids=batch.to(device), use_cache=False)
                 except _StopForward:
@@ -113,6 +115,10 @@ def gather_statistics(block: nn.Module, targets: Sequence[Target], inputs: Block
     return zeros instead of multiplying, which saves their matmuls (a third of a block's work
     over a true-sequential block). A target fed a different tensor raises, since its statistics
     would be wrong.
+
+    Across processes, each runs the block on its own micro-batches and keeps what each adds to
+    each accumulator; after every round of micro-batches (one per process), every process adds
+    them all in micro-batch order, so each holds the statistics of every micro-batch.
     """
     if one_input and not stop_after_last:
         raise ValueError("one_input skips the targets' matmuls, so it needs stop_after_last")
@@ -120,21 +126,28 @@ def gather_statistics(block: nn.Module, targets: Sequence[Target], inputs: Block
     seen: list[tuple[Tensor, LayerStats]] = []  # holding the tensors also keeps their identity unique
     updated: list[LayerStats] = []  # the accumulators already fed this micro-batch
     last = targets[-1].name if stop_after_last and targets else None
+    shared = distributed.active()
+    owned: dict[str, LayerStats] = {}  # across processes: this process's accumulators, never fed, keyed as ``stats``
+    parts: dict[str, tuple[int, Contribution]] = {}  # across processes: this micro-batch's contributions, by their first reader
 
     def make_hook(target: Target, in_features: int):  # noqa: ANN202
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
             if one_input and seen and x is not seen[0][0]:
                 raise RuntimeError(f"{target.name} reads a different tensor from the other layers of its group")
-            if target.name not in stats:
-                shared = next((acc for tensor, acc in seen if tensor is x), None)
-                stats[target.name] = shared if shared is not None else LayerStats(in_features, wanted)
-            accumulator = stats[target.name]
+            accumulators = owned if shared else stats
+            if target.name not in accumulators:
+                reader = next((acc for tensor, acc in seen if tensor is x), None)
+                accumulators[target.name] = reader if reader is not None else LayerStats(in_features, wanted)
+            accumulator = accumulators[target.name]
             if not any(tensor is x for tensor, _ in seen):
                 seen.append((x, accumulator))
             if not any(done is accumulator for done in updated):
                 check_finite(x, f"the input of {target.name}")
-                accumulator.update(x, getattr(module, "token_weights", None))
+                if shared:
+                    parts[target.name] = (in_features, accumulator.contribution(x, getattr(module, "token_weights", None)))
+                else:
+                    accumulator.update(x, getattr(module, "token_weights", None))
                 updated.append(accumulator)
             if target.name == last:
                 raise _StopForward
@@ -150,10 +163,14 @@ def gather_statistics(block: nn.Module, targets: Sequence[Target], inputs: Block
             if one_input:
                 linear.forward = _zeros_like_output(linear.out_features)
                 skipped.append(linear)
-        for micro_batch in inputs:
+        for index in range(distributed.rounds(len(inputs))):
             seen.clear()
             updated.clear()
-            call_block(block, [micro_batch])
+            if index < len(inputs):
+                call_block(block, [inputs[index]])
+            if shared:
+                _add_round(stats, _named(parts, owned), wanted, inputs.device)
+                parts.clear()
     finally:
         for handle in handles:
             handle.remove()
@@ -161,6 +178,21 @@ def gather_statistics(block: nn.Module, targets: Sequence[Target], inputs: Block
             del linear.forward
         seen.clear()
     return stats
+
+
+def _named(parts: dict[str, tuple[int, Contribution]], owned: dict[str, LayerStats]) -> dict[tuple[str, ...], tuple[int, Contribution]]:
+    """Each contribution keyed by every target that reads its input, in call order."""
+    return {tuple(n for n, acc in owned.items() if acc is owned[name]): part for name, part in parts.items()}
+
+
+def _add_round(stats: dict[str, LayerStats], parts: dict, wanted: frozenset[str], device: torch.device) -> None:
+    """Add every process's contributions of one round to ``stats``, in rank order: micro-batch order."""
+    for received in distributed.exchange(parts, device):
+        for names, (in_features, part) in received.items():
+            if names[0] not in stats:
+                accumulator = LayerStats(in_features, wanted)
+                stats.update(dict.fromkeys(names, accumulator))
+            stats[names[0]].add(part)
 
 
 def _zeros_like_output(out_features: int):  # noqa: ANN202
