@@ -351,8 +351,11 @@ def _unused_options(ctx: click.Context, recipe: Recipe, calib: str | None, run_e
         defaults = fresh.params
     flags = {name: ctx.params[name] for name in FLAG_OPTIONS}
     built = recipe_from_config(build_config(**flags))
+    # An option whose default is None is resolved from the others (--group-size 128 for INT4, 16
+    # for NVFP4): giving the value it resolves to is not an option without effect.
     inert = [p.opts[0] for p in given if p.name in FLAG_OPTIONS and p.name not in RUN_SECTIONS["Calibration"]
-             and flags[p.name] != defaults[p.name] and _same_recipe(built, {**flags, p.name: defaults[p.name]})]
+             and defaults[p.name] is not None and flags[p.name] != defaults[p.name]
+             and _same_recipe(built, {**flags, p.name: defaults[p.name]})]
     warnings = []
     if calibration and not _uses_calibration(recipe, calib):
         warnings.append(_unused(calibration, f": {recipe.describe()} is data-free, so no calibration text is read",

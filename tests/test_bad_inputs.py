@@ -107,6 +107,9 @@ def test_options_the_run_does_not_use_are_warned_about(tiny_model_dir, tmp_path)
     assert result.exit_code == 0 and "warning" not in result.output, result.output
     result = _run(tiny_model_dir, "--out", tmp_path / "measured", "--calib", "austen:train", "--nsamples", 4, "--seqlen", 64, *TINY_RUN)
     assert result.exit_code == 0 and "warning" not in result.output, result.output
+    # The value an option resolves to when left out (the quick start's --group-size 128 for INT4, 16 for NVFP4) is used too.
+    result = _run(tiny_model_dir, "--out", tmp_path / "nvfp4", "--format", "nvfp4", "--group-size", 16, "--calib", "none", "--no-eval")
+    assert result.exit_code == 0 and "warning" not in result.output, result.output
 
 
 # ----------------------------------------------------------------------------- the output directory
