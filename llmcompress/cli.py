@@ -25,6 +25,7 @@ from .api import compress_to_disk
 from .calib import DEFAULT_EVALUATION, read_text
 from .config import (
     ACT_BITS,
+    COMPUTE_DTYPES,
     FORMAT_KINDS,
     LOWRANK_METHODS,
     METHODS,
@@ -38,7 +39,6 @@ from .config import (
     PruneConfig,
     QuantFormat,
 )
-from .config import COMPUTE_DTYPES
 from .errors import ConfigError, LLMCompressError
 from .evalcache import cache_dir, cache_key, cached_perplexity
 from .throughput import PEAK_SHAPE, matmul_peak
@@ -63,6 +63,7 @@ from .summary import SizeSummary, size_summary
 DEFAULT_COMMAND = "run"
 ARGUMENTS_KEY = "llmcompress.arguments"
 NO_QUANT_BITS = 16
+COMPUTE_DTYPE_HELP = "What evaluation computes in; auto: as stored on a GPU, bfloat16 for 16-bit models on CPUs that have it, else float32."
 NO_VERIFY_HELP = "Skip checking the checkpoint's files against the checksums recorded when it was written (loads faster)."
 
 
@@ -185,8 +186,7 @@ def _parse_override(text: str) -> ModuleOverride:
 @click.option("--eval-text", default=DEFAULT_EVALUATION, show_default=True, metavar="SOURCE", help="Evaluation text source.")
 @click.option("--eval-seqlen", type=int, default=1024, show_default=True, help="Tokens per evaluation window.")
 @click.option("--eval-windows", type=int, default=40, show_default=True, help="Evaluation windows to score; 0 = the whole text.")
-@click.option("--eval-dtype", type=click.Choice(COMPUTE_DTYPES), default="auto", show_default=True,
-              help="What evaluation computes in; auto: as stored on a GPU, bfloat16 for 16-bit models on CPUs that have it, else float32.")
+@click.option("--eval-dtype", type=click.Choice(COMPUTE_DTYPES), default="auto", show_default=True, help=COMPUTE_DTYPE_HELP)
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
               help="Where blocks are compressed and evaluated; auto: the blocks spread over the visible GPUs by accelerate's device map "
                    "(evaluation on the first), the CPU when there is none.")
@@ -510,8 +510,7 @@ def verify_command(checkpoint_dir: str) -> None:
         raise click.ClickException(f"{directory} has no {integrity.CHECKSUM_FILE}: it was written before checkpoints recorded checksums, "
                                    "or not by llmcompress, so there is nothing to verify it against")
     damaged = 0
-    for name, expected in sorted(files.items()):
-        problem = integrity.file_problem(directory / name, expected)
+    for name, problem in integrity.check_files(directory, files):
         damaged += problem is not None
         click.echo(problem or f"ok  {name}")
     if damaged:
@@ -528,8 +527,7 @@ def verify_command(checkpoint_dir: str) -> None:
 @click.option("--baseline", is_flag=True, help="Also score the float model and print the difference.")
 @click.option("--float-model", default=None, metavar="MODEL",
               help="The float model for --baseline [default: the one the checkpoint was compressed from].")
-@click.option("--dtype", type=click.Choice(COMPUTE_DTYPES), default="auto", show_default=True,
-              help="What evaluation computes in; auto: as stored on a GPU, bfloat16 for 16-bit models on CPUs that have it, else float32.")
+@click.option("--dtype", type=click.Choice(COMPUTE_DTYPES), default="auto", show_default=True, help=COMPUTE_DTYPE_HELP)
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True, help="auto: the first GPU, else the CPU.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the numbers as JSON.")
 @click.option("--no-verify", is_flag=True, help=NO_VERIFY_HELP)

@@ -89,13 +89,18 @@ def file_problem(path: Path, expected: dict) -> str | None:
     return None
 
 
+def check_files(directory: Path, files: Mapping[str, dict]) -> list[tuple[str, str | None]]:
+    """Each recorded file's name and what is wrong with it, in name order (None when it matches)."""
+    return [(name, file_problem(directory / name, expected)) for name, expected in sorted(files.items())]
+
+
 def verify(directory: Path) -> bool:
     """Check every recorded file; raise ``CheckpointError`` naming the first damaged one. False
     when ``directory`` has no record to check against."""
     files = read_record(directory)
     if files is None:
         return False
-    problems = [problem for name, expected in sorted(files.items()) if (problem := file_problem(directory / name, expected))]
+    problems = [problem for _, problem in check_files(directory, files) if problem]
     if problems:
         more = f" (and {len(problems) - 1} more damaged files: `compress verify {directory}` lists them)" if len(problems) > 1 else ""
         raise CheckpointError(f"{problems[0]}; {REMEDY}{more}")
