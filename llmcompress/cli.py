@@ -46,6 +46,7 @@ from .evaluate import PerplexityResult, perplexity
 from .export import FORMATS as EXPORT_FORMATS
 from .export import ExportError, export
 from .export import notes as export_notes
+from .export.engines import DEFAULT_ENGINE, ENGINES
 from .fileio import staged_file
 from .flags import recipe_from_config
 from .memory import pin_mmap_threshold
@@ -110,7 +111,7 @@ RUN_SECTIONS = {
     "Modules": ("skips", "overrides", "strict"),
     "Calibration": ("calib", "nsamples", "seqlen", "seed", "batch_size"),
     "Evaluation": ("run_eval", "eval_text", "eval_seqlen", "eval_windows", "eval_dtype"),
-    "Output": ("out_dir", "overwrite", "resume", "export_format", "adapter"),
+    "Output": ("out_dir", "overwrite", "resume", "export_format", "adapter", "engine"),
     "Placement": ("device", "activations", "offload_dir"),
 }
 
@@ -197,9 +198,11 @@ def _parse_override(text: str) -> ModuleOverride:
               help="Checkpoint format to write: ours (keeps everything), or compressed-tensors / gptq, which transformers and vLLM load.")
 @click.option("--adapter/--no-adapter", default=True, show_default=True,
               help="compressed-tensors / gptq: write low-rank branches as a PEFT LoRA adapter in OUT/adapter (else refuse them).")
+@click.option("--engine", type=click.Choice(ENGINES), default=DEFAULT_ENGINE, show_default=True,
+              help="compressed-tensors / gptq: the serving engine the export is for; what it would refuse to load is refused before writing.")
 def run(model: str | None, recipe_path: str | None, print_recipe: bool, settings: tuple[str, ...], out_dir: str | None, overwrite: bool,
         resume: bool, calib: str | None, run_eval: bool, eval_text: str, eval_seqlen: int, eval_windows: int, eval_dtype: str, device: str,
-        activations: str, offload_dir: str | None, export_format: str, adapter: bool, strict: bool, **flags) -> None:  # noqa: ANN003
+        activations: str, offload_dir: str | None, export_format: str, adapter: bool, engine: str, strict: bool, **flags) -> None:  # noqa: ANN003
     """Compress MODEL (a Hugging Face directory, a .gguf file or a hub id; default: the bundled
     SmolLM2-135M-Instruct) and write a packed checkpoint that `llmcompress.load` reads.
 
@@ -242,7 +245,7 @@ def run(model: str | None, recipe_path: str | None, print_recipe: bool, settings
             describe = _describe_run(config, calib)
             evaluation = (eval_text, eval_seqlen, eval_limit, eval_dtype) if run_eval else None
             before, after, before_ppl, after_ppl = _compress_and_measure(model, config, out, calib, device, resume, overwrite, export_format,
-                                                                         adapter, describe, evaluation, placement, streaming)
+                                                                         (adapter, engine), describe, evaluation, placement, streaming)
     except KeyboardInterrupt:
         unfinished = rundir.unfinished_run(rundir.partial_path(out)) if streaming else None
         state = f"; {rundir.describe_unfinished(unfinished)}" if unfinished else ""
@@ -383,7 +386,7 @@ def _unused(options: list[str], why: str, fix: str) -> str:
 
 
 def _compress_and_measure(model: str | None, recipe: Recipe, out: Path, calib: str | None, device: str, resume: bool,
-                          overwrite: bool, export_format: str, adapter: bool, describe: str, evaluation: tuple | None,
+                          overwrite: bool, export_format: str, serving: tuple[bool, str], describe: str, evaluation: tuple | None,
                           placement: dict, streaming: bool) -> tuple:
     """One run, whichever store holds the blocks: sizes and perplexity before, the compression,
     sizes and perplexity after, the output. Streaming, the model stays on disk and each block is
@@ -432,7 +435,7 @@ def _compress_and_measure(model: str | None, recipe: Recipe, out: Path, calib: s
         checkpoint.add_to_report(out, extras)
     else:
         click.echo(f"writing {out} ({export_format})")
-        _write(compressed, out, export_format, tokenizer, {**compressed.compression_report.to_dict(), **extras}, overwrite, adapter)
+        _write(compressed, out, export_format, tokenizer, {**compressed.compression_report.to_dict(), **extras}, overwrite, *serving)
     return before, after, before_ppl, after_ppl
 
 
@@ -456,21 +459,21 @@ def _report_extras(before: SizeSummary, after: SizeSummary, before_ppl: Perplexi
     }
 
 
-def _write(model, out: Path, export_format: str, tokenizer, report: dict, overwrite: bool, adapter: bool) -> None:  # noqa: ANN001
+def _write(model, out: Path, export_format: str, tokenizer, report: dict, overwrite: bool, adapter: bool, engine: str) -> None:  # noqa: ANN001
     """Write the chosen format; when a serving export refuses a layer, keep the work as a native checkpoint."""
     try:
-        export(model, out, export_format, tokenizer=tokenizer, adapter=adapter, overwrite=overwrite, report=report)
+        export(model, out, export_format, tokenizer=tokenizer, adapter=adapter, overwrite=overwrite, report=report, engine=engine)
     except ExportError as err:
         if export_format == "native":
             raise
         export(model, out, "native", tokenizer=tokenizer, overwrite=overwrite, report=report)
         raise ExportError(f"{err}. The compressed model was written to {out} as a native checkpoint instead; "
                           f"`compress export {out} --format {export_format}` converts it once the cause is fixed") from err
-    _report_notes(model, export_format)
+    _report_notes(model, export_format, engine)
 
 
-def _report_notes(model, export_format: str) -> None:  # noqa: ANN001
-    for line in export_notes(model, export_format):
+def _report_notes(model, export_format: str, engine: str) -> None:  # noqa: ANN001
+    for line in export_notes(model, export_format, engine):
         click.echo(line)
 
 
@@ -482,16 +485,18 @@ def _report_notes(model, export_format: str) -> None:  # noqa: ANN001
 @click.option("--adapter/--no-adapter", default=True, show_default=True,
               help="compressed-tensors / gptq: write low-rank branches as a PEFT LoRA adapter in OUT/adapter (else refuse them).")
 @click.option("--no-verify", is_flag=True, help=NO_VERIFY_HELP)
-def export_command(checkpoint_dir: str, export_format: str, out_dir: str, overwrite: bool, adapter: bool, no_verify: bool) -> None:
+@click.option("--engine", type=click.Choice(ENGINES), default=DEFAULT_ENGINE, show_default=True,
+              help="compressed-tensors / gptq: the serving engine the export is for; what it would refuse to load is refused before writing.")
+def export_command(checkpoint_dir: str, export_format: str, out_dir: str, overwrite: bool, adapter: bool, no_verify: bool, engine: str) -> None:
     """Convert a checkpoint of ours (native or an earlier export) into another format."""
     try:
         click.echo(f"loading {checkpoint_dir}")
         model, tokenizer = checkpoint.load(checkpoint_dir, verify=not no_verify)
         click.echo(f"writing {out_dir} ({export_format})")
-        out = export(model, out_dir, export_format, tokenizer=tokenizer, adapter=adapter, overwrite=overwrite)
+        out = export(model, out_dir, export_format, tokenizer=tokenizer, adapter=adapter, overwrite=overwrite, engine=engine)
     except LLMCompressError as err:
         raise click.ClickException(str(err)) from err
-    _report_notes(model, export_format)
+    _report_notes(model, export_format, engine)
     click.echo(f"wrote: {out}")
 
 
@@ -531,14 +536,33 @@ def verify_command(checkpoint_dir: str) -> None:
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True, help="auto: the first GPU, else the CPU.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Also write the numbers as JSON.")
 @click.option("--no-verify", is_flag=True, help=NO_VERIFY_HELP)
+@click.option("--tasks", default=None, metavar="TASK[,TASK...]",
+              help="Run these lm-evaluation-harness tasks instead of perplexity (pip install -e '.[lmeval]'; docs/lmeval.md).")
+@click.option("--tasks-path", type=click.Path(file_okay=False), default=None, help="--tasks: a directory of task YAML files to add.")
+@click.option("--limit", type=float, default=None, help="--tasks: documents per task, or a fraction of them below 1 [default: all].")
+@click.option("--num-fewshot", type=int, default=None, help="--tasks: few-shot examples [default: each task's own].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="--tasks: sequences per forward pass.")
 def eval_command(model: str | None, text: str, seqlen: int, windows: int, baseline: bool, float_model: str | None, dtype: str,
-                 device: str, json_path: str | None, no_verify: bool) -> None:
-    """Perplexity of a model (directory, .gguf, default) or of a checkpoint of ours, with its protocol."""
+                 device: str, json_path: str | None, no_verify: bool, tasks: str | None, tasks_path: str | None, limit: float | None,
+                 num_fewshot: int | None, batch_size: int) -> None:
+    """Perplexity of a model (directory, .gguf, default) or of a checkpoint of ours, with its protocol;
+    with --tasks, lm-evaluation-harness tasks instead."""
     try:
         _check_device(device)
         device = single_device(device)
+        if tasks:
+            if baseline or float_model:
+                raise ConfigError("--baseline scores perplexity, not --tasks: run compress eval --tasks on the float model too")
+            from . import lmeval  # an optional extra: imported only for --tasks
+
+            task_names = lmeval.parse_tasks(tasks)
+            manager = lmeval.task_manager(task_names, tasks_path)  # an unknown task fails here, before the model loads
         click.echo(f"loading {model or DEFAULT_MODEL_NAME + ' (bundled default)'}")
         loaded, tokenizer = _load_any(model, device, verify=not no_verify)
+        if tasks:
+            lmeval.run_tasks(loaded, tokenizer, task_names, manager, model_name=model or DEFAULT_MODEL_NAME, limit=limit,
+                             num_fewshot=num_fewshot, batch_size=batch_size, dtype=dtype, json_path=json_path, echo=click.echo)
+            return
         _check_positions(loaded.config, [("--seqlen", "--seqlen ", seqlen)])
         result = _evaluate(loaded, tokenizer, "model", text, seqlen, windows or None, dtype)
         peak = matmul_peak(getattr(torch, result.dtype), device)
@@ -689,6 +713,7 @@ def _summary_table(before: SizeSummary, after: SizeSummary, before_ppl: Perplexi
     lines += [f"{name:{width}}  {b:>14}  {a:>14}" for name, b, a in rows]
     if after_ppl:
         lines.append(f"perplexity protocol: {after_ppl.protocol}")
+    lines.append("layer formats: " + ", ".join(f"{label} x {count}" for label, count in after.layer_formats.items()))
     lines += notes
     lines.append(f"wall time: {seconds:.1f} s")
     lines.append(f"wrote: {out}")

@@ -13,9 +13,11 @@ Canonical layout, shared by every method, the checkpoint and the kernels:
 - ``g_idx``: int32 [K] or None: the group of each input column. None means contiguous groups
   (column j is in group j // group_size); GPTQ's act-order records its own assignment here.
 
-G = ceil(K / group_size). When K is not a multiple of the group, the last group is ragged: it
-covers the remaining columns only. Padding uses zeros, which every format represents exactly
-and which never widens a range (asymmetric ranges always include zero).
+G = ceil(K / group_size). The pipeline gives every layer a group that divides its inputs
+(``dividing_group``), since no serving format holds anything else; a checkpoint written before
+that may still hold a ragged last group, which covers the remaining columns only. Padding uses
+zeros, which every format represents exactly and which never widens a range (asymmetric ranges
+always include zero).
 
 The group-level functions (``group_params``, ``multipliers``, ``encode``, ``decode``) work on
 any [N, G, W] slice, so that GPTQ can quantize one column at a time with the same arithmetic
@@ -56,6 +58,24 @@ class QuantizedWeight:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)  # type: ignore[return-value]
+
+
+# vLLM's Marlin kernels (its fastest INT4/INT8 path on GPUs) take these groups only; its other
+# kernels take any group that divides the layer's inputs.
+KERNEL_GROUPS = (32, 64, 128)
+# QuantFormat's rule for an INT group (bit-packed groups of whole bytes at every width).
+GROUP_MULTIPLE = 8
+
+
+def dividing_group(in_features: int, requested: int) -> int:
+    """The group for a layer of ``in_features`` inputs when ``requested`` does not divide them:
+    the largest divisor not above the request (a multiple of 8), and where the request is a group
+    every vLLM kernel takes, the largest such group that divides (576 inputs at g128 -> 64, where
+    96 would divide too but leave Marlin out); one scale per channel where nothing divides."""
+    divisors = [g for g in range(GROUP_MULTIPLE, min(requested, in_features) + 1, GROUP_MULTIPLE) if in_features % g == 0]
+    if requested in KERNEL_GROUPS:
+        divisors = [g for g in divisors if g in KERNEL_GROUPS] or divisors
+    return max(divisors) if divisors else PER_CHANNEL
 
 
 def group_width(fmt: QuantFormat, in_features: int) -> int:

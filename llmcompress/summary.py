@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
@@ -21,6 +22,9 @@ class SizeSummary:
     layer_bytes: int
     branch_bytes: int = 0  # of layer_bytes: the low-rank branches and smoothing vectors
     metadata_bytes: int = 0  # of layer_bytes: scales, zero points, g_idx and sparsity masks
+    # How many layers each storage format holds ("INT4 g64 asym": 180): a group fitted to a
+    # layer's inputs shows here beside the one asked for.
+    layer_formats: dict[str, int] = field(default_factory=dict)
 
     @property
     def bits_per_weight(self) -> float:
@@ -72,5 +76,15 @@ def size_summary(model: nn.Module, layer_names: Collection[str] | None = None) -
     kinds = {n: n.rpartition(".")[2] for n in layer_tensors}
     branch_bytes = sum(nbytes[n] for n, kind in kinds.items() if kind.startswith(BRANCH_TENSOR_PREFIXES))
     value_bytes = sum(nbytes[n] for n, kind in kinds.items() if kind in VALUE_TENSORS)
+    formats = Counter(_format_label(modules[name]) for name in layer_names)
     return SizeSummary(parameters=parameters, bytes=sum(nbytes.values()), layer_parameters=layer_parameters, layer_bytes=layer_bytes,
-                       branch_bytes=branch_bytes, metadata_bytes=layer_bytes - branch_bytes - value_bytes)
+                       branch_bytes=branch_bytes, metadata_bytes=layer_bytes - branch_bytes - value_bytes,
+                       layer_formats=dict(formats.most_common()))
+
+
+def _format_label(module: nn.Module) -> str:
+    if not isinstance(module, CompressedLinear):
+        return "16-bit"
+    return "16-bit sparse" if module.fmt is None else module.fmt.describe()
+
+

@@ -76,7 +76,10 @@ def test_compress_bundled_smollm2(tmp_path, smollm2_dir):
     result = _run("--bits", 4, "--group-size", 128, "--method", "rtn", "--out", out, "--eval-seqlen", 512, "--eval-windows", 2)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "compression_report.json").read_text())
-    assert report["size_after"]["layer_bits_per_weight"] <= 4.3
+    # g128 does not divide the 576-input layers: they get g64 (4.35 bits), down_proj keeps g128.
+    assert report["size_after"]["layer_bits_per_weight"] <= 4.32
+    assert report["size_after"]["layer_formats"] == {"INT4 g64 asym": 180, "INT4 g128 asym": 30}
+    assert "layer formats: INT4 g64 asym x 180, INT4 g128 asym x 30" in result.output
     float_ppl, rtn_ppl = report["perplexity_before"]["perplexity"], report["perplexity_after"]["perplexity"]
     assert 20 < float_ppl < 40 and float_ppl < rtn_ppl < 1.5 * float_ppl
     on_disk = sum(f.stat().st_size for f in out.glob("*.safetensors"))
@@ -128,10 +131,14 @@ def test_export_from_the_command_line_and_the_native_fallback(tiny_model_dir, tm
     assert llmcompress.load(kept)[0].llmcompress_config is not None
 
 
-def test_gptq_export_says_how_asymmetric_layers_are_stored(tiny_model_dir, tmp_path):
-    result = _run(tiny_model_dir, "--out", tmp_path / "g", "--group-size", 32, "--calib", "none", "--no-eval", "--export", "gptq")
+def test_asymmetric_gptq_is_refused_for_vllm_and_written_for_transformers(tiny_model_dir, tmp_path):
+    refused = _run(tiny_model_dir, "--out", tmp_path / "v", "--group-size", 32, "--calib", "none", "--no-eval", "--export", "gptq")
+    assert refused.exit_code == 1 and "gptq for vllm cannot hold 21 layer(s)" in refused.output
+    assert "export compressed-tensors (vLLM serves asymmetric INT4 from it), or compress with --sym" in refused.output
+    result = _run(tiny_model_dir, "--out", tmp_path / "g", "--group-size", 32, "--calib", "none", "--no-eval", "--export", "gptq",
+                  "--engine", "transformers")
     assert result.exit_code == 0, result.output
-    assert "zero point minus one" in result.output and "--sym" in result.output
+    assert "zero point minus one" in result.output and "vLLM refuses them" in result.output
     assert json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
 
 

@@ -5,6 +5,7 @@ an export with transformers and peft in a separate process that never imports ll
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from llmcompress.config import CompressConfig, GPTQConfig, LowRankConfig, Module
 from llmcompress.export import ADAPTER_DIR, ExportError, export, padded_branches
 from llmcompress.export.peft import VLLM_RANKS, served_rank
 from llmcompress.export.verify import their_perplexity
+from llmcompress.methods.rtn import rtn
 from llmcompress.nn import CompressedLinear
 
 CT_FORMATS = [QuantFormat(bits=4, group_size=32), QuantFormat(bits=4, group_size=32, symmetric=True),
@@ -42,7 +44,7 @@ def test_compressed_tensors_export_decompresses_to_our_weights_in_their_code(fmt
     from llmcompress.export import compressed_tensors as ours
 
     model = _compressed(fmt)
-    out = export(model, tmp_path / "ct", format="compressed-tensors")
+    out = export(model, tmp_path / "ct", format="compressed-tensors", engine="transformers")
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and config["ignore"] == ["lm_head"]
     (group,) = config["config_groups"].values()
@@ -67,7 +69,7 @@ def test_compressed_tensors_export_decompresses_to_our_weights_in_their_code(fmt
 @pytest.mark.parametrize("fmt", CT_FORMATS, ids=lambda f: f.describe())
 def test_compressed_tensors_export_loads_back_with_identical_logits(fmt, tmp_path, tokenizer):
     model = _compressed(fmt)
-    out = export(model, tmp_path / "ct", format="compressed-tensors", tokenizer=tokenizer)
+    out = export(model, tmp_path / "ct", format="compressed-tensors", tokenizer=tokenizer, engine="transformers")
     loaded, loaded_tokenizer = llmcompress.load(out)
     tokens = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(0))
     assert torch.equal(_logits(loaded, tokens), _logits(model, tokens))
@@ -75,8 +77,27 @@ def test_compressed_tensors_export_loads_back_with_identical_logits(fmt, tmp_pat
     assert not any(p.name.startswith(".ct") for p in tmp_path.iterdir())  # no staging left behind
 
 
+def test_a_group_that_does_not_divide_the_inputs_is_fitted_per_layer_and_exports(tmp_path):
+    # The tiny Llama's down_proj has 96 inputs: g64 leaves a ragged group, so that layer gets g32.
+    model = _compressed(QuantFormat(bits=4, group_size=64, symmetric=True))
+    groups = {name: m.fmt.group_size for name, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    assert {g for n, g in groups.items() if n.endswith("down_proj")} == {32}
+    assert {g for n, g in groups.items() if not n.endswith("down_proj")} == {64}
+    notes = {r.name: r.notes for r in model.compression_report.layers}
+    assert notes["model.layers.0.mlp.down_proj"] == "group_size 64 does not divide 96 inputs: group_size 32"
+    assert notes["model.layers.0.mlp.up_proj"] == ""
+    tokens = torch.randint(0, 384, (1, 16), generator=torch.Generator().manual_seed(3))
+    for format in ("compressed-tensors", "gptq"):
+        out = export(model, tmp_path / format, format=format)
+        loaded, _ = llmcompress.load(out)
+        assert {n: m.fmt.group_size for n, m in loaded.named_modules() if isinstance(m, CompressedLinear)} == groups, format
+        assert torch.equal(_logits(loaded, tokens), _logits(model, tokens)), format
+    dynamic = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]["dynamic"]
+    assert list(dynamic.values()) == [{"bits": 4, "group_size": 32, "sym": True, "desc_act": False}]
+
+
 def test_mixed_formats_name_their_modules(tmp_path):
-    model = _compressed(QuantFormat(bits=4, group_size=32), overrides=(ModuleOverride(pattern=r"down_proj", bits=8),))
+    model = _compressed(QuantFormat(bits=4, group_size=32), overrides=(ModuleOverride(pattern=r"down_proj", bits=8, symmetric=True),))
     out = export(model, tmp_path / "ct", format="compressed-tensors")
     groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
     assert len(groups) == 2 and all("Linear" not in g["targets"] for g in groups.values())
@@ -111,9 +132,18 @@ def test_served_ranks():
     assert VLLM_RANKS[0] == 8
 
 
+def _with_ragged_down_proj(fmt):
+    """A model as checkpoints written before dividing groups hold it: a last group of 32 of 64."""
+    model = _compressed(QuantFormat(bits=4, group_size=32))
+    mlp = model.model.layers[0].mlp
+    weight = tiny_model("llama").model.layers[0].mlp.down_proj.weight.detach().float()
+    mlp.down_proj = CompressedLinear.from_quantized(rtn(weight, fmt), fmt, bias=None)
+    return model
+
+
 @pytest.mark.parametrize(("build", "message"), [
     (lambda: _compressed(QuantFormat(bits=4, group_size=32), rank=8), "low-rank branch"),
-    (lambda: _compressed(QuantFormat(bits=4, group_size=64)), "down_proj: its 96 inputs are not a whole number of groups of 64"),
+    (lambda: _with_ragged_down_proj(QuantFormat(bits=4, group_size=64)), "down_proj: its 96 inputs are not a whole number of groups of 64"),
     (lambda: _compressed(QuantFormat(kind="mxfp4")), "MXFP4 export is not implemented"),
     (lambda: _compressed(QuantFormat(bits=4, group_size=32), prune=PruneConfig(method="magnitude", pattern="2:4")), "2:4 sparse"),
 ], ids=["branch-without-adapter", "ragged-group", "mxfp4", "n-m-sparse"])
@@ -193,7 +223,7 @@ def _gptq_reference_weight(tensors, prefix, bits, in_features):
                          ids=lambda f: f.describe())
 def test_gptq_export_matches_the_published_packing_and_loads_back(fmt, tmp_path):
     model = _compressed(fmt)
-    out = export(model, tmp_path / "gptq", format="gptq")
+    out = export(model, tmp_path / "gptq", format="gptq", engine="transformers")
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config == {**config, "quant_method": "gptq", "bits": fmt.bits, "sym": fmt.symmetric, "desc_act": False, "checkpoint_format": "gptq",
                       "group_size": fmt.group_size}
@@ -224,17 +254,53 @@ def test_gptq_export_keeps_act_order(tmp_path, tokenizer):
     assert torch.equal(_logits(loaded, tokens), _logits(model, tokens))
 
 
+def test_gptq_export_writes_other_formats_as_dynamic_overrides_vllm_matches(tmp_path):
+    model = _compressed(QuantFormat(bits=4, group_size=32, symmetric=True), overrides=(ModuleOverride(pattern=r"(up|gate)_proj", bits=8),))
+    config = json.loads((export(model, tmp_path / "gptq", format="gptq") / "config.json").read_text())["quantization_config"]
+    assert (config["bits"], config["group_size"], config["sym"]) == (4, 32, True)
+    ((pattern, keys),) = config["dynamic"].items()
+    assert keys == {"bits": 8, "group_size": 32, "sym": True, "desc_act": False}
+    # vLLM's rule (vllm/model_executor/layers/quantization/utils/gptq_utils.py): re.match on the
+    # layer's prefix, where vLLM fuses gate and up into gate_up_proj.
+    matched = [name for name in ("model.layers.2.mlp.gate_proj", "model.layers.2.mlp.up_proj", "model.layers.2.mlp.gate_up_proj",
+                                 "model.layers.2.mlp.down_proj", "model.layers.2.self_attn.qkv_proj")
+               if re.match(pattern.removeprefix("+:"), name)]
+    assert matched == ["model.layers.2.mlp.gate_proj", "model.layers.2.mlp.up_proj", "model.layers.2.mlp.gate_up_proj"]
+    loaded, _ = llmcompress.load(tmp_path / "gptq")
+    tokens = torch.randint(0, 384, (1, 16), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(_logits(loaded, tokens), _logits(model, tokens))
+
+
+@pytest.mark.parametrize(("format", "fmt", "message"), [
+    ("gptq", QuantFormat(bits=4, group_size=32), "GPTQ path takes symmetric 4- and 8-bit weights only.*export compressed-tensors"),
+    ("gptq", QuantFormat(bits=8, group_size=32), "GPTQ path takes symmetric 4- and 8-bit weights only"),
+    ("gptq", QuantFormat(bits=2, group_size=32, symmetric=True), "no kernel for INT2 weights.*--engine transformers"),
+    ("compressed-tensors", QuantFormat(bits=3, group_size=32, symmetric=True), "no kernel for INT3 weights"),
+    ("compressed-tensors", QuantFormat(bits=8, group_size=32), "INT8 weights symmetric only: compress with --sym"),
+    ("compressed-tensors", QuantFormat(bits=4, group_size=32), None),
+    ("compressed-tensors", QuantFormat(bits=8, group_size=32, symmetric=True), None),
+    ("gptq", QuantFormat(bits=4, group_size=32, symmetric=True), None),
+    ("gptq", QuantFormat(bits=8, group_size=-1, symmetric=True), None),
+], ids=lambda v: v.describe() if isinstance(v, QuantFormat) else None)
+def test_exports_for_vllm_refuse_what_vllm_refuses_and_transformers_takes_it(format, fmt, message, tmp_path):
+    model = _compressed(fmt)
+    if message is None:
+        assert (export(model, tmp_path / "vllm", format=format) / "config.json").exists()
+        return
+    with pytest.raises(ExportError, match=f"^{format} for vllm cannot hold 21 layer\\(s\\): model.layers.0.self_attn.q_proj and 20 more: .*{message}"):
+        export(model, tmp_path / "vllm", format=format)
+    assert not (tmp_path / "vllm").exists()
+    assert (export(model, tmp_path / "transformers", format=format, engine="transformers") / "config.json").exists()
+
+
 def test_what_gptq_cannot_hold_is_refused(tmp_path):
     with pytest.raises(ExportError, match="GPTQ stores integer codes only"):
         export(_compressed(QuantFormat(kind="nvfp4")), tmp_path / "a", format="gptq")
     with pytest.raises(ExportError, match="3-bit needs compressed-tensors"):
-        export(_compressed(QuantFormat(bits=3, group_size=32)), tmp_path / "b", format="gptq")
-    mixed = _compressed(QuantFormat(bits=4, group_size=32), overrides=(ModuleOverride(pattern=r"down_proj", bits=8),))
-    with pytest.raises(ExportError, match="one format per model"):
-        export(mixed, tmp_path / "c", format="gptq")
+        export(_compressed(QuantFormat(bits=3, group_size=32)), tmp_path / "b", format="gptq", engine="transformers")
     model = _compressed(QuantFormat(bits=4, group_size=32))
     layer = model.model.layers[1].mlp.up_proj
     layer.weight_zero_point[0, 0] &= ~0xF  # the first group of row 0 now has zero point 0
     with pytest.raises(ExportError, match="1 of its zero points are 0.*--sym"):
-        export(model, tmp_path / "d", format="gptq")
+        export(model, tmp_path / "d", format="gptq", engine="transformers")
     assert list(tmp_path.iterdir()) == []

@@ -8,6 +8,7 @@ from llmcompress.formats import (
     E2M1_VALUES,
     column_groups,
     dequantize,
+    dividing_group,
     e2m1_decode,
     e2m1_encode,
     encode,
@@ -78,6 +79,33 @@ def test_ragged_last_group_gets_its_own_scale():
     assert q.scales.shape == (2, 5)
     assert float(q.scales[0, 0]) < 1e-3 < float(q.scales[0, 4])
     assert torch.allclose(dequantize(q, fmt), weight, rtol=1e-2)
+
+
+@pytest.mark.parametrize(("in_features", "requested", "expected"), [
+    (576, 128, 64),     # SmolLM2's hidden size: 96 divides too, but vLLM's Marlin takes 32/64/128 only
+    (1536, 128, 128),   # divides already (the pipeline does not ask then); the request is kept
+    (96, 64, 32),       # the tiny test models' down_proj
+    (600, 128, 120),    # 8 x 75: no Marlin group divides, the largest multiple of 8 that does
+    (576, 256, 192),    # a request Marlin does not take: the largest divisor, no preference
+    (100, 64, -1),      # no multiple of 8 divides: one scale per channel
+    (40, 128, 40),      # inputs below the request: the whole row is one group
+])
+def test_dividing_group_is_the_largest_divisor_a_kernel_takes(in_features, requested, expected):
+    assert dividing_group(in_features, requested) == expected
+    if expected != -1:
+        assert in_features % expected == 0 and expected <= requested
+
+
+@given(st.integers(8, 20000), st.sampled_from([32, 64, 128, 96, 256]))
+@settings(max_examples=300, deadline=None)
+def test_dividing_group_always_divides_and_is_the_largest_of_its_kind(in_features, requested):
+    group = dividing_group(in_features, requested)
+    divisors = [g for g in range(8, min(requested, in_features) + 1, 8) if in_features % g == 0]
+    if not divisors:
+        assert group == -1
+        return
+    marlin = [g for g in divisors if g in (32, 64, 128)]
+    assert group == (max(marlin) if requested in (32, 64, 128) and marlin else max(divisors))
 
 
 def test_all_zero_groups_stay_zero():

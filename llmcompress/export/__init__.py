@@ -31,7 +31,8 @@ from ..nn import CompressedLinear
 from ..packing import unpack_branch
 from ..layouts import compressed_tensors, gptq
 from ..outdir import ADAPTER_DIR
-from . import peft
+from . import engines, peft
+from .engines import DEFAULT_ENGINE, ENGINES
 
 FORMATS = ("native", "compressed-tensors", "gptq")
 
@@ -41,15 +42,18 @@ class ExportError(CheckpointError):
 
 
 def export(model: nn.Module, out_dir: str | os.PathLike, format: str = "native", tokenizer: Any = None,
-           adapter: bool = True, overwrite: bool = False, report: dict | None = None) -> Path:
+           adapter: bool = True, overwrite: bool = False, report: dict | None = None, engine: str = DEFAULT_ENGINE) -> Path:
     """Write ``model`` (from ``llmcompress.compress`` or ``llmcompress.load``) as ``format``.
 
     With ``adapter`` the low-rank branches of a compressed-tensors or GPTQ export go to
-    ``adapter/`` as a PEFT LoRA adapter; without it a layer with a branch is refused. Returns
-    the directory.
+    ``adapter/`` as a PEFT LoRA adapter; without it a layer with a branch is refused. A serving
+    format is written for ``engine`` (``vllm`` or ``transformers``), and refuses what that
+    engine would refuse to load (``llmcompress.export.engines``). Returns the directory.
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}")
+    if engine not in ENGINES:
+        raise ExportError(f"unknown serving engine {engine!r}: choose one of {', '.join(ENGINES)}")
     with output_lock(out_dir):
         out = checkpoint.check_output_dir(out_dir, overwrite)
         if format == "native":
@@ -57,17 +61,20 @@ def export(model: nn.Module, out_dir: str | os.PathLike, format: str = "native",
             if config is None:
                 raise ExportError("this model was not compressed by llmcompress (no llmcompress config): there is nothing native to write")
             return checkpoint.save(model, out, config, tokenizer=tokenizer, report=report, overwrite=overwrite)
-        return _export_serving(model, out, format, tokenizer, adapter, report)
+        return _export_serving(model, out, format, tokenizer, adapter, report, engine)
 
 
-def _export_serving(model: nn.Module, out: Path, format: str, tokenizer: Any, adapter: bool, report: dict | None) -> Path:
+def _export_serving(model: nn.Module, out: Path, format: str, tokenizer: Any, adapter: bool, report: dict | None, engine: str) -> Path:
     """compressed-tensors or GPTQ: the packed layers converted, the rest of the state dict as it is."""
     layers = {name: m for name, m in model.named_modules() if isinstance(m, CompressedLinear)}
-    problems = [f"{name}: {reason}" for name, layer in layers.items()
-                if (reason := _expert_refusal(model, name, layer, adapter) or _refusal(format, layer, adapter))]
+    problems: dict[str, list[str]] = {}  # reason -> the layers it stops
+    for name, layer in layers.items():
+        if reason := _expert_refusal(model, name, layer, adapter) or _refusal(format, layer, adapter, engine):
+            problems.setdefault(reason, []).append(name)
     if problems:
-        more = f" (and {len(problems) - 3} more layers)" if len(problems) > 3 else ""
-        raise ExportError(f"{format} cannot hold {len(problems)} layer(s): " + "; ".join(problems[:3]) + more)
+        count = sum(map(len, problems.values()))
+        raise ExportError(f"{format} for {engine} cannot hold {count} layer(s): " + "; ".join(
+            f"{names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''}: {reason}" for reason, names in problems.items()))
     if not layers:
         raise ExportError(f"the model has no quantized layers: there is nothing for {format} to describe")
     names = _stored_names(model, format)
@@ -131,13 +138,14 @@ def _expert_refusal(model: nn.Module, name: str, layer: CompressedLinear, adapte
     return None
 
 
-def _refusal(format: str, layer: CompressedLinear, adapter: bool) -> str | None:
-    """Why ``format`` cannot hold this layer: its number format first, then what its layout adds."""
+def _refusal(format: str, layer: CompressedLinear, adapter: bool, engine: str) -> str | None:
+    """Why ``format`` cannot hold this layer, or ``engine`` would not load it: its number format
+    first, then what its layout adds."""
     if format == "gptq":
         reason = gptq.format_refusal(layer.fmt, layer.packed())
     else:
         reason = compressed_tensors.format_refusal(layer.fmt, layer.has_g_idx)
-    return reason or _layout_refusal(format, layer, adapter)
+    return reason or engines.refusal(engine, format, layer.fmt) or _layout_refusal(format, layer, adapter)
 
 
 def _layout_refusal(format: str, layer: CompressedLinear, adapter: bool) -> str | None:
@@ -167,22 +175,23 @@ def _layer_tensors(format: str, layer: CompressedLinear, packed: dict[str, Tenso
 
 def _quantization_config(format: str, layers: dict[str, CompressedLinear], ignore: list[str]) -> dict:
     if format == "gptq":
-        formats = {layer.fmt for layer in layers.values()}
-        if len(formats) > 1:
-            raise ExportError(f"GPTQ describes one format per model, and this one mixes {len(formats)} "
-                              f"({', '.join(sorted(f.describe() for f in formats))}): export compressed-tensors or native")
-        return gptq.quantization_config(formats.pop(), act_order=any(layer.has_g_idx for layer in layers.values()))
+        return gptq.quantization_config({n: m.fmt for n, m in layers.items()}, {n: m.has_g_idx for n, m in layers.items()})
     return compressed_tensors.quantization_config({n: m.fmt for n, m in layers.items()}, ignore)
 
 
-def notes(model: nn.Module, format: str) -> list[str]:
-    """What a user should know about an export that succeeded: padded adapter ranks, and the
-    GPTQ v1 convention for asymmetric layers."""
+def notes(model: nn.Module, format: str, engine: str = DEFAULT_ENGINE) -> list[str]:
+    """What a user should know about an export that succeeded: padded adapter ranks, formats
+    only vLLM's GPU builds run, and the GPTQ v1 convention for asymmetric layers."""
+    if format == "native":
+        return []
     lines = [f"adapter: {name} rank {rank} padded with zeros to {served}, a rank vLLM serves"
-             for name, (rank, served) in padded_branches(model).items()] if format != "native" else []
-    if format == "gptq" and any(not m.fmt.symmetric for m in model.modules() if isinstance(m, CompressedLinear)):
+             for name, (rank, served) in padded_branches(model).items()]
+    formats = {m.fmt for m in model.modules() if isinstance(m, CompressedLinear) and m.fmt is not None}
+    if engine == "vllm":
+        lines += sorted({note for fmt in formats if (note := engines.cpu_note(fmt))})
+    if format == "gptq" and any(not fmt.symmetric for fmt in formats):
         lines.append("gptq: asymmetric layers are stored as GPTQ v1 does, zero point minus one (no zero point was 0); "
-                     "vLLM's fastest GPTQ kernels (Marlin) take symmetric weights only: compress with --sym for them")
+                     "vLLM refuses them: they load in transformers through GPTQModel")
     return lines
 
 

@@ -15,6 +15,9 @@ Pure functions on packed tensors, and the ``quantization_config`` block.
 
 from __future__ import annotations
 
+import re
+from collections import Counter
+
 import torch
 from torch import Tensor
 
@@ -25,6 +28,8 @@ from ..packing import pack_int, unpack_int
 QUANT_METHOD = "gptq"
 PACKED_TENSOR = "qweight"  # the tensor that marks a quantized layer
 BITS = (2, 4, 8)
+# vLLM's Llama-style models load these sibling layers as one (packed_modules_mapping).
+VLLM_FUSED_LAYERS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def format_refusal(fmt: QuantFormat | None, packed: dict[str, Tensor]) -> str | None:
@@ -82,16 +87,49 @@ def native_layer(fmt: QuantFormat, tensors: dict[str, Tensor]) -> tuple[dict[str
     return packed, in_features, False
 
 
-def quantization_config(fmt: QuantFormat, act_order: bool) -> dict:
-    """The keys transformers (GPTQConfig) and vLLM read."""
-    return {"quant_method": QUANT_METHOD, "checkpoint_format": "gptq", "bits": fmt.bits,
-            "group_size": -1 if fmt.group_size == PER_CHANNEL else fmt.group_size, "desc_act": act_order,
-            "sym": fmt.symmetric, "static_groups": False, "true_sequential": True, "lm_head": False, "pack_dtype": "int32"}
+def quantization_config(module_formats: dict[str, QuantFormat], act_order: dict[str, bool]) -> dict:
+    """The keys transformers (GPTQConfig) and vLLM read: the most common format (ties to the
+    first module's) as the model's, and each other format as a ``dynamic`` override of the
+    modules holding it, which GPTQModel and vLLM both apply (``"+:regex"``, ``re.match``)."""
+    counts = Counter(module_formats.values())
+    base = max(counts, key=lambda fmt: counts[fmt])
+    base_order = any(act_order[name] for name, fmt in module_formats.items() if fmt == base)
+    dynamic = {}
+    for fmt in sorted(set(counts) - {base}, key=lambda f: (f.bits, f.group_size, f.symmetric)):
+        modules = sorted(name for name, f in module_formats.items() if f == fmt)
+        names = modules + _vllm_fused_names(modules, module_formats)
+        dynamic["+:" + "(" + "|".join(re.escape(name) for name in names) + ")$"] = _keys(fmt, any(act_order[n] for n in modules))
+    return {"quant_method": QUANT_METHOD, "checkpoint_format": "gptq", **_keys(base, base_order), "static_groups": False,
+            "true_sequential": True, "lm_head": False, "pack_dtype": "int32", **({"dynamic": dynamic} if dynamic else {})}
+
+
+def _keys(fmt: QuantFormat, act_order: bool) -> dict:
+    return {"bits": fmt.bits, "group_size": -1 if fmt.group_size == PER_CHANNEL else fmt.group_size, "sym": fmt.symmetric,
+            "desc_act": act_order}
+
+
+def _vllm_fused_names(modules: list[str], module_formats: dict[str, QuantFormat]) -> list[str]:
+    """vLLM matches overrides against its fused layers (``self_attn.qkv_proj``), so a fused layer
+    whose parts all hold one format is named too."""
+    fused = []
+    for merged, parts in VLLM_FUSED_LAYERS.items():
+        for name in modules:
+            parent, _, local = name.rpartition(".")
+            siblings = [f"{parent}.{part}" for part in parts]
+            if local == parts[0] and all(module_formats.get(s) == module_formats[name] for s in siblings):
+                fused.append(f"{parent}.{merged}")
+    return fused
 
 
 def module_formats(config: dict, packed_modules: list[str]) -> dict[str, QuantFormat]:
-    """Each packed module's format: GPTQ has one per model."""
-    return dict.fromkeys(packed_modules, format_from_config(config))
+    """Each packed module's format: the model's, or the first ``dynamic`` override matching it."""
+    base = format_from_config(config)
+    result = {}
+    for name in packed_modules:
+        override = next((keys for pattern, keys in config.get("dynamic", {}).items()
+                         if not pattern.startswith("-:") and re.match(pattern.removeprefix("+:"), name)), {})
+        result[name] = format_from_config({**config, **override}) if override else base
+    return result
 
 
 def format_from_config(config: dict) -> QuantFormat:

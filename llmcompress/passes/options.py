@@ -51,6 +51,12 @@ class PassConfig:
         """Facts (see ``declare``) that another pass must fix for every module this one applies to."""
         return ()
 
+    def for_module(self, in_features: int, out_features: int) -> tuple[PassConfig, str]:
+        """This config as it applies to a module of this shape, where it adapts without giving up
+        what was asked (a group size that does not divide the inputs), and a note saying how;
+        ``(self, "")`` where it applies as it is. Runs before ``check_module``."""
+        return self, ""
+
     def check_module(self, name: str, in_features: int, out_features: int) -> None:
         """Raise ``ConfigError`` if this config cannot apply to a module of this shape."""
 

@@ -11,7 +11,7 @@ import torch
 
 from ..config import ACT_BITS, ACT_GROUP_SIZE, FORMAT_KINDS, PER_CHANNEL, QuantFormat
 from ..errors import ConfigError
-from ..formats import dequantize, split_rows
+from ..formats import dequantize, dividing_group, split_rows
 from ..methods.awq import search_clipping
 from ..methods.gptq import gptq
 from ..methods.rtn import rtn
@@ -126,6 +126,15 @@ class QuantizePassConfig(PassConfig):
 
     def declare(self) -> dict[str, Any]:
         return {"fmt": self.format, "act_format": self.activation_format}
+
+    def for_module(self, in_features: int, out_features: int) -> tuple[QuantizePassConfig, str]:
+        group = self.group_size
+        if self.format.is_fp4 or group == PER_CHANNEL or group > in_features or in_features % group == 0:
+            return self, ""
+        # Serving formats and vLLM refuse a ragged last group: a dividing group keeps the layer servable.
+        fitting = dividing_group(in_features, group)
+        label = "per channel" if fitting == PER_CHANNEL else f"group_size {fitting}"
+        return self.with_options(group_size=fitting), f"group_size {group} does not divide {in_features} inputs: {label}"
 
     def check_module(self, name: str, in_features: int, out_features: int) -> None:
         fmt = self.format

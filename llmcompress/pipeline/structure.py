@@ -109,6 +109,9 @@ def _fitted(configs: tuple[PassConfig | None, ...], name: str, module: nn.Linear
     fitted, notes = [], []
     for position, config in enumerate(configs):
         if config is not None:
+            config, note = config.for_module(module.in_features, module.out_features)
+            if note:
+                notes.append(note)
             try:
                 config.check_module(name, module.in_features, module.out_features)
             except ConfigError as err:
