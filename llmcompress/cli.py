@@ -487,9 +487,23 @@ def _report_notes(model, export_format: str, engine: str) -> None:  # noqa: ANN0
 @click.option("--no-verify", is_flag=True, help=NO_VERIFY_HELP)
 @click.option("--engine", type=click.Choice(ENGINES), default=DEFAULT_ENGINE, show_default=True,
               help="compressed-tensors / gptq: the serving engine the export is for; what it would refuse to load is refused before writing.")
-def export_command(checkpoint_dir: str, export_format: str, out_dir: str, overwrite: bool, adapter: bool, no_verify: bool, engine: str) -> None:
+@click.option("--verify", "verify_in", type=click.Choice(["vllm"]), default=None,
+              help="Load the export in vLLM, score the same text there and here, and fail if the perplexities differ by more than 0.5%.")
+@click.option("--vllm-python", type=click.Path(dir_okay=False), default=None,
+              help="--verify vllm: the python of a virtual environment with vLLM [default: $LLMCOMPRESS_VLLM_PYTHON].")
+@click.option("--verify-windows", type=int, default=4, show_default=True, help="--verify vllm: windows of 512 tokens of austen:test to score.")
+def export_command(checkpoint_dir: str, export_format: str, out_dir: str, overwrite: bool, adapter: bool, no_verify: bool, engine: str,
+                   verify_in: str | None, vllm_python: str | None, verify_windows: int) -> None:
     """Convert a checkpoint of ours (native or an earlier export) into another format."""
+    from .export import vllm as vllm_check
+
     try:
+        if verify_in == "vllm":
+            if export_format == "native":
+                raise ConfigError("--verify vllm checks what vLLM loads, and it does not load native checkpoints: "
+                                  "export --format compressed-tensors or gptq")
+            # Before the export: an interpreter without vLLM fails in a second, not after the work.
+            click.echo(f"vLLM {vllm_check.vllm_version(vllm_python)} will score the export")
         click.echo(f"loading {checkpoint_dir}")
         model, tokenizer = checkpoint.load(checkpoint_dir, verify=not no_verify)
         click.echo(f"writing {out_dir} ({export_format})")
@@ -498,6 +512,17 @@ def export_command(checkpoint_dir: str, export_format: str, out_dir: str, overwr
         raise click.ClickException(str(err)) from err
     _report_notes(model, export_format, engine)
     click.echo(f"wrote: {out}")
+    if verify_in == "vllm":
+        click.echo(f"scoring {verify_windows} windows of {vllm_check.WINDOW_TOKENS} tokens in vLLM and in llmcompress")
+        try:
+            result = vllm_check.check_export(model, tokenizer, out, vllm_python, verify_windows)
+        except LLMCompressError as err:
+            raise click.ClickException(str(err)) from err
+        click.echo(result.describe())
+        click.echo(f"protocol: {result.protocol}")
+        if not result.ok:
+            raise click.ClickException(f"vLLM's perplexity differs from ours by {result.relative:+.3%}, more than {result.tolerance:.1%}: "
+                                       f"vLLM does not serve {out} as llmcompress computes it")
 
 
 @main.command(name="verify")
