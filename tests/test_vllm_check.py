@@ -27,6 +27,7 @@ from llmcompress.errors import CalibrationError, CheckpointError, ConfigError
 from llmcompress.evaluate import perplexity
 from llmcompress.export import export
 from llmcompress.export import vllm as check
+from llmcompress.nn import CompressedLinear
 
 REAL_VLLM = os.environ.get(check.PYTHON_VARIABLE)
 
@@ -73,6 +74,18 @@ def test_perplexities_agree_within_half_a_percent(theirs, agrees):
     assert ("agree," if agrees else "DIFFER") in result.describe()
 
 
+def test_our_side_rounds_the_weight_scales_to_bfloat16_as_vllm_loads_them_and_puts_them_back():
+    model = tiny_model("llama", dtype=torch.float16)
+    llmcompress.compress(model, CompressConfig(quant=QuantFormat(bits=4, group_size=32, symmetric=True)), calibration="none", progress=False)
+    layer = next(m for m in model.modules() if isinstance(m, CompressedLinear))
+    scale = layer.packed()["weight_scale"]
+    original = scale.clone()
+    with check.scales_as_vllm_loads_them(model):
+        assert torch.equal(layer.packed()["weight_scale"], original.to(torch.bfloat16).to(original.dtype))
+        assert not torch.equal(layer.packed()["weight_scale"], original)
+    assert torch.equal(layer.packed()["weight_scale"], original)
+
+
 def test_the_difference_is_vllms_relative_to_ours():
     assert check.relative_difference(50.0, 50.5) == pytest.approx(0.01)
     assert check.Check(ours=50.0, theirs=49.5, windows=1, seqlen=8, adapter=True).relative == pytest.approx(-0.01)
@@ -85,6 +98,12 @@ def test_no_interpreter_given_names_the_setting_and_the_install(monkeypatch):
     monkeypatch.setenv(check.PYTHON_VARIABLE, "/opt/vllm/bin/python")
     assert check.vllm_python() == "/opt/vllm/bin/python"
     assert check.vllm_python("/elsewhere/python") == "/elsewhere/python"
+
+
+def test_a_relative_interpreter_is_taken_from_the_working_directory(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert check.vllm_python(os.path.join(".vllm-venv", "bin", "python")) == str(tmp_path / ".vllm-venv" / "bin" / "python")
+    assert check.vllm_python("python3") == "python3"
 
 
 def test_a_missing_interpreter_is_one_clear_error(tmp_path):
@@ -191,6 +210,13 @@ def test_the_child_sends_adapter_prompts_one_at_a_time_with_the_largest_rank(fak
     assert load["kwargs"] == {**load["kwargs"], "enable_lora": True, "max_lora_rank": 64}
     assert [call["prompts"] for call in calls] == [1, 1, 1]
     assert calls[0]["lora"] == {"name": "adapter", "id": 1, "path": str(directory.resolve() / "adapter")}
+
+
+def test_a_relative_interpreter_runs_the_child_in_its_scratch_directory(fake_vllm, monkeypatch, tmp_path):
+    venv = os.path.dirname(os.path.dirname(sys.executable))
+    monkeypatch.chdir(venv)
+    relative = os.path.relpath(sys.executable, venv)
+    assert check.vllm_perplexity(tmp_path, [[3, 4]], python=relative) == pytest.approx(math.exp(0.5))
 
 
 def test_vllms_refusal_comes_back_with_its_message(fake_vllm, tmp_path):
