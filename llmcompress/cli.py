@@ -491,7 +491,7 @@ def _report_notes(model, export_format: str, engine: str) -> None:  # noqa: ANN0
               help="Load the export in vLLM, score the same text there and here, and fail if the perplexities differ by more than 0.5%.")
 @click.option("--vllm-python", type=click.Path(dir_okay=False), default=None,
               help="--verify vllm: the python of a virtual environment with vLLM [default: $LLMCOMPRESS_VLLM_PYTHON].")
-@click.option("--verify-windows", type=int, default=4, show_default=True, help="--verify vllm: windows of 512 tokens of austen:test to score.")
+@click.option("--verify-windows", type=int, default=8, show_default=True, help="--verify vllm: windows of 512 tokens of austen:test to score.")
 def export_command(checkpoint_dir: str, export_format: str, out_dir: str, overwrite: bool, adapter: bool, no_verify: bool, engine: str,
                    verify_in: str | None, vllm_python: str | None, verify_windows: int) -> None:
     """Convert a checkpoint of ours (native or an earlier export) into another format."""

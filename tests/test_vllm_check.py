@@ -27,7 +27,6 @@ from llmcompress.errors import CalibrationError, CheckpointError, ConfigError
 from llmcompress.evaluate import perplexity
 from llmcompress.export import export
 from llmcompress.export import vllm as check
-from llmcompress.nn import CompressedLinear
 
 REAL_VLLM = os.environ.get(check.PYTHON_VARIABLE)
 
@@ -72,18 +71,6 @@ def test_perplexities_agree_within_half_a_percent(theirs, agrees):
     assert result.ok is agrees
     assert check.agrees(100.0, theirs) is agrees
     assert ("agree," if agrees else "DIFFER") in result.describe()
-
-
-def test_our_side_rounds_the_weight_scales_to_bfloat16_as_vllm_loads_them_and_puts_them_back():
-    model = tiny_model("llama", dtype=torch.float16)
-    llmcompress.compress(model, CompressConfig(quant=QuantFormat(bits=4, group_size=32, symmetric=True)), calibration="none", progress=False)
-    layer = next(m for m in model.modules() if isinstance(m, CompressedLinear))
-    scale = layer.packed()["weight_scale"]
-    original = scale.clone()
-    with check.scales_as_vllm_loads_them(model):
-        assert torch.equal(layer.packed()["weight_scale"], original.to(torch.bfloat16).to(original.dtype))
-        assert not torch.equal(layer.packed()["weight_scale"], original)
-    assert torch.equal(layer.packed()["weight_scale"], original)
 
 
 def test_the_difference_is_vllms_relative_to_ours():
