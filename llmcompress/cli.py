@@ -46,6 +46,7 @@ from .evaluate import PerplexityResult, perplexity
 from .export import FORMATS as EXPORT_FORMATS
 from .export import ExportError, export
 from .export import notes as export_notes
+from .export import vllm as vllm_check
 from .export.engines import DEFAULT_ENGINE, ENGINES
 from .fileio import staged_file
 from .flags import recipe_from_config
@@ -495,8 +496,6 @@ def _report_notes(model, export_format: str, engine: str) -> None:  # noqa: ANN0
 def export_command(checkpoint_dir: str, export_format: str, out_dir: str, overwrite: bool, adapter: bool, no_verify: bool, engine: str,
                    verify_in: str | None, vllm_python: str | None, verify_windows: int) -> None:
     """Convert a checkpoint of ours (native or an earlier export) into another format."""
-    from .export import vllm as vllm_check
-
     try:
         if verify_in == "vllm":
             if export_format == "native":
