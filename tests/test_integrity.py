@@ -108,9 +108,9 @@ def test_the_cli_loads_skip_the_check_with_no_verify(tmp_path, tokenizer):
     out = tmp_path / "ckpt"
     _saved(out, tokenizer)
     _flip_byte(out / "model.safetensors", PACKED)
-    refused = CliRunner().invoke(main, ["export", str(out), "--format", "gptq", "--out", str(tmp_path / "a")])
+    refused = CliRunner().invoke(main, ["export", str(out), "--format", "compressed-tensors", "--out", str(tmp_path / "a")])
     assert refused.exit_code == 1 and "model.safetensors is corrupt" in refused.output and not (tmp_path / "a").exists()
-    exported = CliRunner().invoke(main, ["export", str(out), "--format", "gptq", "--out", str(tmp_path / "b"), "--no-verify"])
+    exported = CliRunner().invoke(main, ["export", str(out), "--format", "compressed-tensors", "--out", str(tmp_path / "b"), "--no-verify"])
     assert exported.exit_code == 0, exported.output
     assert _verify(tmp_path / "b").exit_code == 0  # the copy records what it holds
     assert "--no-verify" in CliRunner().invoke(main, ["eval", "--help"]).output
