@@ -13,6 +13,8 @@ Layout of a checkpoint directory:
 - ``recipe.yaml``: the same recipe as a file; ``compress --recipe`` run on it reproduces the
   checkpoint byte for byte.
 - the tokenizer files, and ``compression_report.json`` (per-layer errors of the run).
+- ``llmcompress_auto.py``, named by config.json's ``auto_map``: transformers' way in, with
+  ``trust_remote_code=True`` (``hfconfig``, ``autoload``).
 - ``llmcompress-checksums.json``: the size and SHA-256 of every other file but config.json and
   the report (``integrity``), written just before config.json; ``load`` checks them first.
 
@@ -35,6 +37,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import integrity
+from .hfconfig import AUTO_MAP, QUANT_METHOD, write_remote_code
 from .config import CompressConfig, QuantFormat, _from_dict
 from .flags import recipe_from_config
 from .layouts import compressed_tensors, gptq
@@ -51,7 +54,6 @@ from .outdir import CONFIG_FILE, RECIPE_FILE, REPORT_FILE, check_output_dir
 from .packing import LayerLayout, packed_spec
 from .shards import INDEX_FILE, SINGLE_FILE, ShardedWeights
 
-QUANT_METHOD = "llmcompress"
 # Format 2 stores the recipe; format 1 stored the flag-shaped CompressConfig, still read.
 FORMAT_VERSION = 2
 LEGACY_FORMAT_VERSION = 1
@@ -123,6 +125,8 @@ def checkpoint_config(model: nn.Module, config: Recipe, modules: dict[str, dict]
     hf_config = model.config.to_dict()
     # The config's dtype can be stale after a .to(dtype); record what the tensors really are.
     hf_config["dtype"] = str(model.get_input_embeddings().weight.dtype).replace("torch.", "")
+    # Only our loader: a source model's own remote code is not copied, and transformers has its classes.
+    hf_config["auto_map"] = AUTO_MAP
     hf_config["quantization_config"] = {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
@@ -138,9 +142,11 @@ def checkpoint_config(model: nn.Module, config: Recipe, modules: dict[str, dict]
 def write_config(hf_config: dict, directory: Path, checksums: Mapping[str, dict] | None = None) -> None:
     """config.json, after the recipe beside it as a file that ``--recipe`` takes back and the
     checksums of every file written before it (``checksums`` holds those hashed as they were written)."""
-    recipe = (hf_config.get("quantization_config") or {}).get("recipe")
-    if recipe is not None:
-        (directory / RECIPE_FILE).write_text(recipe_yaml(recipe))
+    quantization = hf_config.get("quantization_config") or {}
+    if quantization.get("recipe") is not None:
+        (directory / RECIPE_FILE).write_text(recipe_yaml(quantization["recipe"]))
+    if quantization.get("quant_method") == QUANT_METHOD:
+        write_remote_code(directory)
     integrity.write_record(directory, UNRECORDED, checksums)
     (directory / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True, default=str))
 

@@ -19,6 +19,7 @@ from .shards import INDEX_FILE, SINGLE_FILE
 CONFIG_FILE = "config.json"
 RECIPE_FILE = "recipe.yaml"
 REPORT_FILE = "compression_report.json"
+REMOTE_CODE_FILE = "llmcompress_auto.py"  # transformers' way into a native checkpoint (autoload)
 ADAPTER_DIR = "adapter"  # a serving export's low-rank branches, as a PEFT LoRA adapter
 
 
@@ -55,7 +56,7 @@ def written_names(directory: Path) -> set[str]:
     from transformers import tokenization_utils_base as tokenizer_files
     from transformers.utils import GENERATION_CONFIG_NAME
 
-    names = {CONFIG_FILE, RECIPE_FILE, REPORT_FILE, CHECKSUM_FILE, SINGLE_FILE, INDEX_FILE, ADAPTER_DIR, STATE_DIR, GENERATION_CONFIG_NAME,
+    names = {CONFIG_FILE, RECIPE_FILE, REPORT_FILE, REMOTE_CODE_FILE, CHECKSUM_FILE, SINGLE_FILE, INDEX_FILE, ADAPTER_DIR, STATE_DIR, GENERATION_CONFIG_NAME,
              tokenizer_files.TOKENIZER_CONFIG_FILE, tokenizer_files.SPECIAL_TOKENS_MAP_FILE, tokenizer_files.ADDED_TOKENS_FILE,
              tokenizer_files.FULL_TOKENIZER_FILE, tokenizer_files.CHAT_TEMPLATE_FILE, tokenizer_files.CHAT_TEMPLATE_DIR}
     names |= set(_read_json(directory / INDEX_FILE).get("weight_map", {}).values())

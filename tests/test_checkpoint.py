@@ -10,7 +10,7 @@ import llmcompress
 from llmcompress import checkpoint
 from llmcompress.config import CompressConfig, ModuleOverride, QuantFormat
 from llmcompress.recipe import Recipe, load_recipe
-from llmcompress.errors import CheckpointError
+from llmcompress.errors import CheckpointError, ConfigError
 from llmcompress.nn import CompressedLinear
 
 IDS = torch.randint(0, TINY_VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
@@ -208,3 +208,22 @@ def test_damaged_quantization_config_is_refused(tmp_path):
     config_file.write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="lacks modules"):
         llmcompress.load(tmp_path / "ckpt")
+
+
+def test_transformers_loads_a_native_checkpoint_with_trust_remote_code(tmp_path, monkeypatch):
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    model = _compressed(family="qwen2", dtype=torch.float16)
+    checkpoint.save(model, tmp_path / "ckpt", model.llmcompress_config)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", trust_remote_code=True, dtype=torch.float32, device_map="cpu")
+    assert type(loaded) is type(model) and isinstance(loaded.get_submodule("model.layers.0.mlp.up_proj"), CompressedLinear)
+    assert torch.equal(_logits(loaded), _logits(llmcompress.load(tmp_path / "ckpt", dtype=torch.float32)[0]))
+    assert loaded.get_input_embeddings().weight.dtype == torch.float32
+    config = AutoConfig.from_pretrained(tmp_path / "ckpt", trust_remote_code=True)
+    assert type(config) is type(model.config) and config.quantization_config["quant_method"] == "llmcompress"
+    with pytest.raises(ConfigError, match="drop load_in_8bit"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", trust_remote_code=True, load_in_8bit=True)
+    # Without trust_remote_code transformers reads the family's config as always (our own load does that).
+    assert type(AutoConfig.from_pretrained(tmp_path / "ckpt")) is type(model.config)
+    assert not isinstance(model.config, LlamaConfig)

@@ -141,3 +141,29 @@ def test_the_entry_point_names_the_registered_class():
     entry_points = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["lm_eval.models"]
     module, _, name = entry_points[lmeval.MODEL_NAME].partition(":")
     assert getattr(import_module(module), name) is lmeval.LLMCompressLM
+
+
+def test_plain_lm_eval_hf_with_trust_remote_code_scores_a_native_checkpoint(checkpoints, tokenizer, tmp_path):
+    """The route with no llmcompress on lm-eval's side: the checkpoint's ``auto_map`` leads transformers
+    (and so lm-eval's ``hf`` model) to ``llmcompress.load``."""
+    checkpoint, float_model = checkpoints
+    run = subprocess.run(["lm_eval", "--model", "hf", "--model_args", f"pretrained={checkpoint},trust_remote_code=True,dtype=float32",
+                          "--tasks", TASK, "--include_path", str(TASKS_DIR), "--device", "cpu", "--batch_size", "4", "--limit", "6",
+                          "--log_samples", "--output_path", str(tmp_path / "out")],
+                         capture_output=True, text=True, check=False, cwd=tmp_path,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                              "HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert run.returncode == 0, run.stderr[-3000:]
+    samples = [json.loads(line) for line in next((tmp_path / "out").rglob(f"samples_{TASK}_*.jsonl")).read_text().splitlines()]
+    assert len(samples) == 6
+    compressed, _ = llmcompress.load(checkpoint)
+    theirs, ours, float_ones = [], [], []
+    for sample in samples:
+        # Written to the file as {"gen_args_0": {"arg_0": context, "arg_1": continuation}, ...}.
+        pairs = [(arguments["arg_0"], arguments["arg_1"]) for arguments in sample["arguments"].values()]
+        for (context, continuation), (loglikelihood, _) in zip(pairs, sample["filtered_resps"], strict=True):
+            theirs.append(float(loglikelihood))
+            ours.append(_loglikelihood(compressed, tokenizer, context, continuation, torch.float32))
+            float_ones.append(_loglikelihood(float_model, tokenizer, context, continuation, torch.float32))
+    assert theirs == pytest.approx(ours, abs=1e-3)
+    assert max(abs(a - b) for a, b in zip(theirs, float_ones)) > 0.05, "lm-eval scored the float model, not the compressed one"

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .. import checkpoint
+from ..hfconfig import AUTO_MAP
 from ..config import PER_CHANNEL
 from ..disknames import StoredNames
 from ..experts import expert_index
@@ -84,6 +85,8 @@ def _export_serving(model: nn.Module, out: Path, format: str, tokenizer: Any, ad
     ignore = [names.module(name) for name, m in model.named_modules()
               if name not in layers and id(m) not in embeddings and isinstance(getattr(m, "weight", None), Tensor) and m.weight.dim() == 2]
     hf_config = model.config.to_dict()
+    if hf_config.get("auto_map") == AUTO_MAP:  # a native checkpoint's loader; transformers and vLLM read exports themselves
+        del hf_config["auto_map"]
     hf_config["dtype"] = str(layer_dtype(model)).replace("torch.", "")
     hf_config["quantization_config"] = _quantization_config(format, {names.module(name): layer for name, layer in layers.items()}, ignore)
     tensors, _ = checkpoint.unique_state_dict(model)
