@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ import torch
 import llmcompress
 from llmcompress.calib import DEFAULT_EVALUATION, read_text, tokenize
 from llmcompress.export import export
-from llmcompress.export.vllm import DEFAULT_ENVIRONMENT, ENVIRONMENT, vllm_python, vllm_version
+from llmcompress.export.vllm import run_in_vllm, vllm_environment, vllm_python, vllm_version
 from llmcompress.models import load_model, load_tokenizer, resolve_model_dir
 
 DTYPE = "bfloat16"
@@ -191,30 +190,10 @@ def prompt_windows(count: int, length: int) -> list[list[int]]:
     return tokens[: count * length].reshape(count, length).tolist()
 
 
-def child_environment(path: str | None, cpus: str | None) -> dict[str, str]:
-    """vLLM's settings as ``llmcompress.export.vllm`` sets them, with the W4A8 switch for ``path``."""
-    environment = {**DEFAULT_ENVIRONMENT, **os.environ, **ENVIRONMENT}
-    if path is not None:
-        environment[W4A8_VARIABLE] = PATHS[path]
-    if cpus is not None:
-        environment["VLLM_CPU_OMP_THREADS_BIND"] = cpus
-    return environment
-
-
-def serve(python: str, directory: Path, request: dict, environment: dict[str, str], timeout: float) -> dict:
-    """Run the child on ``directory`` and return its result; its cwd is the scratch directory
-    above the export, so that a checkout of llmcompress in the working directory is not importable."""
-    request_file, result_file = directory.parent / f"{directory.name}.request.json", directory.parent / f"{directory.name}.result.json"
-    request_file.write_text(json.dumps(request))
-    run = subprocess.run([python, "-c", _CHILD, str(directory), str(request_file), str(result_file)], capture_output=True, text=True,
-                         check=False, cwd=directory.parent, env=environment, timeout=timeout)
-    if run.returncode != 0:
-        tail = " | ".join([line for line in run.stderr.splitlines() if line.strip()][-8:])
-        raise RuntimeError(f"vLLM failed on {directory.name}: {tail}")
-    result = json.loads(result_file.read_text())
-    if result["llmcompress_imported"]:
-        raise RuntimeError("the vLLM process imported llmcompress, so the measurement would not be independent")
-    return result
+def settings(path: str | None, cpus: str | None) -> dict[str, str]:
+    """What this run changes of vLLM's settings (``llmcompress.export.vllm``): the W4A8 switch for ``path``, the cores."""
+    changed = {} if path is None else {W4A8_VARIABLE: PATHS[path]}
+    return changed if cpus is None else {**changed, "VLLM_CPU_OMP_THREADS_BIND": cpus}
 
 
 def summarize(runs: list[dict], batch: int, max_tokens: int) -> dict[str, float]:
@@ -264,7 +243,7 @@ def protocol(args: argparse.Namespace, batch_sizes: list[int], version: str, cpu
             "prompts": f"{max(batch_sizes)} distinct windows of {args.prompt_tokens} tokens of {DEFAULT_EVALUATION}",
             "batch_sizes": batch_sizes, "max_tokens": args.max_tokens, "sampling": "greedy, EOS ignored", "repeats": args.repeats,
             "statistic": "median of the repeats", "warmup": f"one run of {WARMUP_TOKENS} tokens per batch size",
-            "environment": {key: value for key, value in child_environment(None, args.cpus).items() if key.startswith("VLLM_")},
+            "environment": {key: value for key, value in vllm_environment(settings(None, args.cpus)).items() if key.startswith("VLLM_")},
             "w4a8_switch": W4A8_VARIABLE, "machine": platform.machine(), "cpu": cpu, "load_average": load,
             "python": platform.python_version(), "note": "exports written from the float16 model; vLLM casts them to bfloat16"}
 
@@ -292,7 +271,8 @@ def main() -> None:
             config = CONFIGS[name]
             directory = build(config, Path(scratch) / name)
             for path in [None] if not config.passes else list(PATHS):
-                served = serve(python, directory, {**request, "adapter": config.adapter}, child_environment(path, args.cpus), args.timeout)
+                served = run_in_vllm(_CHILD, directory, {**request, "adapter": config.adapter}, python, timeout=args.timeout,
+                                     what=f"serve {name}", environment=settings(path, args.cpus))
                 rows += rows_of(name, config, path, served, args, cpu["amx"])
                 print(f"{name} {path or DTYPE}: {', '.join(served['kernels'])}; "
                       + ", ".join(f"batch {row['batch']} {row['decode_tok_s']:.1f} tok/s" for row in rows if row["config"] == name

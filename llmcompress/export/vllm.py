@@ -69,9 +69,10 @@ from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 from vllm.lora.request import LoRARequest
 
-directory, windows_file, result_file, adapter = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
-with open(windows_file) as f:
-    windows = json.load(f)
+directory, request_file, result_file = sys.argv[1:4]
+with open(request_file) as f:
+    request = json.load(f)
+windows, adapter = request["windows"], request["adapter"]
 options = {}
 lora = None
 if adapter:
@@ -116,31 +117,46 @@ def vllm_perplexity(export_dir: str | os.PathLike, windows: Tensor | Sequence[Se
     """Perplexity of ``windows`` [count, seqlen] under the export as ``vllm.LLM`` serves it in
     bfloat16, every token after the first of each window scored; with ``adapter`` the export's
     ``adapter/`` is applied as a LoRA adapter."""
-    interpreter = vllm_python(python)
     rows = windows.tolist() if isinstance(windows, Tensor) else [list(map(int, window)) for window in windows]
     directory = Path(export_dir).resolve()
     if adapter and not (directory / ADAPTER_DIR / peft.ADAPTER_CONFIG).is_file():
         raise CheckpointError(f"{directory} has no {ADAPTER_DIR}/{peft.ADAPTER_CONFIG} to serve: score it without the adapter, "
                               "or export the checkpoint with --adapter")
-    with tempfile.TemporaryDirectory() as scratch:
-        windows_file, result_file = Path(scratch) / "windows.json", Path(scratch) / "result.json"
-        windows_file.write_text(json.dumps(rows))
-        _run([interpreter, "-c", _CHILD, str(directory), str(windows_file), str(result_file), "1" if adapter else "0"],
-             timeout=timeout, cwd=scratch, what=f"load or run {directory}")
-        result = json.loads(result_file.read_text())
-    if result["llmcompress_imported"]:
-        raise CheckpointError("the vLLM process imported llmcompress, so the check would not be independent")
+    result = run_in_vllm(_CHILD, directory, {"windows": rows, "adapter": adapter}, python, timeout=timeout,
+                         what=f"load or run {directory}")
     return perplexity_from_logprobs(result["logprobs"], rows)
 
 
-def _run(command: list[str], timeout: float, cwd: str | None = None, what: str = "start") -> subprocess.CompletedProcess:
-    """Run a child under the vLLM interpreter (``command[0]``) with vLLM's settings, turning an
-    interpreter that is missing or has no vLLM into a ``ConfigError`` and vLLM's own failure into
-    a ``CheckpointError`` with the end of its stderr."""
+def run_in_vllm(script: str, directory: Path, request: object, python: str | os.PathLike | None = None, *, timeout: float = DEFAULT_TIMEOUT,
+                what: str = "run", environment: dict[str, str] | None = None) -> dict:
+    """Run ``script`` under the vLLM interpreter as ``python -c script DIRECTORY REQUEST_FILE RESULT_FILE``
+    (the request as JSON in, its result as JSON out), with vLLM's settings updated by ``environment``,
+    from a scratch directory so that a checkout of llmcompress in the working directory is not
+    importable; the result must say ``llmcompress_imported: false``."""
+    with tempfile.TemporaryDirectory() as scratch:
+        request_file, result_file = Path(scratch) / "request.json", Path(scratch) / "result.json"
+        request_file.write_text(json.dumps(request))
+        _run([vllm_python(python), "-c", script, str(directory), str(request_file), str(result_file)], timeout=timeout, cwd=scratch,
+             what=what, environment=environment)
+        result = json.loads(result_file.read_text())
+    if result.get("llmcompress_imported", True):
+        raise CheckpointError("the vLLM process imported llmcompress, so the check would not be independent")
+    return result
+
+
+def vllm_environment(changes: dict[str, str] | None = None) -> dict[str, str]:
+    """The child's environment: ours, the user's settings where ours are only defaults, then ``changes``."""
+    return {**DEFAULT_ENVIRONMENT, **os.environ, **ENVIRONMENT, **(changes or {})}
+
+
+def _run(command: list[str], timeout: float, cwd: str | None = None, what: str = "start",
+         environment: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a child under the vLLM interpreter (``command[0]``) with vLLM's settings (updated by
+    ``environment``), turning an interpreter that is missing or has no vLLM into a ``ConfigError``
+    and vLLM's own failure into a ``CheckpointError`` with the end of its stderr."""
     interpreter = command[0]
-    environment = {**DEFAULT_ENVIRONMENT, **os.environ, **ENVIRONMENT}
+    environment = vllm_environment(environment)
     try:
-        # cwd: a scratch directory, so that a checkout of llmcompress in the working directory is not importable.
         run = subprocess.run(command, capture_output=True, text=True, check=False, cwd=cwd, env=environment, timeout=timeout)
     except OSError as err:
         raise ConfigError(f"cannot run {interpreter} ({err.strerror}): point --vllm-python or {PYTHON_VARIABLE} at the python "
