@@ -6,6 +6,7 @@ over micro-batches so that the result does not depend on how the tokens were bat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -109,6 +110,32 @@ class LayerStats:
         if value is None:
             detail = "no inputs were seen" if self.tokens == 0 else f"'{name}' was not gathered"
             raise RuntimeError(f"statistic '{name}' is unavailable: {detail}")
+
+
+class GroupStats:
+    """The statistics of a group whose layers read different inputs (the experts of one module,
+    each its routed tokens): each layer's own H, and the channel magnitudes over all their tokens."""
+
+    def __init__(self, records: Sequence[LayerStats]) -> None:
+        self.records = list(records)  # one per layer of the group, in its order
+        self.distinct = list({id(r): r for r in self.records}.values())
+        self.tokens = sum(r.tokens for r in self.distinct)
+
+    @property
+    def hessian(self) -> list[Tensor]:
+        return [record.hessian for record in self.records]
+
+    @property
+    def act_abs_mean(self) -> Tensor:
+        return sum(record.act_abs_mean * record.tokens for record in self.distinct) / self.tokens
+
+    @property
+    def act_abs_max(self) -> Tensor:
+        return torch.stack([record.act_abs_max for record in self.distinct]).amax(dim=0)
+
+    @property
+    def samples(self) -> Tensor:
+        return torch.cat([record.samples for record in self.distinct])
 
 
 def weight_error(weight: Tensor, approx: Tensor) -> float:

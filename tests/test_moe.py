@@ -4,6 +4,7 @@ coverage proven, each family read from a transformers-5 default save and written
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -306,3 +307,33 @@ def test_a_branch_on_experts_is_refused_by_the_adapter_export(tmp_path):
     export(model, tmp_path / "ct", "compressed-tensors")
     adapter = json.loads((tmp_path / "ct" / "adapter" / "adapter_config.json").read_text())
     assert adapter["target_modules"] and not any("experts" in m for m in adapter["target_modules"])
+
+
+def _router_logits(model: nn.Module, ids: torch.Tensor, block: int) -> torch.Tensor:
+    """What the router of block ``block`` computes from its input (its input times its weight)."""
+    router = next(m for name, m in model.named_modules() if re.fullmatch(rf"model\.layers\.{block}\.\w+\.(gate|router)", name))
+    caught = []
+    handle = router.register_forward_pre_hook(lambda m, args: caught.append(args[0].reshape(-1, args[0].shape[-1]).float() @ m.weight.float().T))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    return caught[0]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_awq_scales_all_experts_input_into_the_norm_and_the_router_keeps_routing(family):
+    """One scale for the input of every expert (and shared expert) of a block, folded into the norm
+    before them; the router's columns take it too, so it computes the same logits from the scaled
+    input. Only block 1's projections are compressed, so its input is the float model's."""
+    ids = windows()
+    recipe = {"passes": [{"smooth": {"method": "awq", "targets": [r"layers\.1\..*\.(gate|up|down)_proj$"]}},
+                         {"quantize": {"bits": 4, "group_size": 32, "symmetric": True, "targets": [r"layers\.1\..*\.(gate|up|down)_proj$"]}}]}
+    float_model = moe_model(family)
+    model = llmcompress.compress(moe_model(family), recipe, calibration=ids, progress=False)
+    notes = {r.name: r.notes for r in model.compression_report.layers}
+    first = [name for name in notes if ".experts." in name and name.endswith((".gate_proj", ".up_proj"))]
+    assert first and all("into post_attention_layernorm (scale" in notes[name] for name in first), notes[first[0]]
+    assert "compensated" in notes[first[0]]
+    norm = model.model.layers[1].post_attention_layernorm.weight
+    assert not torch.equal(norm, float_model.model.layers[1].post_attention_layernorm.weight)
+    torch.testing.assert_close(_router_logits(model, ids[:2], 1), _router_logits(float_model, ids[:2], 1), atol=1e-5, rtol=1e-5)

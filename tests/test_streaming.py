@@ -47,7 +47,7 @@ def test_streamed_run_equals_the_in_memory_one(five_block_dir, tmp_path):
     assert torch.equal(streamed(tokens).logits, in_memory(tokens).logits)
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [*(f"model-block-{i:05d}.safetensors" for i in range(BLOCKS)), "model-outside.safetensors", "model.safetensors.index.json",
-         "llmcompress-checksums.json", "config.json", "recipe.yaml", "compression_report.json", "tokenizer.json", "tokenizer_config.json"])
+         "llmcompress-checksums.json", "config.json", "llmcompress_auto.py", "recipe.yaml", "compression_report.json", "tokenizer.json", "tokenizer_config.json"])
 
 
 KILLER = r'''

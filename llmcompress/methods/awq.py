@@ -16,6 +16,7 @@ and group to minimise that group's share of the output error (H's diagonal block
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,12 +34,14 @@ class ScaleSearch:
     error_unscaled: float
 
 
-def output_error_sum(weights: list[Tensor], approximations: list[Tensor], hessian: Tensor) -> float:
-    """Sum over layers of mean ||(W - W') x||^2, from H = mean x x^T."""
+def output_error_sum(weights: list[Tensor], approximations: list[Tensor], hessian: Tensor | Sequence[Tensor]) -> float:
+    """Sum over layers of mean ||(W - W') x||^2, from H = mean x x^T: one H for layers reading one
+    input, or one per layer (experts, each on its own tokens)."""
+    hessians = [hessian] * len(weights) if isinstance(hessian, Tensor) else list(hessian)
     total = 0.0
-    for weight, approx in zip(weights, approximations, strict=True):
+    for weight, approx, layer_hessian in zip(weights, approximations, hessians, strict=True):
         delta = weight.float() - approx.float()
-        total += float(((delta @ hessian) * delta).sum())
+        total += float(((delta @ layer_hessian) * delta).sum())
     return total
 
 
@@ -62,7 +65,7 @@ def candidate_scales(act_mean: Tensor, alpha: float, weight_mean: Tensor | None)
     return scales / (scales.max() * scales.min()).sqrt()
 
 
-def search_scales(weights: list[Tensor], formats: list[QuantFormat], hessian: Tensor, act_mean: Tensor,
+def search_scales(weights: list[Tensor], formats: list[QuantFormat], hessian: Tensor | Sequence[Tensor], act_mean: Tensor,
                   grid: int = 20, duo_scaling: bool = True) -> ScaleSearch:
     """The per-input-channel scale s for layers sharing one input that minimises their output error."""
     weights = [w.detach().float() for w in weights]

@@ -192,7 +192,7 @@ def randomized_svd(matrix: Tensor, rank: int, oversample: int = 8, iterations: i
     return (basis @ u)[:, :rank], s[:rank], vh[:rank]
 
 
-def hessian_error(weights: Sequence[Tensor], parts: Sequence[SVDQuantPart], smooth: Tensor, hessian: Tensor) -> float:
+def hessian_error(weights: Sequence[Tensor], parts: Sequence[SVDQuantPart], smooth: Tensor, hessian: Tensor | Sequence[Tensor]) -> float:
     """``sum ||(W - W') X||^2`` over the group from H, for 16-bit activations, where
     ``W' = (residual + B A) diag(1 / lambda)``."""
     effective = [(part.residual + part.branch.matrix()) / smooth for part in parts]

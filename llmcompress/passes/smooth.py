@@ -17,7 +17,7 @@ from ..config import QuantFormat
 from ..errors import ConfigError
 from ..methods.awq import search_scales
 from ..methods.lowrank import hessian_error, sampled_error, search_smoothing
-from ..stats import ABS_MAX, ABS_MEAN, HESSIAN, SAMPLES, LayerStats
+from ..stats import ABS_MAX, ABS_MEAN, HESSIAN, SAMPLES, GroupStats, LayerStats
 from .base import Pass, register
 from .options import PassConfig, check_choice, choices_of
 from .state import Target
@@ -92,7 +92,7 @@ class SmoothPass(Pass):
                 wanted.add(SAMPLES)
         return frozenset(wanted)
 
-    def search(self, weights: list[Tensor], targets: list[Target], config: SmoothPassConfig, stats: LayerStats) -> Smoothing:
+    def search(self, weights: list[Tensor], targets: list[Target], config: SmoothPassConfig, stats: LayerStats | GroupStats) -> Smoothing:
         formats: list[QuantFormat] = [t.fmt for t in targets]
         if config.method == "awq":
             found = search_scales(weights, formats, stats.hessian, stats.act_abs_mean, grid=config.grid, duo_scaling=config.duo_scaling)

@@ -45,9 +45,9 @@ from ..precision import compute_dtype, forward_weights
 from ..passes import LayerState, Pass, Target
 from ..flags import RecipeLike, as_recipe
 from ..recipe import Recipe
-from ..stats import HESSIAN, LayerStats, output_error, weight_error
+from ..stats import HESSIAN, GroupStats, LayerStats, output_error, weight_error
 from .activations import Activations, choose_place
-from .folding import Fold, apply_fold, find_fold
+from .folding import Fold, apply_fold, compensate, find_fold, merge_expert_inputs
 from .layers import layer_states, run_layer_passes
 from .placement import block_devices
 from .runner import BlockInputs, catch_block_inputs, device_of, gather_statistics, run_block
@@ -230,8 +230,12 @@ def _compress_block(block: nn.Module, targets: list[Target], inputs: BlockInputs
     notes: dict[str, list[str]] = {}
     labels: dict[str, list[str]] = {}  # the block passes that ran on each layer, for its record
     smooths: dict[str, Tensor] = {}
-    for block_pass in (p for p in passes if p.phase == "block"):
-        _smooth_groups(block, block_pass, targets, groups, inputs, folds, notes, labels, smooths)
+    block_passes = [p for p in passes if p.phase == "block"]
+    if block_passes:
+        with forward_weights(block, inputs.dtype):
+            smoothing_groups = _first_process_merged(block, groups, inputs)
+    for block_pass in block_passes:
+        _smooth_groups(block, block_pass, targets, smoothing_groups, inputs, folds, notes, labels, smooths)
     # Layers that read the calibration inputs beyond H's diagonal sum (GPTQ, SparseGPT) or prune by
     # input norms (Wanda) see what the already-compressed layers before them produce.
     sequential = recipe.sequential
@@ -253,6 +257,13 @@ def _first_process_groups(block: nn.Module, targets: list[Target], inputs: Block
     """``input_groups`` found on the first micro-batch, which the first process holds."""
     named = distributed.from_first(lambda: [[t.name for t in group] for group in input_groups(block, targets, inputs)])
     by_name = {t.name: t for t in targets}
+    return [[by_name[name] for name in group] for group in named]
+
+
+def _first_process_merged(block: nn.Module, groups: list[list[Target]], inputs: BlockInputs) -> list[list[Target]]:
+    """``merge_expert_inputs`` of ``groups``, found on the first micro-batch, which the first process holds."""
+    named = distributed.from_first(lambda: [[t.name for t in group] for group in merge_expert_inputs(block, groups, inputs)])
+    by_name = {t.name: t for group in groups for t in group}
     return [[by_name[name] for name in group] for group in named]
 
 
@@ -280,13 +291,11 @@ def _group_fold(block: nn.Module, group: list[Target], inputs: BlockInputs, fold
     return folds[key]
 
 
-def _fold_into_producer(block: nn.Module, fold: Fold, linears: list[nn.Module], scales: Tensor) -> None:
-    """Divide the producer's output by ``scales`` and multiply the layers' input columns by it:
-    the float block computes the same function."""
+def _fold_into_producer(block: nn.Module, fold: Fold, group: list[Target], scales: Tensor) -> None:
+    """Divide the producer's output by ``scales`` and multiply the input columns of the group's
+    layers and the fold's readers (a router) by it: the float block computes the same function."""
     apply_fold(block, fold, scales)
-    with torch.no_grad():
-        for linear in linears:
-            linear.weight.copy_((linear.weight.float() * scales.to(linear.weight.device)).to(linear.weight.dtype))
+    compensate(block, [*(t.local_name for t in group), *fold.readers], scales)
 
 
 def _smooth_groups(block: nn.Module, block_pass: Pass, targets: list[Target], groups: list[list[Target]], inputs: BlockInputs,
@@ -311,21 +320,22 @@ def _smooth_groups(block: nn.Module, block_pass: Pass, targets: list[Target], gr
             for target in chosen:
                 notes.setdefault(target.name, []).append(text)
 
-        layer_stats = stats.get(chosen[0].name)
         for target in chosen:
             labels.setdefault(target.name, []).append(label)
         if len(chosen) < len(group):
             note(f"{label}: not applied, its input also feeds layers this pass skips")
             continue
-        if layer_stats is None:
+        # Experts that no calibration token reached take the scale all the same, but do not choose it.
+        measured = [t for t in group if t.name in stats]
+        if not measured:
             note(f"{label}: no calibration input reached it")
             continue
         fold = _group_fold(block, group, inputs, folds)
         if fold is None and not config.keeps_unfoldable:
             note(f"{label}: input has no foldable producer, not scaled")
             continue
-        linears = [block.get_submodule(t.local_name) for t in group]
-        found = block_pass.search([m.weight for m in linears], group, config, layer_stats)
+        group_stats = stats[measured[0].name] if len({id(stats[t.name]) for t in measured}) == 1 else GroupStats([stats[t.name] for t in measured])
+        found = block_pass.search([block.get_submodule(t.local_name).weight for t in measured], measured, config, group_stats)
         if found.scales is None:
             note(f"{label}: leaving the input as it is was best")
             continue
@@ -333,8 +343,9 @@ def _smooth_groups(block: nn.Module, block_pass: Pass, targets: list[Target], gr
             smooths.update(dict.fromkeys((t.name for t in group), found.scales))
             where = "kept in the layer (no foldable producer)"
         else:
-            _fold_into_producer(block, fold, linears, found.scales)
-            where = f"into {fold.module} ({fold.kind})"
+            _fold_into_producer(block, fold, group, found.scales)
+            readers = f", {' and '.join(fold.readers)} compensated" if fold.readers else ""
+            where = f"into {fold.module} ({fold.kind}{readers})"
         note(f"{label}: a={found.alpha:.2f} {where}, error x{found.gain:.3f}")
 
 
@@ -343,14 +354,41 @@ def _compress_stage(block: nn.Module, stage: list[Target], stats: dict[str, Laye
                     tokens: dict[str, int] | None = None, fallbacks: set[str] = frozenset()) -> list[LayerRecord]:
     """Run the layer passes on layers whose statistics are gathered, replace them with
     ``CompressedLinear``s, record them."""
+    records = []
+    for piece in _pieces(stage, stats, layer_passes):
+        # Layers reading one input (q/k/v) share one statistics record, so their H is one tensor.
+        hessians = _shared_hessians({t.name: stats[t.name] for t in piece if t.name in stats})
+        records += _compress_piece(block, piece, hessians, layer_passes, notes, labels, smooths, tokens, fallbacks)
+    return records
+
+
+def _pieces(stage: list[Target], stats: dict[str, LayerStats], layer_passes: list[Pass]) -> list[list[Target]]:
+    """The stage in the pieces compressed one after another, so that only one piece's working
+    copies (H, float32 weights, approximations, codes) are alive at a time, not those of the whole
+    stage (every expert of a block): each group of layers sharing one statistics record, where
+    every pass compresses such groups independently and one process does all the work; else the
+    whole stage."""
+    if distributed.active() or not all(p.layers_independent([t.config(p.index) for t in stage]) for p in layer_passes):
+        return [stage]
+    pieces: list[list[Target]] = []
+    for target in stage:
+        record = stats.get(target.name)
+        if pieces and record is not None and record is stats.get(pieces[-1][-1].name):
+            pieces[-1].append(target)
+        else:
+            pieces.append([target])
+    return pieces
+
+
+def _compress_piece(block: nn.Module, piece: list[Target], hessians: dict[str, Tensor], layer_passes: list[Pass],
+                    notes: dict[str, list[str]], labels: dict[str, list[str]], smooths: dict[str, Tensor],
+                    tokens: dict[str, int] | None, fallbacks: set[str]) -> list[LayerRecord]:
     started = time.perf_counter()
-    linears: list[nn.Linear] = [block.get_submodule(t.local_name) for t in stage]
+    linears: list[nn.Linear] = [block.get_submodule(t.local_name) for t in piece]
     originals = [linear.weight.detach().float() for linear in linears]
-    # Layers reading one input (q/k/v) share one statistics record, so their H is one tensor.
-    hessians = _shared_hessians(stats)
-    states = layer_states(stage, originals, [hessians.get(t.name) for t in stage], [smooths.get(t.name) for t in stage])
+    states = layer_states(piece, originals, [hessians.get(t.name) for t in piece], [smooths.get(t.name) for t in piece])
     distributed.split_layer_work(states, layer_passes, run_layer_passes)
-    seconds = (time.perf_counter() - started) / len(stage)
+    seconds = (time.perf_counter() - started) / len(piece)
     records = []
     for state, linear in zip(states, linears, strict=True):
         target = state.target
