@@ -12,6 +12,13 @@ refused, vLLM cannot load or run one, or the two perplexities differ by more tha
 listed and not checked: vLLM has no CPU kernel for it. GPTQ calibrates on 16 windows without its
 range search, so that the whole program takes minutes on 2 cores: what is checked is the export,
 not GPTQ's quality.
+
+``moe-*``: a mixture-of-experts model, a synthetic Qwen3-MoE (2 blocks, hidden 256, 8 experts,
+top 2, random weights, seeded; SmolLM2's tokenizer and vocabulary) with its attention quantized
+and its experts kept in 16 bits: what is checked is that vLLM finds every expert, router and
+packed layer under the names and in the ignore lists the exports give them. INT4 experts are
+listed and not checked: vLLM's CPU build runs INT4 experts only on CPUs with AMX
+(``CPUExpertsInt4``) or through zentorch (``VLLM_CPU_INT4_W4A8=1``).
 """
 
 from __future__ import annotations
@@ -40,9 +47,21 @@ from llmcompress.outdir import ADAPTER_DIR
 
 @dataclass(frozen=True)
 class Configuration:
-    config: CompressConfig
+    config: CompressConfig | dict  # a recipe as a dict where it needs more than the flags
     exports: tuple[str, ...]
     data_free: bool = True
+    synthetic_moe: bool = False
+
+
+def synthetic_moe(vocab_size: int) -> nn.Module:
+    """The ``moe-*`` model: a Qwen3-MoE whose every size vLLM's CPU kernels take (head_dim 64)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("qwen3_moe", hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  head_dim=64, intermediate_size=256, moe_intermediate_size=128, num_experts=8, num_experts_per_tok=2,
+                                  vocab_size=vocab_size, max_position_embeddings=1024)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
 
 
 # g128 is what most users ask for; on SmolLM2 it is fitted to g64 on the 576-input layers, so
@@ -55,9 +74,12 @@ CONFIGS = {
                                   ("compressed-tensors", "gptq"), data_free=False),
     "rtn-w4g128s-lorc32": Configuration(CompressConfig(quant=W4G128_SYM, lowrank=LowRankConfig(rank=32, method="lorc")),
                                         ("compressed-tensors",)),
+    "moe-w4g64s-attention": Configuration({"passes": [{"quantize": {"bits": 4, "group_size": 64, "symmetric": True}}], "ignore": ["experts"]},
+                                          ("compressed-tensors", "gptq"), synthetic_moe=True),
 }
-NOT_CHECKED = {("nvfp4", "compressed-tensors"): "GPU only, not checked here (vLLM has no CPU kernel for NVFP4 weights)"}
-HEADER = f"{'configuration':19} {'export':28} {'export ok':9} {'vLLM ok':7} {'ours':>9} {'vLLM':>9} {'difference':>10} {'vLLM s':>7}  status"
+NOT_CHECKED = {("nvfp4", "compressed-tensors"): "GPU only, not checked here (vLLM has no CPU kernel for NVFP4 weights)",
+               ("moe-w4g64s", "compressed-tensors, gptq"): "INT4 experts: vLLM's CPU build runs them only with AMX or zentorch, not checked"}
+HEADER = f"{'configuration':21} {'export':28} {'export ok':9} {'vLLM ok':7} {'ours':>9} {'vLLM':>9} {'difference':>10} {'vLLM s':>7}  status"
 
 
 def check_format(model: nn.Module, tokenizer, name: str, export_format: str, windows: Tensor, ours: float,  # noqa: ANN001
@@ -87,7 +109,7 @@ def line(row: dict) -> str:
     def number(value: float | None, form: str) -> str:
         return "-" if value is None else format(value, form)
     name = row["export"] + (" + adapter" if row["adapter"] else "")
-    text = (f"{row['config']:19} {name:28} {'yes' if row['export_ok'] else 'no':9} {'yes' if row['vllm_ok'] else 'no':7} "
+    text = (f"{row['config']:21} {name:28} {'yes' if row['export_ok'] else 'no':9} {'yes' if row['vllm_ok'] else 'no':7} "
             f"{row['ours']:9.4f} {number(row['vllm'], '9.4f'):>9} {number(row['relative_difference'], '+.3%'):>10} "
             f"{number(row['vllm_seconds'], '7.1f'):>7}  {status(row)}")
     return text + (f"\n    {row['error']}" if row["error"] else "")
@@ -115,6 +137,8 @@ def main() -> None:
             configuration = CONFIGS[name]
             compress_started = time.perf_counter()
             model, tokenizer = load_model(default_model_dir())
+            if configuration.synthetic_moe:
+                model = synthetic_moe(len(tokenizer))
             llmcompress.compress(model, configuration.config, calibration="none" if configuration.data_free else None,
                                  tokenizer=tokenizer, progress=False)
             compress_seconds = time.perf_counter() - compress_started
@@ -128,7 +152,7 @@ def main() -> None:
                 rows.append({**row, "compress_seconds": compress_seconds})
                 print(line(row), flush=True)
     for (name, export_format), reason in NOT_CHECKED.items():
-        print(f"{name:19} {export_format:28} {reason}")
+        print(f"{name:21} {export_format:28} {reason}")
     seconds = time.perf_counter() - started
     failed = [row for row in rows if status(row) != "ok"]
     protocol = (f"{DEFAULT_EVALUATION}, {args.windows} windows of {WINDOW_TOKENS} tokens, first token of each unscored, "

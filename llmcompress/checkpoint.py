@@ -123,6 +123,7 @@ def checkpoint_config(model: nn.Module, config: Recipe, modules: dict[str, dict]
                       source_model: str | None = None) -> dict:
     """config.json of a native checkpoint: the model's config plus our ``quantization_config``."""
     hf_config = model.config.to_dict()
+    hf_config["architectures"] = hf_config.get("architectures") or [type(model).__name__]
     # The config's dtype can be stale after a .to(dtype); record what the tensors really are.
     hf_config["dtype"] = str(model.get_input_embeddings().weight.dtype).replace("torch.", "")
     # Only our loader: a source model's own remote code is not copied, and transformers has its classes.

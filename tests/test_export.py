@@ -271,6 +271,22 @@ def test_gptq_export_writes_other_formats_as_dynamic_overrides_vllm_matches(tmp_
     assert torch.equal(_logits(loaded, tokens), _logits(model, tokens))
 
 
+def test_gptq_export_names_the_16_bit_layers_so_vllm_builds_them_unquantized(tmp_path):
+    """vLLM builds every Linear of a GPTQ checkpoint as a GPTQ layer unless a ``"-:"`` dynamic
+    override matches it (re.match on its prefix, fused names included)."""
+    model = llmcompress.compress(tiny_model("llama"), {"passes": [{"quantize": {"bits": 4, "group_size": 32, "symmetric": True}}],
+                                                       "ignore": [r"layers\.1\.mlp\.(gate|up)_proj", r"layers\.2\.mlp\.up_proj"]},
+                                 calibration="none", progress=False)
+    config = json.loads((export(model, tmp_path / "gptq", format="gptq") / "config.json").read_text())["quantization_config"]
+    (pattern,) = [key for key in config["dynamic"] if key.startswith("-:")]
+    names = [f"model.layers.{block}.mlp.{name}" for block in (0, 1, 2) for name in ("gate_proj", "up_proj", "gate_up_proj", "down_proj")]
+    assert [name for name in names if re.match(pattern.removeprefix("-:"), name)] == [
+        "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.gate_up_proj", "model.layers.2.mlp.up_proj"]
+    loaded, _ = llmcompress.load(tmp_path / "gptq")
+    tokens = torch.randint(0, 384, (1, 16), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(_logits(loaded, tokens), _logits(model, tokens))
+
+
 @pytest.mark.parametrize(("format", "fmt", "message"), [
     ("gptq", QuantFormat(bits=4, group_size=32), "GPTQ path takes symmetric 4- and 8-bit weights only.*export compressed-tensors"),
     ("gptq", QuantFormat(bits=8, group_size=32), "GPTQ path takes symmetric 4- and 8-bit weights only"),

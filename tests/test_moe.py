@@ -337,3 +337,16 @@ def test_awq_scales_all_experts_input_into_the_norm_and_the_router_keeps_routing
     norm = model.model.layers[1].post_attention_layernorm.weight
     assert not torch.equal(norm, float_model.model.layers[1].post_attention_layernorm.weight)
     torch.testing.assert_close(_router_logits(model, ids[:2], 1), _router_logits(float_model, ids[:2], 1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_gptq_export_of_16_bit_experts_names_vllms_fused_experts_layer(family, tmp_path):
+    """vLLM builds a block's experts as one layer (``...experts``) and looks up ``"-:"`` overrides
+    by its name; eval/vllm_check.py serves such an export in vLLM."""
+    recipe = {"passes": [{"quantize": {"bits": 4, "group_size": 32, "symmetric": True}}], "ignore": ["experts"]}
+    model = llmcompress.compress(moe_model(family), recipe, calibration="none", progress=False)
+    config = json.loads((export(model, tmp_path / "gptq", format="gptq") / "config.json").read_text())["quantization_config"]
+    (pattern,) = [key.removeprefix("-:") for key in config["dynamic"] if key.startswith("-:")]
+    moe = "block_sparse_moe" if family == "mixtral" else "mlp"
+    assert re.match(pattern, f"model.layers.1.{moe}.experts") and re.match(pattern, f"model.layers.0.{moe}.gate")
+    assert not re.match(pattern, "model.layers.0.self_attn.qkv_proj") and not re.match(pattern, "model.layers.0.self_attn.q_proj")

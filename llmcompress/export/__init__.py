@@ -87,8 +87,12 @@ def _export_serving(model: nn.Module, out: Path, format: str, tokenizer: Any, ad
     hf_config = model.config.to_dict()
     if hf_config.get("auto_map") == AUTO_MAP:  # a native checkpoint's loader; transformers and vLLM read exports themselves
         del hf_config["auto_map"]
+    # What save_pretrained records: vLLM picks the model class (and generation) from it.
+    hf_config["architectures"] = hf_config.get("architectures") or [type(model).__name__]
     hf_config["dtype"] = str(layer_dtype(model)).replace("torch.", "")
-    hf_config["quantization_config"] = _quantization_config(format, {names.module(name): layer for name, layer in layers.items()}, ignore)
+    # GPTQ configs say "lm_head": false for the head; naming it again would only lengthen the pattern.
+    head = {names.module(name) for name, m in model.named_modules() if m is model.get_output_embeddings()}
+    hf_config["quantization_config"] = _quantization_config(format, {names.module(name): layer for name, layer in layers.items()}, ignore, head)
     tensors, _ = checkpoint.unique_state_dict(model)
     adapter_tensors: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
@@ -176,9 +180,10 @@ def _layer_tensors(format: str, layer: CompressedLinear, packed: dict[str, Tenso
     return compressed_tensors.layer_tensors(layer.fmt, packed, layer.out_features, layer.in_features)
 
 
-def _quantization_config(format: str, layers: dict[str, CompressedLinear], ignore: list[str]) -> dict:
+def _quantization_config(format: str, layers: dict[str, CompressedLinear], ignore: list[str], head: set[str]) -> dict:
     if format == "gptq":
-        return gptq.quantization_config({n: m.fmt for n, m in layers.items()}, {n: m.has_g_idx for n, m in layers.items()})
+        return gptq.quantization_config({n: m.fmt for n, m in layers.items()}, {n: m.has_g_idx for n, m in layers.items()},
+                                        [name for name in ignore if name not in head])
     return compressed_tensors.quantization_config({n: m.fmt for n, m in layers.items()}, ignore)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -29,6 +30,7 @@ QUANT_METHOD = "gptq"
 PACKED_TENSOR = "qweight"  # the tensor that marks a quantized layer
 BITS = (2, 4, 8)
 # vLLM's Llama-style models load these sibling layers as one (packed_modules_mapping).
+_EXPERT = re.compile(r"(.*\.experts)\.\d+\.")
 VLLM_FUSED_LAYERS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
@@ -87,10 +89,12 @@ def native_layer(fmt: QuantFormat, tensors: dict[str, Tensor]) -> tuple[dict[str
     return packed, in_features, False
 
 
-def quantization_config(module_formats: dict[str, QuantFormat], act_order: dict[str, bool]) -> dict:
+def quantization_config(module_formats: dict[str, QuantFormat], act_order: dict[str, bool], ignore: Sequence[str] = ()) -> dict:
     """The keys transformers (GPTQConfig) and vLLM read: the most common format (ties to the
-    first module's) as the model's, and each other format as a ``dynamic`` override of the
-    modules holding it, which GPTQModel and vLLM both apply (``"+:regex"``, ``re.match``)."""
+    first module's) as the model's, each other format as a ``dynamic`` override of the modules
+    holding it, which GPTQModel and vLLM both apply (``"+:regex"``, ``re.match``), and the
+    ``ignore``d layers (kept in 16 bits) as a ``"-:regex"`` override, without which vLLM builds
+    every Linear as a GPTQ layer and cannot load their weights."""
     counts = Counter(module_formats.values())
     base = max(counts, key=lambda fmt: counts[fmt])
     base_order = any(act_order[name] for name, fmt in module_formats.items() if fmt == base)
@@ -99,6 +103,9 @@ def quantization_config(module_formats: dict[str, QuantFormat], act_order: dict[
         modules = sorted(name for name, f in module_formats.items() if f == fmt)
         names = modules + _vllm_fused_names(modules, module_formats)
         dynamic["+:" + "(" + "|".join(re.escape(name) for name in names) + ")$"] = _keys(fmt, any(act_order[n] for n in modules))
+    skipped = [*ignore, *_vllm_fused_names(list(ignore), dict.fromkeys(ignore, None)), *_whole_expert_modules(ignore, module_formats)]
+    if skipped:
+        dynamic["-:" + "(" + "|".join(re.escape(name) for name in skipped) + ")$"] = {}
     return {"quant_method": QUANT_METHOD, "checkpoint_format": "gptq", **_keys(base, base_order), "static_groups": False,
             "true_sequential": True, "lm_head": False, "pack_dtype": "int32", **({"dynamic": dynamic} if dynamic else {})}
 
@@ -108,7 +115,15 @@ def _keys(fmt: QuantFormat, act_order: bool) -> dict:
             "desc_act": act_order}
 
 
-def _vllm_fused_names(modules: list[str], module_formats: dict[str, QuantFormat]) -> list[str]:
+def _whole_expert_modules(ignore: Sequence[str], module_formats: dict[str, QuantFormat]) -> list[str]:
+    """The experts modules (``model.layers.3.mlp.experts``) none of whose experts is packed: vLLM
+    builds one fused layer for them and matches overrides against its name."""
+    experts = {match.group(1) for name in ignore if (match := _EXPERT.match(name))}
+    packed = {match.group(1) for name in module_formats if (match := _EXPERT.match(name))}
+    return sorted(experts - packed)
+
+
+def _vllm_fused_names(modules: list[str], module_formats: dict[str, QuantFormat | None]) -> list[str]:
     """vLLM matches overrides against its fused layers (``self_attn.qkv_proj``), so a fused layer
     whose parts all hold one format is named too."""
     fused = []
@@ -116,7 +131,7 @@ def _vllm_fused_names(modules: list[str], module_formats: dict[str, QuantFormat]
         for name in modules:
             parent, _, local = name.rpartition(".")
             siblings = [f"{parent}.{part}" for part in parts]
-            if local == parts[0] and all(module_formats.get(s) == module_formats[name] for s in siblings):
+            if local == parts[0] and all(s in module_formats and module_formats[s] == module_formats[name] for s in siblings):
                 fused.append(f"{parent}.{merged}")
     return fused
 
