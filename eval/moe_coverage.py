@@ -23,7 +23,9 @@ Part 2 (``--skip-memory`` leaves it out), GPTQ W4 g64 from disk on a synthetic Q
 64 experts (hidden 256, expert intermediate 128, 2 blocks by default, top-4 routing, random
 float32 weights, ``torch.manual_seed(0)``) and 32 x 256 random calibration tokens: the wall time
 and peak RSS of a fresh process running ``compress_to_disk`` (its own VmHWM, not ru_maxrss, which
-Linux carries over from this process across the fork and exec), beside a process that only
+Linux carries over from this process across the fork and exec), split by a sampling thread into
+its peak anonymous memory and its peak file-backed pages (the model's safetensors as the reader
+maps them, which the kernel drops under memory pressure), beside a process that only
 imports torch, transformers and llmcompress; the size of one block's float32 weights and of one
 block's statistics (in_features^2 float32 per group of Linears that read the same input: an
 expert's gate/up, attention q/k/v); and how many experts fell back to data-free compression for
@@ -179,13 +181,33 @@ def peak_rss_kib():
 BASELINE = PEAK + r'''
 import json, resource
 import torch, transformers, llmcompress, llmcompress.api
-print(json.dumps({"peak_kib": peak_rss_kib(), "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+with open("/proc/self/status") as status:
+    resident = {line.split(":")[0]: int(line.split()[1]) for line in status if line.split(":")[0] in ("RssAnon", "RssFile")}
+print(json.dumps({"peak_kib": peak_rss_kib(), "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "anon_kib": resident.get("RssAnon", 0), "file_kib": resident.get("RssFile", 0)}))
+'''
+
+# VmHWM counts the model's safetensors pages the reader maps (file-backed, dropped by the kernel
+# under memory pressure) with the process's own memory: a thread samples the two apart.
+SAMPLER = r'''
+import threading
+resident_peaks = {"RssAnon": 0, "RssFile": 0}
+def _sample():
+    while True:
+        with open("/proc/self/status") as status:
+            for line in status:
+                key = line.split(":")[0]
+                if key in resident_peaks:
+                    resident_peaks[key] = max(resident_peaks[key], int(line.split()[1]))
+        time.sleep(0.002)
+threading.Thread(target=_sample, daemon=True).start()
 '''
 
 COMPRESS = PEAK + r'''
 import json, resource, sys, time
 import torch
 from llmcompress.api import compress_to_disk
+''' + SAMPLER + r'''
 model_dir, out_dir, recipe, nsamples, seqlen, vocab = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 windows = torch.randint(0, vocab, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
 started = time.perf_counter()
@@ -193,7 +215,8 @@ path, report = compress_to_disk(model_dir, recipe, out_dir, calibration=windows,
 seconds = time.perf_counter() - started
 layers = [{"name": r.name, "tokens": r.tokens, "fallback": r.fallback, "seconds": r.seconds} for r in report.layers]
 print(json.dumps({"seconds": seconds, "report_seconds": report.seconds, "calibration_tokens": report.calibration_tokens,
-                  "peak_kib": peak_rss_kib(), "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "layers": layers}))
+                  "peak_kib": peak_rss_kib(), "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "layers": layers,
+                  "peak_anon_kib": resident_peaks["RssAnon"], "peak_file_kib": resident_peaks["RssFile"]}))
 '''
 
 
@@ -257,6 +280,7 @@ def memory_run(layers: int, nsamples: int, seqlen: int, num_experts: int = 64) -
     baseline, _ = _child(BASELINE)
     result["baseline_peak_rss_bytes"] = baseline["peak_kib"] * 1024
     result["baseline_ru_maxrss_bytes"] = baseline["maxrss_kib"] * 1024
+    result["baseline_anon_bytes"], result["baseline_file_bytes"] = baseline["anon_kib"] * 1024, baseline["file_kib"] * 1024
     with tempfile.TemporaryDirectory(prefix="moe_coverage_") as scratch:
         model_dir, out_dir = Path(scratch) / "model", Path(scratch) / "out"
         torch.manual_seed(0)
@@ -268,6 +292,7 @@ def memory_run(layers: int, nsamples: int, seqlen: int, num_experts: int = 64) -
         child, wall = _child(COMPRESS, str(model_dir), str(out_dir), json.dumps(RECIPE), str(nsamples), str(seqlen), "1024")
     result.update({"wall_seconds": wall, "compress_seconds": child["seconds"], "peak_rss_bytes": child["peak_kib"] * 1024,
                    "ru_maxrss_bytes": child["maxrss_kib"] * 1024, "calibration_tokens": child["calibration_tokens"],
+                   "peak_anon_bytes": child["peak_anon_kib"] * 1024, "peak_file_bytes": child["peak_file_kib"] * 1024,
                    "layer_seconds": sum(layer["seconds"] for layer in child["layers"])})
     experts: dict[str, dict] = {}
     for layer in child["layers"]:
@@ -318,12 +343,15 @@ def print_scaling(runs: list[dict]) -> None:
     """Peak memory against experts and depth: what grows with a block, and what does not grow with depth."""
     mb = 1e6
     print("\nPeak RSS of GPTQ from disk against the block's size and the depth\n")
-    print("| experts | blocks | one block's weights + statistics (MB) | peak RSS (MB) | above import-only (MB) | time (s) |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| experts | blocks | one block's weights + statistics (MB) | peak RSS (MB) | above import-only (MB) | "
+          "peak anonymous above import-only (MB) | peak file-backed above import-only (MB) | time (s) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for run in runs:
         print(f"| {run['model']['num_experts']} | {run['model']['num_hidden_layers']} | "
               f"{(run['block_weight_bytes'] + run['block_statistics_bytes']) / mb:.1f} | {run['peak_rss_bytes'] / mb:.0f} | "
-              f"{(run['peak_rss_bytes'] - run['baseline_peak_rss_bytes']) / mb:.0f} | {run['compress_seconds']:.1f} |")
+              f"{(run['peak_rss_bytes'] - run['baseline_peak_rss_bytes']) / mb:.0f} | "
+              f"{(run['peak_anon_bytes'] - run['baseline_anon_bytes']) / mb:.0f} | "
+              f"{(run['peak_file_bytes'] - run['baseline_file_bytes']) / mb:.0f} | {run['compress_seconds']:.1f} |")
 
 
 def write_json(path: Path, data: dict) -> None:
