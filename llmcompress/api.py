@@ -22,6 +22,7 @@ from .models import load_model, load_tokenizer, resolve_model_dir
 from .pipeline import CompressionReport, compress_blocks, find_decoder_blocks
 from .pipeline.coverage import plan_coverage
 from .pipeline.structure import plan_layers
+from .disknames import CheckpointNames
 from .pipeline.sharded import check_head, materialize_head, materialize_outside, meta_model
 from .recipe import Recipe
 from .rundir import RunDirectory
@@ -102,7 +103,9 @@ def compress_to_disk(model: str | os.PathLike | None, recipe: RecipeLike | None,
     targets, left = plan_layers(blocks, blocks_path, config)  # a recipe that compresses nothing fails here, before any file is touched
     if strict:
         plan_coverage(skeleton, blocks_path, blocks, targets, left).check_strict()
-    check_head(skeleton, weights)  # and a head the shards lack, before hours of blocks
+    # Where each of the skeleton's tensors lies in the shards, found once for every read below.
+    names = CheckpointNames(skeleton, weights.location)
+    check_head(skeleton, weights, names)  # and a head the shards lack, before hours of blocks
     tokenizer = load_tokenizer(model_dir)
     windows = _calibration_windows(config, calibration, tokenizer)
     effective = _effective_config(config, calibration, windows)
@@ -119,21 +122,22 @@ def compress_to_disk(model: str | os.PathLike | None, recipe: RecipeLike | None,
         # Its committed activations are process 0's share only: no run of another size may resume it.
         identity["processes"] = distributed.world()
     if not distributed.is_main():
-        materialize_outside(skeleton, blocks_path, weights, "cpu")
-        report = compress_blocks(skeleton, effective, windows, device=device, progress=False, store=LendingStream(weights, blocks_path, skeleton),
+        materialize_outside(skeleton, blocks_path, weights, "cpu", names)
+        report = compress_blocks(skeleton, effective, windows, device=device, progress=False,
+                                 store=LendingStream(weights, blocks_path, skeleton, names),
                                  activations=activations, offload_dir=offload_dir, strict=strict)
         return Path(output_dir), report
     with output_lock(output_dir):
         run = RunDirectory(output_dir, identity, resume=resume, overwrite=overwrite, command=command)
         try:
-            materialize_outside(skeleton, blocks_path, weights, "cpu")
-            stream = DiskStream(weights, run, blocks_path, skeleton)
+            materialize_outside(skeleton, blocks_path, weights, "cpu", names)
+            stream = DiskStream(weights, run, blocks_path, skeleton, names)
             report = compress_blocks(skeleton, effective, windows, device=device, progress=progress, store=stream, activations=activations,
                                      offload_dir=offload_dir, strict=strict)
-            materialize_head(skeleton, weights)
+            materialize_head(skeleton, weights, names)
             outside, tied = unique_state_dict(skeleton, exclude=f"{blocks_path}.")
-            names = stream.stored
-            outside, tied = names.tensors(outside), {names.tensor(k): names.tensor(v) for k, v in tied.items()}
+            stored = stream.stored
+            outside, tied = stored.tensors(outside), {stored.tensor(k): stored.tensor(v) for k, v in tied.items()}
             hf_config = checkpoint_config(skeleton, effective, run.modules(), tied, source_model=str(model_dir.resolve()))
             return run.finish(outside, hf_config, tokenizer, report.to_dict()), report
         except LLMCompressError as err:

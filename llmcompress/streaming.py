@@ -19,11 +19,11 @@ from .rundir import RunDirectory
 
 
 class DiskStream:
-    def __init__(self, weights: ShardedWeights, run: RunDirectory, blocks_path: str, model: nn.Module) -> None:
+    def __init__(self, weights: ShardedWeights, run: RunDirectory, blocks_path: str, model: nn.Module, names: CheckpointNames) -> None:
         self.weights = weights
         self.run = run
         self.blocks_path = blocks_path
-        self.names = CheckpointNames(model, weights.location)
+        self.names = names
         self.stored = StoredNames(model)
 
     def _prefix(self, index: int) -> str:
@@ -54,8 +54,8 @@ class LendingStream(DiskStream):
     checkpoint (``llmcompress.distributed``): blocks are read as ``DiskStream`` reads them, and
     dropped once compressed."""
 
-    def __init__(self, weights: ShardedWeights, blocks_path: str, model: nn.Module) -> None:
-        super().__init__(weights, None, blocks_path, model)
+    def __init__(self, weights: ShardedWeights, blocks_path: str, model: nn.Module, names: CheckpointNames) -> None:
+        super().__init__(weights, None, blocks_path, model, names)
 
     def first_block(self) -> int:
         return 0

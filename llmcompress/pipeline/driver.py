@@ -250,6 +250,8 @@ def _compress_block(block: nn.Module, targets: list[Target], inputs: BlockInputs
         tokens = {name: layer_stats.tokens for name, layer_stats in stats.items()}
         fallbacks = _drop_starved_experts(stage, stats, recipe.calib.expert_min_tokens, notes)
         records += _compress_stage(block, stage, stats, layer_passes, notes, labels, smooths, tokens, fallbacks)
+        # Otherwise this stage's statistics (every expert's gate/up H) live on while the next stage's are gathered.
+        del stats
     return records
 
 

@@ -56,26 +56,27 @@ def read_named(names: CheckpointNames, weights: ShardedWeights, wanted: list[str
     return {name: source.take(stored[source.stored]) for name, source in sources.items()}, missing
 
 
-def materialize_outside(model: nn.Module, blocks_path: str, weights: ShardedWeights, device: torch.device | str) -> None:
+def materialize_outside(model: nn.Module, blocks_path: str, weights: ShardedWeights, device: torch.device | str,
+                        names: CheckpointNames) -> None:
     """Read every tensor outside the decoder blocks that the forward pass uses before block 0
     (embeddings, position tables), and re-tie tied ones: a tied head has no tensor of its own
     in the shards. An untied output head stays on the meta device (``materialize_head``):
     compression never calls it, and it is among the largest tensors of the model."""
     inside = f"{blocks_path}."
     head = _untied_head_names(model)
-    names = [name for name in model.state_dict() if not name.startswith(inside) and name not in head]
-    model.load_state_dict(read_named(CheckpointNames(model, weights.location), weights, names, device)[0], assign=True, strict=False)
+    wanted = [name for name in model.state_dict() if not name.startswith(inside) and name not in head]
+    model.load_state_dict(read_named(names, weights, wanted, device)[0], assign=True, strict=False)
     model.tie_weights()
-    still_meta = [name for name, tensor in model.state_dict().items() if name in names and tensor.is_meta]
+    still_meta = [name for name, tensor in model.state_dict().items() if name in wanted and tensor.is_meta]
     if still_meta:
         raise ModelError(f"{weights.directory} lacks {', '.join(still_meta[:3])}: the checkpoint is incomplete or its tensor names "
                          "do not match the transformers model")
 
 
-def check_head(model: nn.Module, weights: ShardedWeights) -> None:
+def check_head(model: nn.Module, weights: ShardedWeights, names: CheckpointNames) -> None:
     """Fail now, before any block is compressed, if the untied output head is not in the shards
     under the name the model gives it."""
-    _, missing = CheckpointNames(model, weights.location).sources(sorted(_untied_head_names(model)))
+    _, missing = names.sources(sorted(_untied_head_names(model)))
     if missing:
         expected = set(model.state_dict())
         unmatched = sorted(name for name in weights.location if name not in expected)
@@ -84,11 +85,11 @@ def check_head(model: nn.Module, weights: ShardedWeights) -> None:
                          "the output head under a name that this reader does not translate yet")
 
 
-def materialize_head(model: nn.Module, weights: ShardedWeights) -> None:
+def materialize_head(model: nn.Module, weights: ShardedWeights, names: CheckpointNames) -> None:
     """Read the untied output head that ``materialize_outside`` left out, onto the CPU."""
-    tensors, missing = read_named(CheckpointNames(model, weights.location), weights, sorted(_untied_head_names(model)), "cpu")
+    tensors, missing = read_named(names, weights, sorted(_untied_head_names(model)), "cpu")
     if missing:
-        check_head(model, weights)
+        check_head(model, weights, names)
     model.load_state_dict(tensors, assign=True, strict=False)
 
 
