@@ -3,7 +3,9 @@
 A checkpoint carries ``remote_code.py`` and an ``auto_map`` naming its classes (``hfconfig``);
 transformers imports that file and calls their ``from_pretrained``, which land here. Only the
 loading options that make sense for an already-compressed checkpoint are taken; any other one is
-refused by name rather than silently ignored.
+refused by name rather than silently ignored. Importing this module registers our
+``quantization_config`` with transformers, whose ``AutoQuantizationConfig`` (called by lm-eval's
+``hf`` model on every config) otherwise refuses a method it does not know.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, register_quantization_config
+from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .checkpoint import load
 from .errors import ConfigError
@@ -24,6 +28,21 @@ from .pipeline.placement import single_device
 _PASSED_THROUGH = {"config", "trust_remote_code", "revision", "code_revision", "local_files_only", "cache_dir", "token",
                    "force_download", "proxies", "adapter_kwargs", "low_cpu_mem_usage", "_from_auto", "_commit_hash",
                    "attn_implementation"}
+
+
+class LLMCompressQuantizationConfig(QuantizationConfigMixin):
+    """Our ``quantization_config`` as transformers holds it: the JSON of checkpoint.py, kept whole."""
+
+    def __init__(self, **config) -> None:  # noqa: ANN003
+        self.__dict__.update(config)
+        self.quant_method = QUANT_METHOD
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+    register_quantization_config(QUANT_METHOD)(LLMCompressQuantizationConfig)
 
 
 def from_pretrained(path: str | os.PathLike, *model_args, dtype=None, torch_dtype=None, device_map=None,  # noqa: ANN001, ANN002

@@ -1,8 +1,8 @@
 """What a native checkpoint tells transformers about itself: the ``auto_map`` that leads
 ``AutoConfig`` / ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` to
-``autoload``, the file it names, and our ``quantization_config`` registered with transformers,
-whose ``AutoQuantizationConfig`` (called by lm-eval's ``hf`` model on every config) otherwise
-refuses a method it does not know. Registered on import; ``autoload`` imports this module.
+``autoload``, and the file it names. ``autoload`` registers our ``quantization_config`` with
+transformers when that file imports it: importing transformers' quantizers takes 1.5 s, which
+``import llmcompress`` should not pay.
 """
 
 from __future__ import annotations
@@ -10,29 +10,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, register_quantization_config
-from transformers.utils.quantization_config import QuantizationConfigMixin
-
 from .outdir import REMOTE_CODE_FILE
 
 QUANT_METHOD = "llmcompress"
 AUTO_MAP = {"AutoConfig": f"{Path(REMOTE_CODE_FILE).stem}.LLMCompressConfig",
             "AutoModelForCausalLM": f"{Path(REMOTE_CODE_FILE).stem}.LLMCompressForCausalLM"}
-
-
-class LLMCompressQuantizationConfig(QuantizationConfigMixin):
-    """Our ``quantization_config`` as transformers holds it: the JSON of checkpoint.py, kept whole."""
-
-    def __init__(self, **config) -> None:  # noqa: ANN003
-        self.__dict__.update(config)
-        self.quant_method = QUANT_METHOD
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
-    register_quantization_config(QUANT_METHOD)(LLMCompressQuantizationConfig)
 
 
 def write_remote_code(directory: Path) -> None:

@@ -123,7 +123,9 @@ class GroupStats:
 
     @property
     def hessian(self) -> list[Tensor]:
-        return [record.hessian for record in self.records]
+        """Each layer's H, one tensor per record: an expert's gate and up share theirs."""
+        computed = {id(record): record.hessian for record in self.distinct}
+        return [computed[id(record)] for record in self.records]
 
     @property
     def act_abs_mean(self) -> Tensor:

@@ -102,12 +102,18 @@ def quantization_config(module_formats: dict[str, QuantFormat], act_order: dict[
     for fmt in sorted(set(counts) - {base}, key=lambda f: (f.bits, f.group_size, f.symmetric)):
         modules = sorted(name for name, f in module_formats.items() if f == fmt)
         names = modules + _vllm_fused_names(modules, module_formats)
-        dynamic["+:" + "(" + "|".join(re.escape(name) for name in names) + ")$"] = _keys(fmt, any(act_order[n] for n in modules))
+        dynamic[_override("+", names)] = _keys(fmt, any(act_order[n] for n in modules))
     skipped = [*ignore, *_vllm_fused_names(list(ignore), dict.fromkeys(ignore, None)), *_whole_expert_modules(ignore, module_formats)]
     if skipped:
-        dynamic["-:" + "(" + "|".join(re.escape(name) for name in skipped) + ")$"] = {}
+        dynamic[_override("-", skipped)] = {}
     return {"quant_method": QUANT_METHOD, "checkpoint_format": "gptq", **_keys(base, base_order), "static_groups": False,
             "true_sequential": True, "lm_head": False, "pack_dtype": "int32", **({"dynamic": dynamic} if dynamic else {})}
+
+
+def _override(sign: str, names: Sequence[str]) -> str:
+    """A ``dynamic`` key: ``+`` (these modules take the keys) or ``-`` (left unquantized), then a
+    pattern that ``re.match`` fits to exactly these names."""
+    return f"{sign}:(" + "|".join(re.escape(name) for name in names) + ")$"
 
 
 def _keys(fmt: QuantFormat, act_order: bool) -> dict:

@@ -27,6 +27,7 @@ skipped and the activations entering the next one come from disk.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -257,15 +258,18 @@ def _compress_block(block: nn.Module, targets: list[Target], inputs: BlockInputs
 
 def _first_process_groups(block: nn.Module, targets: list[Target], inputs: BlockInputs) -> list[list[Target]]:
     """``input_groups`` found on the first micro-batch, which the first process holds."""
-    named = distributed.from_first(lambda: [[t.name for t in group] for group in input_groups(block, targets, inputs)])
-    by_name = {t.name: t for t in targets}
-    return [[by_name[name] for name in group] for group in named]
+    return _groups_from_first(lambda: input_groups(block, targets, inputs), targets)
 
 
 def _first_process_merged(block: nn.Module, groups: list[list[Target]], inputs: BlockInputs) -> list[list[Target]]:
     """``merge_expert_inputs`` of ``groups``, found on the first micro-batch, which the first process holds."""
-    named = distributed.from_first(lambda: [[t.name for t in group] for group in merge_expert_inputs(block, groups, inputs)])
-    by_name = {t.name: t for group in groups for t in group}
+    return _groups_from_first(lambda: merge_expert_inputs(block, groups, inputs), [t for group in groups for t in group])
+
+
+def _groups_from_first(find: Callable[[], list[list[Target]]], targets: list[Target]) -> list[list[Target]]:
+    """The groups the first process finds, as every process's own targets (sent by name)."""
+    named = distributed.from_first(lambda: [[t.name for t in group] for group in find()])
+    by_name = {t.name: t for t in targets}
     return [[by_name[name] for name in group] for group in named]
 
 

@@ -68,7 +68,7 @@ def find_fold(block: nn.Module, group: list[Target], sample: BlockInputs) -> Fol
     """The producer of the group's input into which a per-channel 1/s folds exactly, if any."""
     in_features = block.get_submodule(group[0].local_name).in_features
     members = {t.local_name for t in group}
-    consumer = _input_owner(block, group)
+    consumer = _input_owner(group)
     completed, reference, readers = _trace(block, consumer, members, in_features, sample)
     candidates: list[Fold] = []
     for name, output in completed:
@@ -101,7 +101,7 @@ def compensate(block: nn.Module, names: list[str] | tuple[str, ...], scales: Ten
 def merge_expert_inputs(block: nn.Module, groups: list[list[Target]], sample: BlockInputs) -> list[list[Target]]:
     """``groups`` with the first projections of each experts module's experts, and the groups
     that read that module's input itself (shared experts), made one group, in place of the first."""
-    modules = sorted({_moe_module(block, t) for group in groups for t in group if _is_expert_input(block, t)})
+    modules = sorted({_moe_module(t) for group in groups for t in group if _is_expert_input(t)})
     if not modules:
         return groups
     inputs: dict[str, Tensor] = {}
@@ -120,7 +120,7 @@ def merge_expert_inputs(block: nn.Module, groups: list[list[Target]], sample: Bl
     result: list[list[Target]] = []
     for group in groups:
         first = group[0]
-        owner = _moe_module(block, first) if _is_expert_input(block, first) else next(
+        owner = _moe_module(first) if _is_expert_input(first) else next(
             (m for m in modules if m in inputs and first.local_name in inputs and _same_memory(inputs[first.local_name], inputs[m])), None)
         if owner is None:
             result.append(group)
@@ -132,20 +132,20 @@ def merge_expert_inputs(block: nn.Module, groups: list[list[Target]], sample: Bl
     return result
 
 
-def _is_expert_input(block: nn.Module, target: Target) -> bool:
+def _is_expert_input(target: Target) -> bool:
     return target.expert is not None and target.local_name.rpartition(".")[2] in ("gate_proj", "up_proj")
 
 
-def _moe_module(block: nn.Module, target: Target) -> str:
-    """The module an expert's ``ExpertList`` belongs to (``mlp``), which routes its input."""
-    return target.local_name.split(".experts.")[0] if ".experts." in target.local_name else target.local_name.rsplit(".", 3)[0]
+def _moe_module(target: Target) -> str:
+    """The module an expert's ``ExpertList`` belongs to (``mlp`` of ``mlp.experts.3.gate_proj``), which routes its input."""
+    return target.local_name.rsplit(".", 3)[0]
 
 
-def _input_owner(block: nn.Module, group: list[Target]) -> str:
+def _input_owner(group: list[Target]) -> str:
     """The module whose input is the group's: its first layer, or the experts' module of a group
     of experts (``merge_expert_inputs``)."""
-    expert = next((t for t in group if _is_expert_input(block, t)), None)
-    return group[0].local_name if expert is None else _moe_module(block, expert)
+    expert = next((t for t in group if _is_expert_input(t)), None)
+    return group[0].local_name if expert is None else _moe_module(expert)
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> Tensor:
