@@ -122,7 +122,7 @@ def compress_to_disk(model: str | os.PathLike | None, recipe: RecipeLike | None,
         # Its committed activations are process 0's share only: no run of another size may resume it.
         identity["processes"] = distributed.world()
     if not distributed.is_main():
-        materialize_outside(skeleton, blocks_path, weights, "cpu", names)
+        _materialize_for(skeleton, blocks_path, weights, names, effective)
         report = compress_blocks(skeleton, effective, windows, device=device, progress=False,
                                  store=LendingStream(weights, blocks_path, skeleton, names),
                                  activations=activations, offload_dir=offload_dir, strict=strict)
@@ -130,7 +130,7 @@ def compress_to_disk(model: str | os.PathLike | None, recipe: RecipeLike | None,
     with output_lock(output_dir):
         run = RunDirectory(output_dir, identity, resume=resume, overwrite=overwrite, command=command)
         try:
-            materialize_outside(skeleton, blocks_path, weights, "cpu", names)
+            _materialize_for(skeleton, blocks_path, weights, names, effective)
             stream = DiskStream(weights, run, blocks_path, skeleton, names)
             report = compress_blocks(skeleton, effective, windows, device=device, progress=progress, store=stream, activations=activations,
                                      offload_dir=offload_dir, strict=strict)
@@ -143,6 +143,14 @@ def compress_to_disk(model: str | os.PathLike | None, recipe: RecipeLike | None,
         except LLMCompressError as err:
             # A failure leaves no half-written output behind, only committed blocks that --resume continues from.
             raise type(err)(f"{err} ({run.abandon()})") from err
+
+
+def _materialize_for(skeleton: nn.Module, blocks_path: str, weights: ShardedWeights, names: CheckpointNames, recipe: Recipe) -> None:
+    """What the blocks' forwards need from outside them; and the head too where a pass rewrites
+    the whole model before the blocks (a rotation folds the final norm into it)."""
+    materialize_outside(skeleton, blocks_path, weights, "cpu", names)
+    if recipe.rewrites_model:
+        materialize_head(skeleton, weights, names)
 
 
 def _check_device(device: str) -> None:

@@ -106,7 +106,7 @@ RUN_SECTIONS = {
     "Model": ("model",),
     "Recipe": ("recipe_path", "print_recipe", "settings"),
     "Quantize": ("kind", "bits", "group_size", "symmetric", "method", "act_order", "static_groups", "damp", "gptq_clip", "awq_grid",
-                 "no_awq_clip", "act_bits"),
+                 "no_awq_clip", "act_bits", "act_kind", "rotate"),
     "Low-rank branch": ("rank", "lowrank_method", "lowrank_alloc", "lowrank_dtype"),
     "Prune": ("prune_method", "sparsity", "pattern"),
     "Modules": ("skips", "overrides", "strict"),
@@ -170,6 +170,11 @@ def _parse_override(text: str) -> ModuleOverride:
 @click.option("--lowrank-dtype", type=click.Choice(["float16", "int8"]), default="float16", show_default=True, help="Storage of the branch factors.")
 @click.option("--act-bits", type=click.Choice([str(b) for b in ACT_BITS]), default=None,
               help="Quantize the activations entering the low-bit matmul (W4A4 with 4; FP4 weights use FP4 activations).")
+@click.option("--act-format", "act_kind", type=click.Choice(["int", "fp8_e4m3", "fp8_e5m2"]), default=None,
+              help="Number format of the quantized activations [default: int; FP4 weights: their FP4]. Per token; "
+              "static scales, groups and power-of-two scales: --set quantize.act_static=true, act_group_size, act_pow2.")
+@click.option("--rotate", is_flag=True, help="Rotate the residual stream by a random Hadamard first, and down_proj's input online "
+              "(QuaRot): outliers spread out, so low bits round with less error.")
 @click.option("--prune", "prune_method", type=click.Choice(PRUNE_METHODS), default=None,
               help="Prune before quantizing: smallest |w|, Wanda (|w| x input norm) or SparseGPT (Hessian updates).")
 @click.option("--sparsity", type=float, default=None, help="Fraction of weights removed, in [0, 1) [default: 0.5; N:M fixes it].")
@@ -276,7 +281,8 @@ def build_config(*, kind: str, bits: int, group_size: int | None, symmetric: boo
                  static_groups: bool, damp: float, awq_grid: int, gptq_clip: bool | None, no_awq_clip: bool, rank: int,
                  lowrank_method: str | None, lowrank_alloc: str, lowrank_dtype: str, act_bits: str | None, prune_method: str | None,
                  sparsity: float | None, pattern: str, skips: tuple[str, ...], overrides: tuple[str, ...], calib: str | None,
-                 nsamples: int, seqlen: int, seed: int, batch_size: int) -> CompressConfig:
+                 nsamples: int, seqlen: int, seed: int, batch_size: int, rotate: bool = False,
+                 act_kind: str | None = None) -> CompressConfig:
     """The configuration that the command line's options describe (validated on construction)."""
     return CompressConfig(
         quant=None if bits == NO_QUANT_BITS else QuantFormat(kind=kind, bits=bits, group_size=group_size, symmetric=symmetric),
@@ -287,7 +293,9 @@ def build_config(*, kind: str, bits: int, group_size: int | None, symmetric: boo
         awq=AWQConfig(grid=awq_grid, clip=not no_awq_clip),
         lowrank=LowRankConfig(rank=rank, method=lowrank_method, alloc=lowrank_alloc, dtype=lowrank_dtype),
         act_bits=None if act_bits is None else int(act_bits),
+        act_kind=act_kind,
         prune=PruneConfig(method=prune_method, sparsity=sparsity, pattern=pattern),
+        rotate=rotate,
     )
 
 

@@ -363,7 +363,11 @@ class CompressConfig:
     awq: AWQConfig = field(default_factory=AWQConfig)
     lowrank: LowRankConfig = field(default_factory=LowRankConfig)
     act_bits: int | None = None
+    # The activations' number format under act_bits: int, fp8_e4m3 or fp8_e5m2 (None: int, or FP4 weights' own FP4).
+    act_kind: str | None = None
     prune: PruneConfig = field(default_factory=PruneConfig)
+    # A random Hadamard rotation of the residual stream first, with down_proj's input rotated online (QuaRot).
+    rotate: bool = False
 
     def __post_init__(self) -> None:
         owner = "CompressConfig"
@@ -388,6 +392,8 @@ class CompressConfig:
                 _fail(owner, "act_bits", self.act_bits, "4 or 8 (None keeps 16-bit activations)")
             if self.quant is None:
                 _fail(owner, "act_bits", self.act_bits, "quantized activations need a weight format (--bits)")
+        if self.act_kind is not None and self.act_bits is None:
+            _fail(owner, "act_kind", self.act_kind, "an activation format needs --act-bits (8 for W8A8 / W4A8)")
         object.__setattr__(self, "overrides", tuple(self.overrides))
         if self.quant is not None:
             for override in self.overrides:
@@ -413,14 +419,6 @@ class CompressConfig:
         """The low-rank branch's rank for a module (0: none); the first matching override wins."""
         override = self._override_for(module_name)
         return self.lowrank.rank if override is None or override.rank is None else override.rank
-
-    def act_format(self, weight_format: QuantFormat) -> QuantFormat | None:
-        """How a layer's activations are quantized on the way into its low-bit matmul, if at all."""
-        if self.act_bits is None:
-            return None
-        if weight_format.is_fp4:
-            return QuantFormat(kind=weight_format.kind)
-        return QuantFormat(bits=self.act_bits, group_size=ACT_GROUP_SIZE, symmetric=True)
 
     @property
     def wants_lowrank(self) -> bool:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .config import CompressConfig, ModuleOverride
-from .passes import LowRankPassConfig, PrunePassConfig, QuantizePassConfig, SmoothPassConfig
+from .passes import LowRankPassConfig, PrunePassConfig, QuantizePassConfig, RotatePassConfig, SmoothPassConfig
 from .recipe import Override, PassEntry, Recipe, load_recipe
 
 RecipeLike = Recipe | CompressConfig | Mapping | str | os.PathLike
@@ -32,6 +32,8 @@ def recipe_from_config(config: CompressConfig) -> Recipe:
     ignore = tuple(o.pattern for o in config.overrides[:leading_skips])
     rest = config.overrides[leading_skips:]
     entries = []
+    if config.rotate:
+        entries.append(PassEntry("rotate", RotatePassConfig()))
     if config.uses_awq:
         entries.append(PassEntry("smooth", SmoothPassConfig(method="awq", grid=config.awq.grid, duo_scaling=config.awq.duo_scaling),
                                  overrides=_overrides(rest, ())))
@@ -55,7 +57,7 @@ def recipe_from_config(config: CompressConfig) -> Recipe:
 def _quantize(config: CompressConfig) -> QuantizePassConfig:
     fmt = config.quant
     common: dict[str, Any] = {"kind": fmt.kind, "bits": fmt.bits, "group_size": fmt.group_size, "symmetric": fmt.symmetric,
-                              "act_bits": config.act_bits}
+                              "act_bits": config.act_bits, "act_kind": config.act_kind}
     if config.uses_gptq:
         gptq = config.gptq
         return QuantizePassConfig(method="gptq", damp=gptq.damp, block_size=gptq.block_size, act_order=gptq.act_order,

@@ -8,10 +8,11 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from .actformat import ActFormat
 from .config import QuantFormat
 from .formats import QuantizedWeight
 from .methods.lowrank import LowRank
-from .ops import compressed_linear_reference, dequantize_packed, quantized_linear
+from .ops import compressed_linear_reference, dequantize_packed, quantized_linear, weight_dtype
 from .packing import LayerLayout, pack_branch, pack_sparse_values, pack_weight, packed_spec
 
 
@@ -45,18 +46,24 @@ class CompressedLinear(nn.Module):
 
     @classmethod
     def from_quantized(cls, q: QuantizedWeight, fmt: QuantFormat, bias: Tensor | None, branch: LowRank | None = None,
-                       lowrank_dtype: str = "float16", smooth: Tensor | None = None, act_format: QuantFormat | None = None,
-                       sparsity: str | None = None, mask: Tensor | None = None) -> CompressedLinear:
+                       lowrank_dtype: str = "float16", smooth: Tensor | None = None, act_format: ActFormat | None = None,
+                       sparsity: str | None = None, mask: Tensor | None = None, input_hadamard: int = 0,
+                       act_scale: Tensor | None = None) -> CompressedLinear:
         """The layer for a quantized weight, plus a branch ``b @ a`` on its (smoothed) inputs;
-        with ``sparsity="N:M"`` only the codes ``mask`` keeps are stored."""
+        with ``sparsity="N:M"`` only the codes ``mask`` keeps are stored; ``input_hadamard``: the
+        order of the Hadamard its input is rotated by first (0: none); ``act_scale``: the calibrated
+        per-tensor scale of a static activation format."""
         out_features, in_features = q.shape
         rank = 0 if branch is None else branch.rank
-        layout = LayerLayout(rank=rank, lowrank_dtype=lowrank_dtype, smoothed=smooth is not None, act_format=act_format, sparsity=sparsity)
+        layout = LayerLayout(rank=rank, lowrank_dtype=lowrank_dtype, smoothed=smooth is not None, act_format=act_format, sparsity=sparsity,
+                             input_hadamard=input_hadamard)
         tensors = pack_weight(q, fmt, layout, mask)
         if rank:
             tensors.update(pack_branch(branch.a, branch.b, lowrank_dtype))
         if smooth is not None:
             tensors["smooth_scale"] = smooth.float()
+        if act_format is not None and act_format.static:
+            tensors["input_scale"] = act_scale.float().reshape(1)
         return cls._assemble(fmt, out_features, in_features, bias, q.g_idx is not None, layout, tensors)
 
     @classmethod
@@ -84,7 +91,8 @@ class CompressedLinear(nn.Module):
         return dequantize_packed(self.packed(), self.fmt, self.in_features, dtype, self.layout)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._dequantized is not None and self._dequantized.dtype == x.dtype and self._dequantized.device == x.device:
+        if (self._dequantized is not None and self._dequantized.dtype == weight_dtype(self.layout, x.dtype)
+                and self._dequantized.device == x.device):
             return compressed_linear_reference(x, self._dequantized, self.packed(), self.layout, self.bias)
         return quantized_linear(x, self.packed(), self.fmt, self.in_features, self.bias, self.layout, self._kernel_cache)
 
@@ -114,7 +122,7 @@ def dequantized_weights(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
     layers = [m for m in model.modules() if isinstance(m, CompressedLinear)]
     try:
         for layer in layers:
-            layer._dequantized = layer.dequantized_weight(dtype)
+            layer._dequantized = layer.dequantized_weight(weight_dtype(layer.layout, dtype))
         yield
     finally:
         for layer in layers:

@@ -12,13 +12,16 @@ a one-line notice the first time each reason comes up.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
 from torch import Tensor
 
 from .config import QuantFormat
-from .formats import dequantize, fake_quantize
+from .actformat import fake_quantize_activations
+from .formats import dequantize
+from .hadamard import HadamardTransform
 from .packing import LayerLayout, unpack_branch, unpack_sparse_values, unpack_weight
 
 
@@ -37,15 +40,27 @@ def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def compressed_linear_reference(x: Tensor, weight: Tensor, tensors: dict[str, Tensor], layout: LayerLayout, bias: Tensor | None) -> Tensor:
-    """The whole layer given its dequantized low-bit weight (in x's dtype)."""
+    """The whole layer given its dequantized low-bit weight (in x's dtype, float32 for quantized
+    activations: ``weight_dtype``)."""
+    if layout.input_hadamard:
+        x = input_rotation(x.shape[-1], layout.input_hadamard).apply(x)
     if layout.smoothed:
         x = x / tensors["smooth_scale"].to(x.dtype)
-    main_input = x if layout.act_format is None else fake_quantize(x, layout.act_format)
-    y = dense_linear(main_input, weight, bias)
+    if layout.act_format is None:
+        y = dense_linear(x, weight, bias)
+    else:
+        quantized = fake_quantize_activations(x.float(), layout.act_format, tensors.get("input_scale"))
+        y = dense_linear(quantized, weight.float(), bias).to(x.dtype)
     if layout.rank:
         a, b = unpack_branch(tensors, x.dtype)
         y = y + (x @ a.T) @ b.T
     return y
+
+
+@functools.lru_cache(maxsize=64)
+def input_rotation(in_features: int, order: int) -> HadamardTransform:
+    """The plain Hadamard of a layer's online rotation, built once per shape."""
+    return HadamardTransform(in_features, block_size=None if order == in_features else order)
 
 
 _NOTICES: set[str] = set()
@@ -87,4 +102,12 @@ def quantized_linear(x: Tensor, tensors: dict[str, Tensor], fmt: QuantFormat | N
             from .cuda import launch
 
             return launch.linear(x, pk, None if bias is None else bias.to(x.dtype))
-    return compressed_linear_reference(x, dequantize_packed(tensors, fmt, in_features, x.dtype, layout), tensors, layout, bias)
+    weight = dequantize_packed(tensors, fmt, in_features, weight_dtype(layout, x.dtype), layout)
+    return compressed_linear_reference(x, weight, tensors, layout, bias)
+
+
+def weight_dtype(layout: LayerLayout, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a layer's dequantized weight is kept in for inputs of ``dtype``: float32 where
+    the activations are quantized, so that the product is the integer (or FP8) GEMM's, exact up
+    to float32 accumulation, as the engines compute it, not one rounded through bfloat16 twice."""
+    return torch.float32 if layout.act_format is not None else dtype

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .actformat import ActFormat
 from .config import QuantFormat, parse_n_m
 from .formats import QuantizedWeight, group_index, implicit_zero, num_groups
 
@@ -112,11 +113,14 @@ class LayerLayout:
     rank: int = 0
     lowrank_dtype: str = "float16"
     smoothed: bool = False
-    act_format: QuantFormat | None = None
+    act_format: ActFormat | None = None
     # "N:M" where the weight is stored compact (kept values + bitmask); None: dense.
     sparsity: str | None = None
     # The dtype of ``weight_values`` for layers whose weight stays 16-bit.
     values_dtype: str = "float16"
+    # An online rotation of the input (``rotate``'s ``online``): the order of the plain Hadamard
+    # x is multiplied by first, block-diagonally where below in_features; 0: none.
+    input_hadamard: int = 0
 
     def __post_init__(self) -> None:
         if self.sparsity is not None and parse_n_m(self.sparsity) is None:
@@ -136,7 +140,8 @@ class LayerLayout:
         return in_features // m * n
 
     def describe(self) -> str:
-        parts = [f"rank {self.rank} ({self.lowrank_dtype})" if self.rank else "",
+        parts = [f"input Hadamard {self.input_hadamard}" if self.input_hadamard else "",
+                 f"rank {self.rank} ({self.lowrank_dtype})" if self.rank else "",
                  "smoothed" if self.smoothed else "",
                  f"activations {self.act_format.describe()}" if self.act_format else "",
                  f"{self.sparsity} sparse" if self.sparsity else ""]
@@ -167,6 +172,8 @@ def packed_spec(fmt: QuantFormat | None, out_features: int, in_features: int, ha
             spec["lowrank_b_scale"] = ((out_features,), torch.float16)
     if layout.smoothed:
         spec["smooth_scale"] = ((in_features,), torch.float32)
+    if layout.act_format is not None and layout.act_format.static:
+        spec["input_scale"] = ((1,), torch.float32)
     return spec
 
 

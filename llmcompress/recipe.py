@@ -124,6 +124,12 @@ class Recipe:
                 raise ConfigError(f"recipe passes[{index}] ({entry.kind}) must come after a {' and a '.join(missing)} pass: "
                                   f"it works on what {'that pass leaves' if len(missing) == 1 else 'those passes leave'}; "
                                   f"move it below, or add the missing pass before it")
+            if cls.phase == "model" and len(seen) > sum(pass_class(kind).phase == "model" for kind in seen):
+                raise ConfigError(f"recipe passes[{index}] ({entry.kind}) rewrites the whole model before any block is calibrated, "
+                                  "so it must come before every other kind of pass: move it to the top")
+            if cls.phase == "model" and (entry.targets or entry.overrides):
+                raise ConfigError(f"recipe passes[{index}] ({entry.kind}) applies to the whole model: it takes no targets or "
+                                  "overrides (its own options say which layers it treats)")
             if cls.phase == "block" and layer_seen is not None:
                 raise ConfigError(f"recipe passes[{index}] ({entry.kind}) searches on the float block, so it must come before "
                                   f"passes[{layer_seen}] ({self.passes[layer_seen].kind}): move it up")
@@ -141,7 +147,7 @@ class Recipe:
         recipe ignores the module altogether."""
         if any(re.search(p, name) for p in self.ignore):
             return None
-        configs = tuple(entry.resolve(name) for entry in self.passes)
+        configs = tuple(None if pass_class(entry.kind).phase == "model" else entry.resolve(name) for entry in self.passes)
         return None if all(c is None for c in configs) else configs
 
     def names_explicitly(self, name: str) -> bool:
@@ -155,6 +161,11 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         return any(c.needs_calibration for c in self._variants())
+
+    @property
+    def rewrites_model(self) -> bool:
+        """Whether a pass rewrites the whole model (embeddings and head too) before the blocks."""
+        return any(pass_class(entry.kind).phase == "model" for entry in self.passes)
 
     @property
     def sequential(self) -> bool:

@@ -55,7 +55,7 @@ def test_lowrank_options_reach_the_checkpoint(tiny_model_dir, tmp_path):
     result = _run(tiny_model_dir, "--out", out, "--bits", 4, "--group-size", 32, "--lowrank", 4, "--lowrank-method", "svdquant",
                   "--act-bits", 4, "--nsamples", 4, "--seqlen", 32, "--no-eval")
     assert result.exit_code == 0, result.output
-    assert "compressing: svdquant smoothing + rtn INT4 g32 asym, A4 + svdquant rank 4, calibration austen:train" in result.output
+    assert "compressing: svdquant smoothing + rtn INT4 g32 asym, activations INT4 g64 + svdquant rank 4, calibration austen:train" in result.output
     result = _run(tiny_model_dir, "--out", tmp_path / "big", "--group-size", 32, "--lowrank", 1000, "--calib", "none", "--no-eval")
     assert result.exit_code == 1 and "larger than" in result.output and "smaller --lowrank" in result.output
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmcompress.actformat import ActFormat
 from llmcompress.config import QuantFormat
 from llmcompress.cuda import launch
 from llmcompress.errors import ConfigError
@@ -118,7 +119,7 @@ def test_prepack_sorts_act_order_columns_and_the_branch_with_them() -> None:
     (QuantFormat(bits=4, group_size=16), LayerLayout(), torch.float16, "group size 16"),
     (QuantFormat(bits=4, group_size=128), LayerLayout(), torch.float32, "float32"),
     (QuantFormat(bits=4, group_size=128), LayerLayout(smoothed=True), torch.float16, "smoothing"),
-    (QuantFormat(bits=4, group_size=128), LayerLayout(act_format=QuantFormat(bits=4, group_size=64, symmetric=True)),
+    (QuantFormat(bits=4, group_size=128), LayerLayout(act_format=ActFormat(kind="int", bits=4, group_size=64)),
      torch.float16, "W4A4"),
 ])
 def test_prepack_names_what_the_kernel_does_not_cover(fmt, layout, dtype, reason) -> None:

@@ -4,6 +4,7 @@ from conftest import TINY_CONFIGS, TINY_VOCAB, tiny_model
 from torch import nn
 
 import llmcompress
+from llmcompress.actformat import ActFormat
 from llmcompress.config import CalibConfig, CompressConfig, GPTQConfig, LowRankConfig, ModuleOverride, QuantFormat
 from llmcompress.errors import CalibrationError, ConfigError
 from llmcompress.formats import dequantize, fake_quantize, quantize
@@ -111,7 +112,7 @@ def test_svdquant_smoothing_never_loses_to_no_smoothing_and_uses_quantized_activ
     search = search_smoothing(weights, [fmt, fmt], [8, 8], x.abs().amax(0), lambda w, p, s: hessian_error(w, p, s, hessian))
     ones = torch.ones(64)
     assert search.error <= hessian_error(weights, svdquant_parts(weights, [fmt, fmt], [8, 8], ones), ones, hessian)
-    act = QuantFormat(bits=4, group_size=32, symmetric=True)
+    act = ActFormat(kind="int", bits=4, group_size=32)
     a4 = search_smoothing(weights, [fmt, fmt], [8, 8], x.abs().amax(0), lambda w, p, s: sampled_error(w, p, s, x, act))
     assert a4.alpha is not None and a4.error < 0.8 * a4.error_unsmoothed  # outlier channels make W4A4 need smoothing
 
@@ -185,7 +186,7 @@ def test_svdquant_folds_or_keeps_its_smoothing_and_beats_plain_w4a4(family):
         llmcompress.compress(model, CompressConfig(quant=w4, act_bits=4, lowrank=lowrank), calibration=_windows(), progress=False)
         errors[name] = _logit_error(model, reference, ids)
         layers = [m for m in model.modules() if isinstance(m, CompressedLinear)]
-        assert all(m.layout.act_format == QuantFormat(bits=4, group_size=64, symmetric=True) for m in layers)
+        assert all(m.layout.act_format == ActFormat(kind="int", bits=4, group_size=64) for m in layers)
     assert errors["svdquant"] < 0.9 * errors["w4a4"]
 
 

@@ -23,7 +23,7 @@ def _recipe(*passes, **extra):
 
 
 @pytest.mark.parametrize(("data", "message"), [
-    (_recipe({"quantise": {"bits": 4}}), r"passes\[0\].*unknown pass 'quantise': the passes are lowrank, prune, quantize, smooth"),
+    (_recipe({"quantise": {"bits": 4}}), r"passes\[0\].*unknown pass 'quantise': the passes are lowrank, prune, quantize, rotate, smooth"),
     (_recipe({"quantize": {"bitz": 4}}), r"passes\[0\] \(quantize\): unknown option\(s\) bitz; quantize takes .*bits"),
     (_recipe({"quantize": {"bits": 12}}), r"passes\[0\] \(quantize\): QuantFormat.bits=12 .*2 to 8 bits"),
     (_recipe({"quantize": {"method": "rtn", "act_order": True}}), r"act_order is a GPTQ option; use method: gptq"),

@@ -84,6 +84,8 @@ def check_supported(fmt: QuantFormat, layout: LayerLayout, dtype: torch.dtype) -
         raise Unsupported("quantized activations (W4A4): the kernel computes W4A16")
     if layout.smoothed:
         raise Unsupported("an in-layer smoothing vector: fold it into the previous layer")
+    if layout.input_hadamard:
+        raise Unsupported("an online input rotation (rotate's online Hadamard)")
     if layout.rank > MAX_RANK:
         raise Unsupported(f"rank {layout.rank} > {MAX_RANK}")
 

@@ -162,8 +162,13 @@ def _layout_refusal(format: str, layer: CompressedLinear, adapter: bool) -> str 
         return f"its {layout.sparsity} sparse storage has no place in {format}: compress without --pattern N:M, or export native"
     if layout.smoothed:
         return f"its SVDQuant smoothing stayed in the layer (no norm or linear could absorb it), which {format} cannot express: export native"
-    if layout.act_format is not None:
-        return f"its activations are quantized (W4A4), which {format} does not hold here: export native"
+    if layout.act_format is not None and (format != "compressed-tensors" or layout.rank):
+        return f"its activations are quantized ({layout.act_format.describe()}), which {format} does not hold here: export native"
+    if layout.act_format is not None and (reason := compressed_tensors.activation_refusal(fmt, layout.act_format)):
+        return reason
+    if layout.input_hadamard:
+        return (f"its input is rotated online (rotate's Hadamard before {layer.in_features} inputs), which {format} does not "
+                "hold here: export native, or rotate with online: null (the offline rotation exports as plain weights)")
     if layout.rank and not adapter:
         return "it has a low-rank branch: export the branch as a PEFT adapter (--adapter) or export native"
     if layout.rank > peft.VLLM_RANKS[-1]:
@@ -177,14 +182,15 @@ def _layout_refusal(format: str, layer: CompressedLinear, adapter: bool) -> str 
 def _layer_tensors(format: str, layer: CompressedLinear, packed: dict[str, Tensor]) -> dict[str, Tensor]:
     if format == "gptq":
         return gptq.layer_tensors(layer.fmt, packed, layer.in_features)
-    return compressed_tensors.layer_tensors(layer.fmt, packed, layer.out_features, layer.in_features)
+    return compressed_tensors.layer_tensors(layer.fmt, packed, layer.out_features, layer.in_features, layer.layout.act_format)
 
 
 def _quantization_config(format: str, layers: dict[str, CompressedLinear], ignore: list[str], head: set[str]) -> dict:
     if format == "gptq":
         return gptq.quantization_config({n: m.fmt for n, m in layers.items()}, {n: m.has_g_idx for n, m in layers.items()},
                                         [name for name in ignore if name not in head])
-    return compressed_tensors.quantization_config({n: m.fmt for n, m in layers.items()}, ignore)
+    return compressed_tensors.quantization_config({n: m.fmt for n, m in layers.items()}, ignore,
+                                                  {n: m.layout.act_format for n, m in layers.items()})
 
 
 def notes(model: nn.Module, format: str, engine: str = DEFAULT_ENGINE) -> list[str]:
@@ -195,8 +201,10 @@ def notes(model: nn.Module, format: str, engine: str = DEFAULT_ENGINE) -> list[s
     lines = [f"adapter: {name} rank {rank} padded with zeros to {served}, a rank vLLM serves"
              for name, (rank, served) in padded_branches(model).items()]
     formats = {m.fmt for m in model.modules() if isinstance(m, CompressedLinear) and m.fmt is not None}
+    # W8A8 runs on vLLM's CPU INT8 GEMM, so only weight-only layers' formats decide what needs a GPU.
+    weight_only = {m.fmt for m in model.modules() if isinstance(m, CompressedLinear) and m.fmt is not None and m.layout.act_format is None}
     if engine == "vllm":
-        lines += sorted({note for fmt in formats if (note := engines.cpu_note(fmt))})
+        lines += sorted({note for fmt in weight_only if (note := engines.cpu_note(fmt))})
     if format == "gptq" and any(not fmt.symmetric for fmt in formats):
         lines.append("gptq: asymmetric layers are stored as GPTQ v1 does, zero point minus one (no zero point was 0); "
                      "vLLM refuses them: they load in transformers through GPTQModel")

@@ -14,9 +14,14 @@ tensors carry over as they are:
   nibble, sign in bit 3), ``weight_scale`` float8_e4m3fn [N, K/16] and ``weight_global_scale``
   float32 [1], with value = e2m1 * scale / global_scale: exactly ours.
 
+- W8A8 INT8 (``int-quantized``, quantized activations on INT8 per-channel weights): ``weight``
+  int8 [N, K], the signed codes; ``weight_scale`` float32 [N, 1]; a static activation scale is
+  ``input_scale`` float32 [1]. The activations' scheme (``input_activations``) is INT8 per token,
+  dynamic, or per tensor, static: what vLLM's W8A8 INT8 kernels run, on CPUs too.
+
 compressed-tensors groups must tile the layer (it raises on a width that is not a multiple of
 the group size), has no act-order ``g_idx`` for static formats since its 2026 releases, and has
-no place for our low-rank branch, in-layer smoothing, activation quantization or N:M storage:
+no place for our low-rank branch, in-layer smoothing, other activation formats or N:M storage:
 ``format_refusal`` and ``llmcompress.export``'s layout checks name which of these stops a layer.
 """
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..actformat import ActFormat
 from ..config import PER_CHANNEL, QuantFormat
 from ..packing import pack_int, unpack_int
 
@@ -32,6 +38,7 @@ QUANT_METHOD = "compressed-tensors"
 PACKED_TENSOR = "weight_packed"  # the tensor that marks a quantized layer
 INT_FORMAT = "pack-quantized"
 NVFP4_FORMAT = "nvfp4-pack-quantized"
+W8A8_FORMAT = "int-quantized"
 MIXED_FORMAT = "mixed-precision"
 
 
@@ -46,8 +53,29 @@ def format_refusal(fmt: QuantFormat | None, has_g_idx: bool) -> str | None:
     return None
 
 
-def layer_tensors(fmt: QuantFormat, packed: dict[str, Tensor], out_features: int, in_features: int) -> dict[str, Tensor]:
+def activation_refusal(fmt: QuantFormat, act: ActFormat) -> str | None:
+    """Why compressed-tensors (as vLLM serves it) cannot hold this layer's quantized activations, or None."""
+    if act.kind != "int" or act.bits != 8:
+        return (f"its {act.describe()} activations have no compressed-tensors scheme here (W8A8 INT8 is written; FP8 activations "
+                "need FP8 weights, not written yet): export native")
+    if act.pow2_scales or act.group_size != -1:
+        return f"its {act.describe()} activations are not a scale layout engines compute (per token, or one static scale): export native"
+    if fmt.kind != "int" or fmt.bits != 8 or fmt.group_size != PER_CHANNEL or not fmt.symmetric:
+        return (f"INT8 activations on {fmt.describe()} weights: vLLM's W8A8 INT8 takes symmetric INT8 per-channel weights "
+                "(compress with --bits 8 --group-size -1 --sym), or export native")
+    return None
+
+
+def layer_tensors(fmt: QuantFormat, packed: dict[str, Tensor], out_features: int, in_features: int,
+                  act: ActFormat | None = None) -> dict[str, Tensor]:
     """One layer's compressed-tensors tensors (names local to the module) from our packed ones."""
+    if act is not None:
+        codes = unpack_int(packed["weight_packed"], fmt.bits, in_features)
+        tensors = {"weight": (codes.to(torch.int16) - 2 ** (fmt.bits - 1)).to(torch.int8),
+                   "weight_scale": packed["weight_scale"].float().reshape(out_features, 1)}
+        if act.static:
+            tensors["input_scale"] = packed["input_scale"].float().reshape(1)
+        return tensors
     if fmt.kind == "nvfp4":
         return {name: packed[name] for name in ("weight_packed", "weight_scale", "weight_global_scale")}
     tensors = {"weight_packed": packed["weight_packed"], "weight_scale": packed["weight_scale"],
@@ -84,7 +112,16 @@ def weights_scheme(fmt: QuantFormat) -> dict:
             "zp_dtype": None if fmt.symmetric else "torch.int8", **common}
 
 
-def scheme_format(fmt: QuantFormat) -> str:
+def activation_scheme(act: ActFormat) -> dict:
+    """The ``input_activations`` QuantizationArgs of an INT8 activation format."""
+    return {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "tensor" if act.static else "token",
+            "block_structure": None, "dynamic": not act.static, "actorder": None, "observer": "minmax" if act.static else None,
+            "observer_kwargs": {}, "scale_dtype": None, "zp_dtype": None}
+
+
+def scheme_format(fmt: QuantFormat, act: ActFormat | None = None) -> str:
+    if act is not None:
+        return W8A8_FORMAT
     return NVFP4_FORMAT if fmt.kind == "nvfp4" else INT_FORMAT
 
 
@@ -100,18 +137,23 @@ def format_from_scheme(weights: dict) -> QuantFormat:
     raise ValueError(f"compressed-tensors weights {weights} are not a format llmcompress reads (INT group/channel, NVFP4)")
 
 
-def quantization_config(module_formats: dict[str, QuantFormat], ignore: list[str]) -> dict:
-    """The ``quantization_config`` of config.json: one config group per distinct format.
+def quantization_config(module_formats: dict[str, QuantFormat], ignore: list[str],
+                        activations: dict[str, ActFormat | None] | None = None) -> dict:
+    """The ``quantization_config`` of config.json: one config group per distinct format (of the
+    weights, and of the activations where ``activations`` quantizes them).
 
     A lone format targets every ``Linear`` and lists the rest under ``ignore``; several formats
     name their modules exactly, since a class target would match them all."""
-    distinct = sorted(set(module_formats.values()), key=lambda f: (f.kind, f.bits, f.group_size, f.symmetric))
+    activations = activations or {}
+    schemes = {name: (fmt, activations.get(name)) for name, fmt in module_formats.items()}
+    distinct = sorted(set(schemes.values()), key=lambda s: (s[0].kind, s[0].bits, s[0].group_size, s[0].symmetric, str(s[1])))
     groups = {}
-    for index, fmt in enumerate(distinct):
-        targets = ["Linear"] if len(distinct) == 1 else sorted(n for n, f in module_formats.items() if f == fmt)
-        groups[f"group_{index}"] = {"targets": targets, "weights": weights_scheme(fmt), "input_activations": None,
-                                    "output_activations": None, "format": scheme_format(fmt)}
-    formats = {scheme_format(f) for f in distinct}
+    for index, (fmt, act) in enumerate(distinct):
+        targets = ["Linear"] if len(distinct) == 1 else sorted(n for n, s in schemes.items() if s == (fmt, act))
+        groups[f"group_{index}"] = {"targets": targets, "weights": weights_scheme(fmt),
+                                    "input_activations": None if act is None else activation_scheme(act),
+                                    "output_activations": None, "format": scheme_format(fmt, act)}
+    formats = {scheme_format(f, a) for f, a in distinct}
     return {"quant_method": QUANT_METHOD, "format": formats.pop() if len(formats) == 1 else MIXED_FORMAT,
             "quantization_status": "compressed", "config_groups": groups, "ignore": sorted(ignore),
             "kv_cache_scheme": None, "global_compression_ratio": None}
@@ -121,6 +163,9 @@ def module_formats(quantization: dict, packed_modules: list[str]) -> dict[str, Q
     """Each packed module's format, from a ``quantization_config`` written by ``quantization_config``."""
     result = {}
     for group in quantization.get("config_groups", {}).values():
+        if group.get("input_activations"):
+            raise ValueError("its activations are quantized (W8A8), which llmcompress reads from native checkpoints only: "
+                             "load the native checkpoint it was exported from")
         fmt = format_from_scheme(group.get("weights") or {})
         targets = group.get("targets", [])
         for name in packed_modules:

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..actformat import ActFormat, fake_quantize_activations, static_scale
 from ..config import QuantFormat
-from ..formats import dequantize, fake_quantize, quantize
+from ..formats import dequantize, quantize
 from .awq import output_error_sum
 
 
@@ -200,12 +201,14 @@ def hessian_error(weights: Sequence[Tensor], parts: Sequence[SVDQuantPart], smoo
 
 
 def sampled_error(weights: Sequence[Tensor], parts: Sequence[SVDQuantPart], smooth: Tensor, samples: Tensor,
-                  act_format: QuantFormat) -> float:
+                  act_format: ActFormat) -> float:
     """``sum ||W x - (residual q(x / lambda) + B A x / lambda)||^2`` over calibration samples
     [T, K], with the low-bit branch's input quantized per token as ``act_format``."""
     x = samples.float()
     smoothed = x / smooth
-    quantized = fake_quantize(smoothed, act_format)
+    # A static scale is calibrated on these very samples.
+    scale = static_scale(smoothed.abs().amax(), act_format) if act_format.static else None
+    quantized = fake_quantize_activations(smoothed, act_format, scale)
     total = 0.0
     for weight, part in zip(weights, parts, strict=True):
         approx = quantized @ part.residual.T + (smoothed @ part.branch.a.T) @ part.branch.b.T

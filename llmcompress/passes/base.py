@@ -19,7 +19,9 @@ from .state import LayerState, Target
 
 
 class Pass:
-    """One kind of pass. ``phase`` "block": it searches per input group on the float block before
+    """One kind of pass. ``phase`` "model": it rewrites the whole float model once, before any
+    block is calibrated (rotations), and applies to no module by itself; "block": it searches per
+    input group on the float block before
     any layer pass (smoothing), and the pipeline folds what it returns; "layer": it transforms the
     ``LayerState`` of each layer of a stage (``prepare`` for every layer pass first, then ``apply``,
     both in recipe order). ``after``: kinds that must come earlier in a recipe."""
@@ -51,6 +53,8 @@ class Pass:
 
 
 REGISTRY: dict[str, type[Pass]] = {}
+# In the order a recipe runs them.
+PHASES = ("model", "block", "layer")
 
 
 def register(pass_class: type[Pass]) -> type[Pass]:
@@ -63,8 +67,8 @@ def register(pass_class: type[Pass]) -> type[Pass]:
     if not (isinstance(pass_class.config_class, type) and issubclass(pass_class.config_class, PassConfig)
             and dataclasses.is_dataclass(pass_class.config_class)):
         raise TypeError(f"{pass_class.__name__}.config_class must be a frozen dataclass subclassing PassConfig")
-    if pass_class.phase not in ("block", "layer"):
-        raise TypeError(f"{pass_class.__name__}.phase must be 'block' or 'layer'")
+    if pass_class.phase not in PHASES:
+        raise TypeError(f"{pass_class.__name__}.phase must be one of {', '.join(PHASES)}")
     REGISTRY[kind] = pass_class
     pass_class.config_class.pass_kind = kind
     return pass_class

@@ -9,13 +9,14 @@ from typing import Any, Literal
 
 import torch
 
+from ..actformat import ACT_KINDS, PER_TOKEN, ActFormat, static_scale
 from ..config import ACT_BITS, ACT_GROUP_SIZE, FORMAT_KINDS, PER_CHANNEL, QuantFormat
 from ..errors import ConfigError
 from ..formats import dequantize, dividing_group, split_rows
 from ..methods.awq import search_clipping
 from ..methods.gptq import gptq
 from ..methods.rtn import rtn
-from ..stats import HESSIAN
+from ..stats import ABS_MAX, HESSIAN
 from .base import Pass, register
 from .options import PassConfig, check_choice, choices_of
 from .state import LayerState, column_batches
@@ -23,6 +24,8 @@ from .state import LayerState, column_batches
 QuantizeMethod = Literal["rtn", "gptq"]
 # GPTQ's options; under RTN they stay unset.
 _GPTQ_ONLY = ("damp", "block_size", "act_order", "static_groups", "true_sequential")
+# Options of the activation format, which only act_bits turns on.
+_ACT_OPTIONS = ("act_kind", "act_group_size", "act_static", "act_pow2")
 # The clipping search's grid and reach: AWQ's (20 steps, up to half the range) for RTN; for
 # GPTQ's static groups, finer and shorter (shrinking by up to 0.5 made W4 asym 2% worse on SmolLM2).
 _CLIP_DEFAULTS = {"rtn": (20, 0.5), "gptq": (50, 0.2)}
@@ -32,7 +35,11 @@ _CLIP_DEFAULTS = {"rtn": (20, 0.5), "gptq": (50, 0.2)}
 class QuantizePassConfig(PassConfig):
     """``method``: ``rtn`` or ``gptq``. The format: ``kind`` (int, nvfp4, mxfp4), ``bits``,
     ``group_size`` (-1: per channel), ``symmetric``. ``act_bits`` quantizes the activations
-    entering the low-bit matmul (4 or 8; FP4 weights take FP4 activations). ``clip``: search each
+    entering the low-bit matmul (4 or 8): as ``act_kind`` (int, fp8_e4m3, fp8_e5m2; FP4 weights
+    take their own FP4 unless it is given), in groups of ``act_group_size`` features per token
+    (-1: one scale per token, the default but for INT4's 64), with one ``act_static`` scale per
+    tensor calibrated offline instead, and ``act_pow2`` scales rounded up to powers of two
+    (ZeroQuant-FP: free to convert between FP formats). ``clip``: search each
     (row, group) range on the calibration output error before rounding (default: off for RTN, on
     for GPTQ with static groups). GPTQ alone: ``damp``, ``block_size``, ``act_order``,
     ``static_groups``, ``true_sequential``."""
@@ -43,6 +50,10 @@ class QuantizePassConfig(PassConfig):
     group_size: int | None = None
     symmetric: bool | None = None
     act_bits: int | None = None
+    act_kind: str | None = None
+    act_group_size: int | None = None
+    act_static: bool | None = None
+    act_pow2: bool | None = None
     clip: bool | None = None
     clip_grid: int | None = None
     max_shrink: float | None = None
@@ -61,6 +72,13 @@ class QuantizePassConfig(PassConfig):
         object.__setattr__(self, "symmetric", fmt.symmetric)
         if self.act_bits is not None and self.act_bits not in ACT_BITS:
             raise ConfigError(f"quantize.act_bits={self.act_bits!r} is not allowed: 4 or 8 (leave it out for 16-bit activations)")
+        given = [name for name in _ACT_OPTIONS if getattr(self, name) is not None]
+        if self.act_bits is None and given:
+            raise ConfigError(f"quantize: {', '.join(given)} shape{'s' if len(given) == 1 else ''} quantized activations: give act_bits "
+                              "(8 for W8A8 or W4A8, 4 for W4A4) too")
+        if self.act_kind is not None:
+            check_choice(owner, "act_kind", self.act_kind, ACT_KINDS[:3])
+        self.activation_format  # noqa: B018 - builds it, so a bad combination fails here
         if self.method == "gptq":
             self._set_defaults(damp=0.01, block_size=128, act_order=True, static_groups=True, true_sequential=True)
             self._set_defaults(clip=self.static_groups)
@@ -102,16 +120,23 @@ class QuantizePassConfig(PassConfig):
         return QuantFormat(kind=self.kind, bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
 
     @property
-    def activation_format(self) -> QuantFormat | None:
+    def activation_format(self) -> ActFormat | None:
         if self.act_bits is None:
             return None
-        if self.format.is_fp4:
-            return QuantFormat(kind=self.kind)
-        return QuantFormat(bits=self.act_bits, group_size=ACT_GROUP_SIZE, symmetric=True)
+        if self.format.is_fp4 and self.act_kind is None:
+            return ActFormat.from_quant_format(QuantFormat(kind=self.kind))
+        kind = self.act_kind or "int"
+        group = self.act_group_size
+        if group is None:
+            group = ACT_GROUP_SIZE if kind == "int" and self.act_bits == 4 and not self.act_static else PER_TOKEN
+        try:
+            return ActFormat(kind=kind, bits=self.act_bits, group_size=group, static=bool(self.act_static), pow2_scales=bool(self.act_pow2))
+        except ConfigError as err:
+            raise ConfigError(f"quantize activations: {err}") from err
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "gptq" or bool(self.clip)
+        return self.method == "gptq" or bool(self.clip) or bool(self.act_static)
 
     @property
     def sequential(self) -> bool:
@@ -122,7 +147,8 @@ class QuantizePassConfig(PassConfig):
         return self.method == "gptq"
 
     def statistics(self) -> frozenset[str]:
-        return frozenset({HESSIAN}) if self.needs_calibration else frozenset()
+        wanted = {HESSIAN} if self.method == "gptq" or self.clip else set()
+        return frozenset(wanted | ({ABS_MAX} if self.act_static else set()))
 
     def declare(self) -> dict[str, Any]:
         return {"fmt": self.format, "act_format": self.activation_format}
@@ -153,7 +179,8 @@ class QuantizePassConfig(PassConfig):
         return f"{self.method} {self.weights_label()}"
 
     def weights_label(self) -> str:
-        return self.format.describe() + (f", A{self.act_bits}" if self.act_bits else "")
+        act = self.activation_format
+        return self.format.describe() + (f", activations {act.describe()}" if act else "")
 
     def report_labels(self) -> dict[str, Any]:
         return {"method": self.method, "weights": self.weights_label()}
@@ -168,6 +195,8 @@ class QuantizePass(Pass):
         return True
 
     def apply(self, layers: Sequence[tuple[LayerState, QuantizePassConfig]]) -> None:
+        for state, config in layers:
+            _static_activation_scale(state, config)
         for batch in column_batches(layers):
             state, config = batch[0]
             if config.method == "gptq" and state.hessian is not None:
@@ -175,6 +204,16 @@ class QuantizePass(Pass):
             else:
                 for state, config in batch:
                     _rtn(state, config)
+
+
+def _static_activation_scale(state: LayerState, config: QuantizePassConfig) -> None:
+    act = config.activation_format
+    if act is None or not act.static:
+        return
+    if state.act_abs_max is None:
+        raise ConfigError(f"{state.target.name} received no calibration input, so it has no static activation scale: use dynamic "
+                          "activation scales (act_static: false), or calibrate on more text")
+    state.act_scale = static_scale(state.act_abs_max, act)
 
 
 def _rtn(state: LayerState, config: QuantizePassConfig) -> None:

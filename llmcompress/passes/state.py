@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ..actformat import ActFormat
 from ..config import QuantFormat
 from ..errors import ConfigError
 from ..formats import QuantizedWeight
@@ -27,7 +28,7 @@ class Target:
     local_name: str
     configs: tuple[PassConfig | None, ...] = ()
     fmt: QuantFormat | None = None
-    act_format: QuantFormat | None = None
+    act_format: ActFormat | None = None
     split_rank: int = 0  # the rank of a branch split off before quantization (SVDQuant)
     expert: int | None = None  # the expert of a mixture-of-experts layer it belongs to
     notes: tuple[str, ...] = ()  # what planning changed for it (a pass fitted to its size)
@@ -58,6 +59,8 @@ class LayerState:
     target_weight: Tensor
     hessian: Tensor | None
     smooth: Tensor | None = None
+    act_abs_max: Tensor | None = None  # per input channel, where a pass asked for it (static activation scales)
+    act_scale: Tensor | None = None  # the static activation scale a quantize pass chose
     mask: Tensor | None = None  # True where a weight is kept
     compact_pattern: str | None = None  # "N:M" when the mask is stored compact
     column_prune: ColumnPrune | None = None

@@ -51,6 +51,7 @@ from .activations import Activations, choose_place
 from .folding import Fold, apply_fold, compensate, find_fold, merge_expert_inputs
 from .layers import layer_states, run_layer_passes
 from .placement import block_devices
+from .rotation import prepare_rotations
 from .runner import BlockInputs, catch_block_inputs, device_of, gather_statistics, run_block
 from .coverage import Coverage, plan_coverage
 from .structure import find_decoder_blocks, input_groups, plan_layers, stages
@@ -155,6 +156,7 @@ def compress_blocks(model: nn.Module, recipe: RecipeLike, windows: Tensor | None
         coverage.check_strict()
     passes = recipe.instantiate()
     devices = block_devices(blocks, device)
+    rotations = prepare_rotations(model, blocks, [(p, recipe.passes[p.index].config) for p in passes if p.phase == "model"], devices[0])
     report = CompressionReport(blocks_path=blocks_path, num_blocks=len(blocks),
                                calibration_tokens=0 if windows is None else windows.numel(),
                                devices=sorted({str(d) for d in devices}), coverage=coverage)
@@ -188,6 +190,8 @@ def compress_blocks(model: nn.Module, recipe: RecipeLike, windows: Tensor | None
             inputs.move_to(devices[index])
         block_targets = [t for t in targets if t.block == index]
         _check_finite(block, block_targets)
+        for rotation in rotations:
+            rotation.block(index, block, f"{blocks_path}.{index}", block_targets)
         records = _compress_block(block, block_targets, inputs, recipe, passes, folds)
         report.layers.extend(records)
         if inputs is not None and index + 1 < len(blocks):
@@ -364,7 +368,8 @@ def _compress_stage(block: nn.Module, stage: list[Target], stats: dict[str, Laye
     for piece in _pieces(stage, stats, layer_passes):
         # Layers reading one input (q/k/v) share one statistics record, so their H is one tensor.
         hessians = _shared_hessians({t.name: stats[t.name] for t in piece if t.name in stats})
-        records += _compress_piece(block, piece, hessians, layer_passes, notes, labels, smooths, tokens, fallbacks)
+        maxima = {t.name: stats[t.name].act_abs_max for t in piece if t.name in stats and stats[t.name].abs_max is not None}
+        records += _compress_piece(block, piece, hessians, layer_passes, notes, labels, smooths, tokens, fallbacks, maxima)
     return records
 
 
@@ -388,11 +393,12 @@ def _pieces(stage: list[Target], stats: dict[str, LayerStats], layer_passes: lis
 
 def _compress_piece(block: nn.Module, piece: list[Target], hessians: dict[str, Tensor], layer_passes: list[Pass],
                     notes: dict[str, list[str]], labels: dict[str, list[str]], smooths: dict[str, Tensor],
-                    tokens: dict[str, int] | None, fallbacks: set[str]) -> list[LayerRecord]:
+                    tokens: dict[str, int] | None, fallbacks: set[str], maxima: dict[str, Tensor]) -> list[LayerRecord]:
     started = time.perf_counter()
     linears: list[nn.Linear] = [block.get_submodule(t.local_name) for t in piece]
     originals = [linear.weight.detach().float() for linear in linears]
-    states = layer_states(piece, originals, [hessians.get(t.name) for t in piece], [smooths.get(t.name) for t in piece])
+    states = layer_states(piece, originals, [hessians.get(t.name) for t in piece], [smooths.get(t.name) for t in piece],
+                          [maxima.get(t.name) for t in piece])
     distributed.split_layer_work(states, layer_passes, run_layer_passes)
     seconds = (time.perf_counter() - started) / len(piece)
     records = []
@@ -439,8 +445,11 @@ def _install(block: nn.Module, state: LayerState, linear: nn.Linear, effective: 
     if state.quantized is None:
         layer = CompressedLinear.from_pruned(effective.to(linear.weight.dtype), state.mask, compact, linear.bias)
     else:
+        transform = getattr(linear, "input_transform", None)  # an online rotation (``rotation.attach_online``)
         layer = CompressedLinear.from_quantized(state.quantized, target.fmt, linear.bias, branch=state.branch,
                                                 lowrank_dtype=state.branch_dtype, smooth=state.smooth, act_format=target.act_format,
-                                                sparsity=compact, mask=state.mask)
+                                                sparsity=compact, mask=state.mask,
+                                                input_hadamard=0 if transform is None else transform.block_size or transform.n,
+                                                act_scale=state.act_scale)
     parent_name, _, child_name = target.local_name.rpartition(".")
     setattr(block.get_submodule(parent_name) if parent_name else block, child_name, layer)

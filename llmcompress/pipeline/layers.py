@@ -17,20 +17,23 @@ from ..passes import LayerState, Pass, Target
 
 
 def layer_states(targets: Sequence[Target], weights: Sequence[Tensor], hessians: Sequence[Tensor | None],
-                 smooths: Sequence[Tensor | None]) -> list[LayerState]:
+                 smooths: Sequence[Tensor | None], maxima: Sequence[Tensor | None] | None = None) -> list[LayerState]:
     """The states in the space each weight is compressed in: a smoothing kept inside the layer
     multiplies the weight's columns and divides H (layers sharing H and smoothing share the result,
-    which is how a column loop stacks them and EoRA decomposes H once)."""
+    which is how a column loop stacks them and EoRA decomposes H once) and the inputs' maxima."""
     smoothed: list[tuple[Tensor, Tensor, Tensor]] = []
     states = []
-    for target, original, hessian, smooth in zip(targets, weights, hessians, smooths, strict=True):
+    maxima = [None] * len(targets) if maxima is None else maxima
+    for target, original, hessian, smooth, maximum in zip(targets, weights, hessians, smooths, maxima, strict=True):
         weight = original.float()
         if smooth is not None:
             weight = weight * smooth
             if hessian is not None:
                 hessian = _smoothed_hessian(hessian, smooth, smoothed)
+            if maximum is not None:
+                maximum = maximum / smooth
         states.append(LayerState(target=target, original=original, weight=weight, target_weight=weight,
-                                 hessian=hessian, smooth=smooth))
+                                 hessian=hessian, smooth=smooth, act_abs_max=maximum))
     return states
 
 

@@ -44,7 +44,10 @@ def catch_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: Tensor,
         raise _StopForward
 
     move_outside_blocks(model, blocks, device)
-    blocks[0].to(device)
+    # The hook stops the forward before block 0 computes: a block still on disk (meta) may stay there.
+    resident = not any(p.is_meta for p in blocks[0].parameters())
+    if resident:
+        blocks[0].to(device)
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
@@ -56,7 +59,8 @@ def catch_block_inputs(model: nn.Module, blocks: nn.ModuleList, windows: Tensor,
                 raise ModelError(f"{type(model).__name__}'s forward never called its first decoder block: the model cannot be compressed block by block")
     finally:
         handle.remove()
-        blocks[0].to(home)
+        if resident:
+            blocks[0].to(home)
         move_outside_blocks(model, blocks, home)
     return caught
 

@@ -86,8 +86,13 @@ def check_head(model: nn.Module, weights: ShardedWeights, names: CheckpointNames
 
 
 def materialize_head(model: nn.Module, weights: ShardedWeights, names: CheckpointNames) -> None:
-    """Read the untied output head that ``materialize_outside`` left out, onto the CPU."""
-    tensors, missing = read_named(names, weights, sorted(_untied_head_names(model)), "cpu")
+    """Read the untied output head that ``materialize_outside`` left out, onto the CPU, unless it
+    is in memory already (read early for a rotation, or made by one)."""
+    state = model.state_dict()
+    wanted = sorted(name for name in _untied_head_names(model) if state[name].is_meta)
+    if not wanted:
+        return
+    tensors, missing = read_named(names, weights, wanted, "cpu")
     if missing:
         check_head(model, weights, names)
     model.load_state_dict(tensors, assign=True, strict=False)
