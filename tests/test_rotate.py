@@ -124,3 +124,33 @@ def test_recipe_rules():
         RotatePassConfig(block_size=48)
     with pytest.raises(ConfigError, match="online"):
         RotatePassConfig(online="(")
+
+
+@pytest.mark.parametrize("passes", [
+    [{"smooth": {"method": "awq"}}, {"quantize": {"method": "gptq", "bits": 4, "group_size": 32}}],
+    [{"prune": {"method": "wanda", "pattern": "2:4"}}, {"quantize": {"bits": 4, "group_size": 32}}],
+    [{"quantize": {"bits": 3, "group_size": 32}}, {"lowrank": {"method": "eora", "rank": 8}}],
+    [{"smooth": {"method": "svdquant"}}, {"quantize": {"bits": 4, "group_size": 32, "act_bits": 4}}, {"lowrank": {"method": "svdquant", "rank": 8}}],
+])
+def test_rotation_composes_with_every_later_pass(passes):
+    """Each later pass runs on the rotated model and loses about what it loses without rotation."""
+    windows = torch.randint(0, 384, (8, 64), generator=torch.Generator().manual_seed(0))
+    errors = {}
+    for rotate in (False, True):
+        model = _random_norms(tiny_model("llama"))
+        expected = _logits(model)
+        compressed = api.compress(model, {"passes": [{"rotate": {}}] * rotate + passes}, calibration=windows, progress=False)
+        errors[rotate] = float((_logits(compressed) - expected).norm() / expected.norm())
+    assert compressed.model.layers[0].mlp.down_proj.layout.input_hadamard == 96
+    assert errors[True] < 1.5 * errors[False], errors
+
+
+def test_rotation_composes_with_experts():
+    model = _random_norms(moe_model("qwen3_moe"))
+    expected = _logits(model)
+    windows = torch.randint(0, 384, (8, 64), generator=torch.Generator().manual_seed(0))
+    recipe = {"passes": [{"rotate": {}}, {"quantize": {"method": "gptq", "bits": 4, "group_size": 32}}]}
+    compressed = api.compress(model, recipe, calibration=windows, progress=False)
+    experts = compressed.model.layers[0].mlp.experts
+    assert all(isinstance(e.down_proj, CompressedLinear) and e.down_proj.layout.input_hadamard for e in experts)
+    assert float((_logits(compressed) - expected).norm() / expected.norm()) < 0.5

@@ -1,6 +1,7 @@
 """The ``smooth`` pass: a per-input-channel scale for each group of layers that read one input,
 searched on the float block before any layer is compressed. AWQ's scale protects the channels
-with large activations from rounding; SVDQuant's smoothing moves activation outliers into the
+with large activations from rounding; SmoothQuant's moves activation outliers into the weight
+so that both quantize (W8A8, W4A8); SVDQuant's smoothing moves activation outliers into the
 weight, whose top singular directions the ``lowrank`` pass then splits off. The pipeline folds
 the scale into the group's producer; SVDQuant's stays inside the layers where nothing takes it."""
 
@@ -17,18 +18,21 @@ from ..config import QuantFormat
 from ..errors import ConfigError
 from ..methods.awq import search_scales
 from ..methods.lowrank import hessian_error, sampled_error, search_smoothing
+from ..methods.smoothquant import search_smoothquant
 from ..stats import ABS_MAX, ABS_MEAN, HESSIAN, SAMPLES, GroupStats, LayerStats
 from .base import Pass, register
 from .options import PassConfig, check_choice, choices_of
 from .state import Target
 
-SmoothMethod = Literal["awq", "svdquant"]
+SmoothMethod = Literal["awq", "smoothquant", "svdquant"]
 
 
 @dataclasses.dataclass(frozen=True)
 class SmoothPassConfig(PassConfig):
-    """``method``: awq (s = mean|x|^a, over mean|w|^(1-a) with ``duo_scaling``) or svdquant
-    (s = max|x|^a / max|w|^(1-a)); ``grid``: points on the exponent's grid."""
+    """``method``: awq (s = mean|x|^a, over mean|w|^(1-a) with ``duo_scaling``), smoothquant
+    (s = max|x|^a / max|w|^(1-a), folded, the error measured with the activations quantized: it
+    needs the quantize pass's act_bits) or svdquant (the same s, for its low-rank split);
+    ``grid``: points on the exponent's grid."""
 
     method: SmoothMethod = "awq"
     grid: int = 20
@@ -66,7 +70,7 @@ class SmoothPassConfig(PassConfig):
 
     def report_labels(self) -> dict[str, Any]:
         # SVDQuant's smoothing is half of its branch, which the lowrank pass's labels name.
-        return {"method": "awq"} if self.method == "awq" else {}
+        return {"method": self.method} if self.method != "svdquant" else {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +92,10 @@ class SmoothPass(Pass):
         wanted = {HESSIAN}
         for target in targets:
             wanted |= {ABS_MEAN} if target.config(self.index).method == "awq" else {ABS_MAX}
-            if target.config(self.index).method == "svdquant" and target.act_format is not None:
+            if target.config(self.index).method == "smoothquant" and target.act_format is None:
+                raise ConfigError(f"smooth method smoothquant balances weights against quantized activations, but {target.name} "
+                                  "keeps 16-bit activations: give the quantize pass act_bits (8 for W8A8), or use method awq")
+            if target.config(self.index).method != "awq" and target.act_format is not None:
                 wanted.add(SAMPLES)
         return frozenset(wanted)
 
@@ -98,6 +105,9 @@ class SmoothPass(Pass):
             found = search_scales(weights, formats, stats.hessian, stats.act_abs_mean, grid=config.grid, duo_scaling=config.duo_scaling)
             return Smoothing(found.scales if found.alpha is not None else None, found.alpha, _gain(found.error, found.error_unscaled))
         act_format = targets[0].act_format
+        if config.method == "smoothquant":
+            found = search_smoothquant(weights, formats, act_format, stats.samples, stats.act_abs_max, grid=config.grid)
+            return Smoothing(found.scales if found.alpha is not None else None, found.alpha, _gain(found.error, found.error_unscaled))
         if act_format is None:
             error = partial(hessian_error, hessian=stats.hessian)
         else:
