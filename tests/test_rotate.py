@@ -3,13 +3,17 @@ rotations compose with the passes after them; the run refuses models a rotation 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from click.testing import CliRunner
 from torch import nn
 
 from conftest import tiny_model
 from llmcompress import api
 from llmcompress.checkpoint import load
+from llmcompress.cli import main
 from llmcompress.errors import ConfigError, ModelError
 from llmcompress.export import export
 from llmcompress.nn import CompressedLinear
@@ -154,3 +158,15 @@ def test_rotation_composes_with_experts():
     experts = compressed.model.layers[0].mlp.experts
     assert all(isinstance(e.down_proj, CompressedLinear) and e.down_proj.layout.input_hadamard for e in experts)
     assert float((_logits(compressed) - expected).norm() / expected.norm()) < 0.5
+
+
+def test_the_command_line_rotates_and_quantizes_activations(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, [str(tiny_model_dir), "--rotate", "--bits", "8", "--group-size", "-1", "--sym", "--act-bits", "8",
+                                       "--act-format", "fp8_e4m3", "--calib", "none", "--no-eval", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "compressing: Hadamard rotation (seed 0, online down_proj) + rtn INT8 per-channel sym, activations FP8-E4M3 per-token" in result.output
+    model, _ = load(out)
+    down = model.model.layers[0].mlp.down_proj
+    assert down.layout.input_hadamard == 96 and down.layout.act_format.kind == "fp8_e4m3"
+    assert [next(iter(p)) for p in Recipe.from_dict(json.loads((out / "config.json").read_text())["quantization_config"]["recipe"]).to_dict()["passes"]] == ["rotate", "quantize"]
