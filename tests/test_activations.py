@@ -148,3 +148,16 @@ def test_smoothquant_needs_quantized_activations():
     with pytest.raises(ConfigError, match="act_bits"):
         api.compress(tiny_model("llama"), {"passes": [{"smooth": {"method": "smoothquant"}}, {"quantize": {"bits": 8, "group_size": -1}}]},
                      calibration=WINDOWS, progress=False)
+
+
+def test_zeroquant_fp_recipe_fp4_weights_fp8_activations_pow2_scales_and_lorc(tmp_path):
+    recipe = {"passes": [{"quantize": {"kind": "mxfp4", "act_bits": 8, "act_kind": "fp8_e4m3", "act_pow2": True}},
+                         {"lowrank": {"method": "lorc", "rank": 8}}]}
+    model = tiny_model("llama")
+    expected = _logits(model)
+    compressed = api.compress(model, recipe, calibration="none", output_dir=tmp_path / "out", progress=False)
+    layer = compressed.model.layers[0].mlp.gate_proj
+    assert layer.layout.act_format == ActFormat(kind="fp8_e4m3", bits=8, pow2_scales=True) and layer.layout.rank == 8
+    assert float((_logits(compressed) - expected).norm() / expected.norm()) < 0.4
+    loaded, _ = load(tmp_path / "out")
+    assert torch.equal(_logits(loaded), _logits(compressed))
